@@ -1,0 +1,1 @@
+"""Slide access, tissue detection, tile geometry, datasets and datamodules."""

@@ -1,0 +1,201 @@
+"""``SlideTileDataModule``: slides → tissue tiles → multi-worker DataLoader for ``trainer.predict``."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from wsiseg.data.datasets import SlideTileDataset, SlideTiles
+from wsiseg.data.grid import TileGrid
+from wsiseg.data.slide import choose_level, open_slide
+from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
+from wsiseg.errors import UserInputError
+
+__all__ = ["SlideTileDataModule", "TissueOptions", "expand_slide_paths"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TissueOptions:
+    """Tissue detection settings (``data.tissue.*``).
+
+    Attributes:
+        enabled: skip background tiles; off processes every tile of the grid.
+        thumbnail_max_side: longer side of the thumbnail the mask is computed on, px.
+        min_saturation: floor of the saturation threshold, 0-255.
+        min_fraction: a tile is processed when its tissue fraction is above this (0 → any tissue at all).
+    """
+
+    enabled: bool = True
+    thumbnail_max_side: int = 2048
+    min_saturation: int = 20
+    min_fraction: float = 0.0
+
+
+def expand_slide_paths(slides: str | Sequence[str]) -> list[Path]:
+    """Turn ``data.slides`` (one path, a glob, or a list of either) into a sorted-per-pattern list of paths.
+
+    A glob that matches nothing is kept as given so validation reports it by name.
+    """
+    patterns = [slides] if isinstance(slides, (str, Path)) else list(slides)
+    paths: list[Path] = []
+    for pattern in patterns:
+        pattern = str(Path(str(pattern)).expanduser())
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        paths.extend(Path(m) for m in (matches or [pattern]))
+    return paths
+
+
+class SlideTileDataModule(pl.LightningDataModule):
+    """Tiles one or more slides for prediction.
+
+    Args:
+        slides: slide paths or globs (``data.slides``).
+        level: pyramid level to read (0 = full resolution); None with ``mpp`` set picks the closest level.
+        mpp: target microns per pixel, used when ``level`` is None.
+        patch_size: tile side, read-level px; a multiple of the network's stride.
+        overlap: overlap between neighbouring tiles, read-level px, ``0 <= overlap < patch_size``.
+        output_downsample: read-level px per mask px (``writer.output_downsample``).
+        tissue: tissue detection settings.
+        batch_size: tiles per batch.
+        num_workers: DataLoader worker processes (each holds its own OpenSlide handles).
+        pin_memory: pin host batches (only takes effect with CUDA).
+        prefetch_factor: batches prefetched per worker.
+        on_error: ``skip`` — a slide that cannot be opened is reported and skipped; ``raise`` — stop the run.
+
+    Example::
+
+        dm = SlideTileDataModule(["a.svs"], patch_size=512, overlap=64)
+        trainer.predict(module, datamodule=dm)
+    """
+
+    def __init__(
+        self,
+        slides: str | Sequence[str],
+        level: int | None = 0,
+        mpp: float | None = None,
+        patch_size: int = 512,
+        overlap: int = 0,
+        output_downsample: int = 1,
+        tissue: TissueOptions | dict[str, Any] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        prefetch_factor: int = 4,
+        on_error: str = "skip",
+    ) -> None:
+        super().__init__()
+        if on_error not in ("skip", "raise"):
+            raise UserInputError(f"data.on_error must be 'skip' or 'raise', got '{on_error}'")
+        if patch_size < 1:
+            raise UserInputError(f"data.patch_size must be a positive integer, got {patch_size}")
+        if not 0 <= overlap < patch_size:
+            raise UserInputError(f"data.overlap must satisfy 0 <= overlap < patch_size ({patch_size}), got {overlap}")
+        if output_downsample < 1 or patch_size % output_downsample or overlap % output_downsample:
+            raise UserInputError(
+                f"writer.output_downsample ({output_downsample}) must be >= 1 and divide data.patch_size "
+                f"({patch_size}) and data.overlap ({overlap})"
+            )
+        if isinstance(batch_size, str) or batch_size < 1:
+            raise UserInputError(f"data.batch_size must be a positive integer, got {batch_size}")
+        self.slide_paths = expand_slide_paths(slides)
+        if not self.slide_paths:
+            raise UserInputError("data.slides is empty: pass data.slides=/path/to/slide.svs or a glob")
+        self.level, self.mpp = level, mpp
+        self.patch_size, self.overlap, self.output_downsample = patch_size, overlap, output_downsample
+        self.tissue = tissue if isinstance(tissue, TissueOptions) else TissueOptions(**dict(tissue or {}))
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.on_error = on_error
+        self.slides: list[SlideTiles] = []
+        self.failed: list[tuple[Path, str]] = []
+        self._dataset: SlideTileDataset | None = None
+
+    def plan_slide(self, path: Path, name: str) -> SlideTiles:
+        """Open one slide and plan its tiles (level, grid, tissue). Raises UserInputError for unusable slides."""
+        slide = open_slide(path)
+        try:
+            level = choose_level(slide, self.level, self.mpp, str(path))
+            grid = TileGrid(level.size, self.patch_size, self.overlap, self.output_downsample)
+            origins = grid.origins()
+            try:
+                thumbnail = read_thumbnail(slide, self.tissue.thumbnail_max_side)
+            except Exception as exc:  # OpenSlide raises its own error for corrupt tiles
+                raise UserInputError(f"slide '{path}' cannot be read (thumbnail failed): {exc}") from None
+            tissue_fraction = 1.0
+            if self.tissue.enabled:
+                mask = tissue_mask(thumbnail.rgb, self.tissue.min_saturation)
+                tissue_fraction = float(mask.mean())
+                fractions = tile_tissue_fractions(
+                    mask, thumbnail.downsample, origins, self.patch_size, level.downsample
+                )
+                origins = origins[fractions > self.tissue.min_fraction]
+            return SlideTiles(
+                path=path,
+                name=name,
+                level=level,
+                level0_size=tuple(slide.dimensions),  # type: ignore[arg-type]
+                grid=grid,
+                origins=origins,
+                tiles_total=len(grid.origins()),
+                tissue_fraction=tissue_fraction,
+                thumbnail=thumbnail,
+                properties={k: v for k, v in slide.properties.items() if k.startswith("openslide.")},
+            )
+        finally:
+            slide.close()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._dataset is not None:
+            return
+        used: dict[str, int] = {}
+        for path in self.slide_paths:
+            stem = path.name.split(".")[0] or path.name
+            used[stem] = used.get(stem, 0) + 1
+            name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
+            try:
+                self.slides.append(self.plan_slide(path, name))
+            except UserInputError as exc:
+                if self.on_error == "raise":
+                    raise
+                log.error("%s; skipped", exc)
+                self.failed.append((path, str(exc)))
+        if not self.slides:
+            raise UserInputError(
+                f"none of the {len(self.slide_paths)} slide(s) in data.slides could be opened; see the errors above"
+            )
+        self._dataset = SlideTileDataset(self.slides)
+        total = sum(s.tiles_total for s in self.slides)
+        log.info(
+            "%d slide(s), %d tiles in grid, %d with tissue to process",
+            len(self.slides),
+            total,
+            len(self._dataset),
+        )
+
+    @property
+    def dataset(self) -> SlideTileDataset:
+        if self._dataset is None:
+            raise RuntimeError("SlideTileDataModule.setup() has not run")
+        return self._dataset
+
+    def predict_dataloader(self) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+        )

@@ -1,0 +1,113 @@
+"""Tile datasets: which tiles of which slides, and reading them (one OpenSlide handle per worker, opened lazily)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+import torch
+from torch.utils.data import Dataset
+
+from wsiseg.data.grid import TileGrid
+from wsiseg.data.slide import SlideLevel, read_rgb
+from wsiseg.data.tissue import Thumbnail
+
+__all__ = ["SlideTiles", "SlideTileDataset"]
+
+
+@dataclass
+class SlideTiles:
+    """One slide's plan: where to read and which tiles to process.
+
+    Attributes:
+        path: slide file.
+        name: output folder name (the file stem, made unique within the run).
+        level: the read level.
+        level0_size: (W, H) level-0 px.
+        grid: tile grid over the read level.
+        origins: (N, 2) int64 origins (x, y), read-level px, of the tiles to process (tissue tiles), raster order.
+        tiles_total: tiles in the full grid.
+        tissue_fraction: fraction of the thumbnail classed as tissue (1.0 when tissue detection is off).
+        thumbnail: thumbnail used for tissue detection and the heatmap.
+    """
+
+    path: Path
+    name: str
+    level: SlideLevel
+    level0_size: tuple[int, int]
+    grid: TileGrid
+    origins: np.ndarray
+    tiles_total: int
+    tissue_fraction: float
+    thumbnail: Thumbnail
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tiles_tissue(self) -> int:
+        return int(len(self.origins))
+
+
+class SlideTileDataset(Dataset):
+    """All tissue tiles of several slides, flattened in slide order then raster order.
+
+    Each item is a dict: ``image`` (3, P, P) uint8 tensor (RGB, padded white past the slide edge), ``slide_index``,
+    ``tile_index`` (index into that slide's ``origins``), ``x``/``y`` (tile origin, read-level px) and ``error`` (empty,
+    or why the tile could not be read — the image is then white and the writer fails that slide).
+    """
+
+    def __init__(self, slides: list[SlideTiles]) -> None:
+        self.slides = slides
+        counts = [s.tiles_tissue for s in slides]
+        self._slide_of = np.repeat(np.arange(len(slides), dtype=np.int64), counts)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._handles: dict[int, openslide.OpenSlide] = {}
+        self._broken: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Handles are per process: workers open their own on first use.
+        state = self.__dict__.copy()
+        state["_handles"], state["_broken"] = {}, {}
+        return state
+
+    def _handle(self, slide_index: int) -> openslide.OpenSlide:
+        handle = self._handles.get(slide_index)
+        if handle is None:
+            handle = openslide.OpenSlide(str(self.slides[slide_index].path))
+            self._handles[slide_index] = handle
+        return handle
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(slide_index, tile_index) of flat dataset ``index``."""
+        slide_index = int(self._slide_of[index])
+        return slide_index, int(index - self._offsets[slide_index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        slide_index, tile_index = self.locate(index)
+        slide = self.slides[slide_index]
+        x, y = (int(v) for v in slide.origins[tile_index])
+        size = slide.grid.patch_size
+        error = self._broken.get(slide_index, "")
+        rgb = None
+        if not error:
+            try:
+                rgb = read_rgb(self._handle(slide_index), x, y, slide.level, size, size)
+            except openslide.OpenSlideError as exc:
+                # OpenSlide errors are sticky per handle: remember and stop reading this slide in this worker.
+                error = f"slide '{slide.path}' tile at read-level ({x}, {y}) level {slide.level.level} unreadable: {exc}"
+                self._broken[slide_index] = error
+        if rgb is None:
+            rgb = np.full((size, size, 3), 255, np.uint8)
+        return {
+            "image": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+            "slide_index": slide_index,
+            "tile_index": tile_index,
+            "x": x,
+            "y": y,
+            "error": error,
+        }

@@ -1,0 +1,11 @@
+"""Exceptions that reach the user as one line (no traceback unless ``HYDRA_FULL_ERROR=1``)."""
+
+from __future__ import annotations
+
+
+class UserInputError(ValueError):
+    """Bad input the user can fix: a path, an option, a checkpoint. The message names it and says what to do."""
+
+
+class SlideReadError(RuntimeError):
+    """A slide could not be read mid-run (corrupt tile); fails that slide only."""

@@ -1,0 +1,163 @@
+"""``SegmentationModule``: the U-Net wrapped for ``trainer.predict`` (inference only)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsiseg.errors import UserInputError
+from wsiseg.model import load_checkpoint, network_stride
+
+__all__ = ["SegmentationModule", "ACTIVATIONS", "REDUCTIONS"]
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = ("none", "sigmoid", "softmax")
+REDUCTIONS = ("max", "channel", "none")
+
+# F.pad / cat kernels index activations with 32-bit math in eager mode; a batch whose largest activation reaches
+# 2**31 elements fails with "input tensor must fit into 32-bit index math".
+_INT32_ELEMENTS = 2**31 - 1
+
+
+class SegmentationModule(pl.LightningModule):
+    """Runs a segmentation network on uint8 tiles and returns per-tile probability maps.
+
+    ``predict_step`` takes ``batch["image"]`` as (N, 3, H, W) uint8 RGB, converts and normalises on the device
+    (``(x/255 - mean) / std``), optionally converts to channels_last, runs the network under the Trainer's precision,
+    applies ``activation``, reduces the channels with ``reduction``, average-pools by ``output_downsample`` on the
+    device and returns float16 maps of shape (N, C', H/d, W/d).
+
+    Args:
+        net: the network (``wsiseg.model.Unet`` for the users' checkpoints).
+        checkpoint: weights to load into ``net`` (None keeps its initial weights).
+        mean: per-channel mean on the /255 scale (0.5 for the users' network).
+        std: per-channel std on the /255 scale (0.5 for the users' network).
+        activation: ``none`` when the network already outputs probabilities (sigmoid inside ``forward``),
+            ``sigmoid`` or ``softmax`` for logits.
+        reduction: ``max`` — one tumour probability = max over channels; ``channel`` — keep ``channel_index``;
+            ``none`` — keep all channels (the writer stores class labels = argmax).
+        channel_index: channel kept by ``reduction=channel``.
+        output_downsample: average-pool factor applied on the device (``writer.output_downsample``).
+        channels_last: use the channels_last memory format (faster convolutions on GPU and with oneDNN on CPU).
+        compile: wrap the network in ``torch.compile``; falls back to eager with a warning if compilation fails.
+        max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
+            limit of the largest activation); bigger batches are split.
+
+    Example::
+
+        >>> from wsiseg.model import Unet
+        >>> module = SegmentationModule(Unet(3, 3, base_width=8))
+        >>> out = module.predict_step({"image": torch.zeros(2, 3, 64, 64, dtype=torch.uint8)}, 0)
+        >>> out["probs"].shape
+        torch.Size([2, 1, 64, 64])
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        checkpoint: str | None = None,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        activation: str = "none",
+        reduction: str = "max",
+        channel_index: int = 0,
+        output_downsample: int = 1,
+        channels_last: bool = True,
+        compile: bool = False,
+        max_chunk: int | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise UserInputError(f"model.activation must be one of {', '.join(ACTIVATIONS)}; got '{activation}'")
+        if reduction not in REDUCTIONS:
+            raise UserInputError(f"model.reduction must be one of {', '.join(REDUCTIONS)}; got '{reduction}'")
+        if output_downsample < 1:
+            raise UserInputError(f"writer.output_downsample must be >= 1, got {output_downsample}")
+        if checkpoint:
+            load_checkpoint(net, checkpoint)
+        self.net = net.eval()
+        self.checkpoint = checkpoint
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.activation, self.reduction, self.channel_index = activation, reduction, channel_index
+        self.output_downsample = output_downsample
+        self.channels_last, self.compile_network = channels_last, compile
+        self.max_chunk = max_chunk
+        self._set_forward(self.net)
+
+    def _set_forward(self, fn: nn.Module) -> None:
+        # Bypass nn.Module.__setattr__ so the (possibly compiled) alias is not registered as a second submodule.
+        object.__setattr__(self, "_forward", fn)
+
+    @property
+    def stride(self) -> int:
+        """Input sizes must be multiples of this (16 for the U-Nets)."""
+        return network_stride(self.net)
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self._set_forward(self.net)
+        if self.compile_network:
+            try:
+                self._set_forward(torch.compile(self.net, dynamic=False))
+            except Exception as exc:  # a missing compiler must not stop inference
+                log.warning("torch.compile unavailable (%s); running eager", exc)
+
+    def chunk_size(self, batch: torch.Tensor) -> int:
+        """Tiles per network call so the largest activation (first block, full resolution) stays under 2**31."""
+        if self.max_chunk:
+            return self.max_chunk
+        n, _, h, w = batch.shape
+        # The last decoder block pads a concat of 2 x base_width channels at full resolution (+1 px each side).
+        first = next((m.out_channels for m in self.net.modules() if isinstance(m, nn.Conv2d)), 64)
+        per_tile = 2 * first * (h + 2) * (w + 2)
+        return max(1, min(n, _INT32_ELEMENTS // max(per_tile, 1)))
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) → float32 ``(x/255 - mean)/std``, on whatever device ``images`` is."""
+        x = images.float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def run_network(self, x: torch.Tensor) -> torch.Tensor:
+        """Network + activation + channel reduction on a normalised batch, split into safe chunks."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        step = self.chunk_size(x)
+        outputs = [self._forward(x[i : i + step]) for i in range(0, x.shape[0], step)]
+        y = torch.cat(outputs).float()
+        if self.activation == "sigmoid":
+            y = torch.sigmoid(y)
+        elif self.activation == "softmax":
+            y = torch.softmax(y, dim=1)
+        if self.reduction == "max":
+            y = y.amax(dim=1, keepdim=True)
+        elif self.reduction == "channel":
+            y = y[:, self.channel_index : self.channel_index + 1]
+        return y
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles → (N, C', H/d, W/d) float32 probabilities on the same device."""
+        h, w = images.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise UserInputError(
+                f"tile size {h}x{w} is not a multiple of the network's stride {self.stride}: set data.patch_size "
+                f"to a multiple of {self.stride}"
+            )
+        y = self.run_network(self.normalise(images))
+        if self.output_downsample > 1:
+            y = F.avg_pool2d(y, self.output_downsample)
+        return y
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Any]:
+        probs = self(batch["image"]).to(torch.float16)
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["probs"] = probs
+        return out

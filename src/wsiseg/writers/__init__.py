@@ -1,0 +1,1 @@
+"""Stitching, blending and output writers."""

@@ -1,0 +1,38 @@
+"""Heatmap rendering: a probability (or label) mask colour-mapped over the slide thumbnail."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+__all__ = ["render_heatmap", "LABEL_COLOURS"]
+
+LABEL_COLOURS = np.array(
+    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]],
+    np.uint8,
+)
+
+
+def render_heatmap(thumbnail: np.ndarray, mask: np.ndarray, labels: bool = False, opacity: float = 0.6) -> np.ndarray:
+    """Blend ``mask`` over ``thumbnail``.
+
+    Args:
+        thumbnail: (h, w, 3) uint8 RGB of the whole slide.
+        mask: (mh, mw) uint8 covering the same slide extent at any resolution (probability 0-255, or class labels).
+        labels: ``mask`` holds class labels (0 = background) rather than probabilities.
+        opacity: opacity of the overlay where the probability is 1 (scaled by probability; labels use it as is).
+
+    Returns:
+        (h, w, 3) uint8 RGB of the thumbnail's size.
+    """
+    h, w = thumbnail.shape[:2]
+    if labels:
+        resized = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        colours = LABEL_COLOURS[resized % len(LABEL_COLOURS)].astype(np.float32)
+        alpha = np.where(resized > 0, opacity, 0.0)[..., None]
+    else:
+        resized = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA)
+        colours = cv2.applyColorMap(resized, cv2.COLORMAP_JET)[..., ::-1].astype(np.float32)
+        alpha = (opacity * resized.astype(np.float32) / 255.0)[..., None]
+    blended = thumbnail.astype(np.float32) * (1.0 - alpha) + colours * alpha
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)

@@ -1,0 +1,369 @@
+"""``SlideWriter``: blends predicted tiles per slide and writes ``mask.tif``, ``heatmap.png`` and ``report.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from wsiseg.atomic import atomic_path, write_json_atomic
+from wsiseg.data.datasets import SlideTiles
+from wsiseg.data.grid import BLEND_MODES, blend_window
+from wsiseg.writers.heatmap import render_heatmap
+from wsiseg.writers.store import BlendingAccumulator
+from wsiseg.writers.tiff import pyramid_sizes, write_pyramid_tiff
+
+__all__ = ["SlideWriter", "config_hash"]
+
+log = logging.getLogger(__name__)
+
+
+def config_hash(config: dict[str, Any] | None) -> str:
+    """Stable short hash of the parts of a run config that change a slide's outputs."""
+    relevant = {k: (config or {}).get(k) for k in ("model", "data", "writer")}
+    if isinstance(relevant.get("data"), dict):
+        relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in ("slides", "num_workers")}
+    if isinstance(relevant.get("writer"), dict):
+        relevant["writer"] = {k: v for k, v in relevant["writer"].items() if k != "output_dir"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _SlideState:
+    accumulator: BlendingAccumulator | None = None
+    started: float = 0.0
+    tiles_seen: set[int] = field(default_factory=set)
+    duplicates: int = 0
+    error: str = ""
+
+
+class SlideWriter(BasePredictionWriter):
+    """Stitches tile predictions into per-slide outputs under ``output_dir/<slide name>/``.
+
+    Tiles (output px, from ``SegmentationModule``) are blended with per-pixel weights ``writer.blend`` and normalised
+    by the accumulated weights in a chunked on-disk store, so memory does not grow with slide area. When a slide's last
+    tile has arrived (or, under DDP, after all ranks have merged their partial stores) it writes, each atomically:
+
+    * ``mask.tif`` — pyramidal tiled TIFF, uint8 probability 0-255 (or class labels for ``model.reduction=none``),
+      X/YResolution set from the slide's mpp so viewers overlay it on the slide;
+    * ``heatmap.png`` — the mask colour-mapped over the slide thumbnail;
+    * ``report.json`` — geometry, tile counts, tissue fraction, tumour area, timing, the composed config.
+
+    Args:
+        output_dir: run folder; one sub-folder per slide.
+        blend: ``none`` | ``linear`` | ``gaussian`` (see :func:`wsiseg.data.grid.blend_window`).
+        output_downsample: read-level px per mask px (the module pools on the device by the same factor).
+        sigma_scale: Gaussian width relative to the tile side (``blend=gaussian``).
+        threshold: probability at or above which a pixel counts as tumour for the reported area.
+        chunk: accumulator chunk side, output px.
+        cache_mb: memory for accumulator chunks held in RAM, MiB.
+        tiff_tile: TIFF tile side, px.
+        compression: TIFF compression (lossless).
+        heatmap_max_side: longer side of ``heatmap.png`` (the thumbnail is resized to fit).
+        run_config: the composed config, stored in each report (set by the entry point).
+
+    Example::
+
+        writer = SlideWriter("outputs/run", blend="gaussian")
+        trainer = Trainer(callbacks=[writer])
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        blend: str = "gaussian",
+        output_downsample: int = 1,
+        sigma_scale: float = 0.125,
+        threshold: float = 0.5,
+        chunk: int = 512,
+        cache_mb: int = 256,
+        tiff_tile: int = 256,
+        compression: str = "zlib",
+        heatmap_max_side: int = 2048,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if blend not in BLEND_MODES:
+            raise ValueError(f"writer.blend must be one of {', '.join(BLEND_MODES)}; got '{blend}'")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"writer.threshold must be in (0, 1], got {threshold}")
+        if chunk % (2 * tiff_tile):
+            raise ValueError(f"writer.chunk ({chunk}) must be a multiple of 2 x writer.tiff_tile ({tiff_tile})")
+        self.output_dir = Path(output_dir)
+        self.blend, self.output_downsample, self.sigma_scale = blend, output_downsample, sigma_scale
+        self.threshold, self.chunk, self.cache_bytes = threshold, chunk, cache_mb << 20
+        self.tiff_tile, self.compression, self.heatmap_max_side = tiff_tile, compression, heatmap_max_side
+        self.run_config = run_config
+        self.results: list[dict[str, Any]] = []
+        self._slides: list[SlideTiles] = []
+        self._states: dict[int, _SlideState] = {}
+        self._finished: set[int] = set()
+        self._windows: dict[int, np.ndarray] = {}
+        self._channels = 1
+        self._clock = 0.0
+        self._rank, self._world = 0, 1
+
+    # -- Lightning hooks -----------------------------------------------------------------------------------------
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        self._slides = list(datamodule.slides)
+        self._rank, self._world = trainer.global_rank, trainer.world_size
+        self._states, self._finished, self.results = {}, set(), []
+        self._clock = time.perf_counter()
+        for path, reason in getattr(datamodule, "failed", []):
+            self.results.append({"slide": str(path), "status": "skipped", "tiles": 0, "seconds": 0.0, "reason": reason})
+        if self._rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        probs = prediction["probs"].float().cpu().numpy()
+        self._channels = probs.shape[1]
+        slide_indices = _as_list(prediction["slide_index"])
+        tile_indices = _as_list(prediction["tile_index"])
+        errors = prediction.get("error") or [""] * len(slide_indices)
+        for i, (slide_index, tile_index) in enumerate(zip(slide_indices, tile_indices)):
+            if self._world == 1:
+                # Tiles arrive in slide order: every earlier slide is complete.
+                for earlier in range(slide_index):
+                    if earlier not in self._finished:
+                        self._finish(earlier)
+            state = self._state(slide_index)
+            if errors[i]:
+                state.error = state.error or errors[i]
+                continue
+            if tile_index in state.tiles_seen:
+                state.duplicates += 1
+                continue
+            state.tiles_seen.add(tile_index)
+            slide = self._slides[slide_index]
+            x, y = (int(v) for v in slide.origins[tile_index])
+            tile = probs[i]
+            assert state.accumulator is not None
+            state.accumulator.add(
+                x // self.output_downsample, y // self.output_downsample, tile, self._window(tile.shape[-1])
+            )
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._world > 1:
+            for index in range(len(self._slides)):
+                state = self._state(index)
+                assert state.accumulator is not None
+                state.accumulator.flush()
+                _write_rank_meta(state, self._partial_dir(index, self._rank))
+            trainer.strategy.barrier("wsiseg-merge")
+            if self._rank == 0:
+                for index in range(len(self._slides)):
+                    self._merge_ranks(index)
+                    self._finish(index)
+            trainer.strategy.barrier("wsiseg-written")
+        else:
+            for index in range(len(self._slides)):
+                if index not in self._finished:
+                    self._finish(index)
+        if self._rank == 0:
+            self._write_summary()
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _window(self, size: int) -> np.ndarray:
+        if size not in self._windows:
+            self._windows[size] = blend_window(size, self.blend, self.sigma_scale)
+        return self._windows[size]
+
+    def _slide_dir(self, index: int) -> Path:
+        return self.output_dir / self._slides[index].name
+
+    def _partial_dir(self, index: int, rank: int) -> Path:
+        return self._slide_dir(index) / f".partial-rank{rank}.zarr"
+
+    def _state(self, index: int) -> _SlideState:
+        state = self._states.get(index)
+        if state is None:
+            slide = self._slides[index]
+            self._slide_dir(index).mkdir(parents=True, exist_ok=True)
+            state = _SlideState(
+                accumulator=BlendingAccumulator(
+                    self._partial_dir(index, self._rank),
+                    self._channels,
+                    slide.grid.output_size,
+                    self.chunk,
+                    self.cache_bytes,
+                ),
+                started=self._clock if self._world == 1 else time.perf_counter(),
+            )
+            self._states[index] = state
+        return state
+
+    def _merge_ranks(self, index: int) -> None:
+        state = self._state(index)
+        assert state.accumulator is not None
+        for rank in range(1, self._world):
+            partial = self._partial_dir(index, rank)
+            meta = json.loads((partial / "rank.json").read_text())
+            overlap = state.tiles_seen.intersection(meta["tiles"])
+            if overlap:
+                log.warning("slide %s: %d tile(s) predicted on several ranks", self._slides[index].name, len(overlap))
+                state.duplicates += len(overlap)
+            state.tiles_seen.update(meta["tiles"])
+            state.error = state.error or meta["error"]
+            state.accumulator.merge_from(partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _finish(self, index: int) -> None:
+        """Write one slide's outputs (rank 0 only) and free its store."""
+        self._finished.add(index)
+        slide = self._slides[index]
+        state = self._state(index)
+        out_dir = self._slide_dir(index)
+        accumulator = state.accumulator
+        assert accumulator is not None
+        report = self._base_report(slide, state)
+        try:
+            if state.error:
+                raise RuntimeError(state.error)
+            self._write_outputs(slide, accumulator, out_dir, report)
+            report["status"] = "complete"
+        except Exception as exc:
+            report["status"] = "failed"
+            report["error"] = str(exc)
+            for name in ("mask.tif", "heatmap.png"):
+                (out_dir / name).unlink(missing_ok=True)
+            log.error("slide '%s' failed: %s", slide.path, exc)
+        finally:
+            accumulator.delete()
+            shutil.rmtree(out_dir / ".scratch", ignore_errors=True)
+        now = time.perf_counter()
+        seconds = max(now - state.started, 1e-9)
+        self._clock = now
+        report["wall_time_s"] = round(seconds, 3)
+        report["patches_per_s"] = round(len(state.tiles_seen) / seconds, 2)
+        write_json_atomic(out_dir / "report.json", report)
+        self.results.append(
+            {
+                "slide": str(slide.path),
+                "name": slide.name,
+                "status": report["status"],
+                "tiles": len(state.tiles_seen),
+                "seconds": report["wall_time_s"],
+                "reason": report.get("error", ""),
+            }
+        )
+        if report["status"] == "complete":
+            log.info(
+                "slide %s: %d tiles in %.1f s (%.1f patches/s) -> %s",
+                slide.name,
+                len(state.tiles_seen),
+                seconds,
+                report["patches_per_s"],
+                out_dir,
+            )
+
+    def _base_report(self, slide: SlideTiles, state: _SlideState) -> dict[str, Any]:
+        output_mpp = None if slide.level.mpp is None else slide.level.mpp * self.output_downsample
+        return {
+            "slide": str(slide.path),
+            "name": slide.name,
+            "status": "incomplete",
+            "level0_size": list(slide.level0_size),
+            "level": slide.level.level,
+            "level_downsample": slide.level.downsample,
+            "level_size": list(slide.level.size),
+            "mpp_level0": None if slide.level.mpp is None else slide.level.mpp / slide.level.downsample,
+            "mpp_read_level": slide.level.mpp,
+            "output_downsample": self.output_downsample,
+            "output_size": list(slide.grid.output_size),
+            "output_mpp": output_mpp,
+            "patch_size": slide.grid.patch_size,
+            "overlap": slide.grid.overlap,
+            "blend": self.blend,
+            "tiles_total": slide.tiles_total,
+            "tiles_tissue": slide.tiles_tissue,
+            "tiles_processed": len(state.tiles_seen),
+            "tiles_duplicated": state.duplicates,
+            "tissue_fraction": round(slide.tissue_fraction, 6),
+            "world_size": self._world,
+            "config_hash": config_hash(self.run_config),
+            "config": self.run_config,
+        }
+
+    def _write_outputs(
+        self, slide: SlideTiles, accumulator: BlendingAccumulator, out_dir: Path, report: dict[str, Any]
+    ) -> None:
+        labels = accumulator.channels > 1
+        threshold_u8 = int(np.ceil(self.threshold * 255 - 1e-9))
+        positive = [0]
+
+        def bands() -> Any:
+            for _, mean, covered in accumulator.normalised_bands():
+                if labels:
+                    band = np.where(covered, mean.argmax(axis=0), 0).astype(np.uint8)
+                    positive[0] += int(np.count_nonzero(band))
+                else:
+                    band = np.clip(np.rint(mean[0] * 255.0), 0, 255).astype(np.uint8)
+                    positive[0] += int(np.count_nonzero(band >= threshold_u8))
+                yield band
+
+        output_mpp = report["output_mpp"]
+        with atomic_path(out_dir / "mask.tif") as tmp:
+            preview = write_pyramid_tiff(
+                tmp,
+                bands(),
+                slide.grid.output_size,
+                out_dir / ".scratch",
+                output_mpp,
+                labels=labels,
+                tile=self.tiff_tile,
+                compression=self.compression,
+                preview_side=self.heatmap_max_side,
+            )
+        thumbnail = slide.thumbnail.rgb
+        scale = min(1.0, self.heatmap_max_side / max(thumbnail.shape[:2]))
+        if scale < 1.0:
+            size = (max(1, round(thumbnail.shape[1] * scale)), max(1, round(thumbnail.shape[0] * scale)))
+            thumbnail = np.asarray(Image.fromarray(thumbnail).resize(size, Image.Resampling.BILINEAR))
+        heatmap = render_heatmap(thumbnail, preview, labels=labels)
+        with atomic_path(out_dir / "heatmap.png") as tmp:
+            Image.fromarray(heatmap).save(tmp, format="PNG")
+        report["mask_levels"] = len(pyramid_sizes(slide.grid.output_size, self.tiff_tile))
+        report["tumour_pixels"] = positive[0]
+        report["threshold"] = self.threshold
+        report["tumour_area_mm2"] = None if output_mpp is None else positive[0] * (output_mpp * 1e-3) ** 2
+
+    def _write_summary(self) -> None:
+        write_json_atomic(self.output_dir / "summary.json", {"slides": self.results})
+        lines = [f"{'slide':<40} {'status':<9} {'tiles':>7} {'seconds':>9}  reason"]
+        for row in self.results:
+            name = Path(row["slide"]).name
+            lines.append(f"{name:<40} {row['status']:<9} {row['tiles']:>7} {row['seconds']:>9.1f}  {row['reason']}")
+        log.info("summary (%s):\n%s", self.output_dir / "summary.json", "\n".join(lines))
+
+
+def _write_rank_meta(state: _SlideState, partial: Path) -> None:
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "rank.json").write_text(json.dumps({"tiles": sorted(state.tiles_seen), "error": state.error}))
+
+
+def _as_list(value: Any) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.tolist()]
+    return [int(v) for v in value]

@@ -1,0 +1,169 @@
+"""A chunked, on-disk blending accumulator whose host memory does not grow with slide area.
+
+Tiles are blended as ``sum += w · p`` and ``weight += w`` (output px frame). Chunks live in a small write-back LRU
+cache in memory and spill to a zarr store on disk; chunks no tile touched are never created, so background costs
+nothing. Partial accumulators (one per DDP rank) merge by adding sums and weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+__all__ = ["BlendingAccumulator"]
+
+
+class BlendingAccumulator:
+    """Weighted-sum accumulator over a (channels, height, width) output image, chunked on disk.
+
+    Args:
+        path: folder for the zarr store (created; removed by :meth:`delete`).
+        channels: probability channels per pixel.
+        size: (W, H) of the output image, output px.
+        chunk: chunk side, output px.
+        cache_bytes: memory budget for decoded chunks held in memory (write-back LRU).
+
+    Example::
+
+        acc = BlendingAccumulator(tmp / "acc.zarr", 1, (1000, 800))
+        acc.add(0, 0, probs, window)          # probs (1, h, w), window (h, w)
+        for y0, band in acc.normalised_bands():
+            ...                               # band (1, rows, 1000) float32, weighted mean (0 where untouched)
+    """
+
+    def __init__(
+        self, path: str | Path, channels: int, size: tuple[int, int], chunk: int = 512, cache_bytes: int = 256 << 20
+    ) -> None:
+        self.path = Path(path)
+        self.channels, self.size, self.chunk = channels, tuple(size), chunk
+        width, height = self.size
+        self.chunk_grid = (math.ceil(height / chunk), math.ceil(width / chunk))
+        compressors = BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
+        self._sum = zarr.create_array(
+            store=str(self.path / "sum"),
+            shape=(channels, height, width),
+            chunks=(channels, chunk, chunk),
+            dtype="float32",
+            fill_value=0.0,
+            compressors=compressors,
+            overwrite=True,
+        )
+        self._weight = zarr.create_array(
+            store=str(self.path / "weight"),
+            shape=(height, width),
+            chunks=(chunk, chunk),
+            dtype="float32",
+            fill_value=0.0,
+            compressors=compressors,
+            overwrite=True,
+        )
+        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_limit = max(1, cache_bytes // ((channels + 1) * chunk * chunk * 4))
+        self.touched: set[tuple[int, int]] = set()
+        self._on_disk: set[tuple[int, int]] = set()
+
+    # -- chunk cache ---------------------------------------------------------------------------------------------
+    def _chunk_bounds(self, cy: int, cx: int) -> tuple[int, int, int, int]:
+        y0, x0 = cy * self.chunk, cx * self.chunk
+        return y0, min(y0 + self.chunk, self.size[1]), x0, min(x0 + self.chunk, self.size[0])
+
+    def _get_chunk(self, cy: int, cx: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (cy, cx)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        y0, y1, x0, x1 = self._chunk_bounds(cy, cx)
+        if key in self._on_disk:
+            entry = (np.asarray(self._sum[:, y0:y1, x0:x1]), np.asarray(self._weight[y0:y1, x0:x1]))
+        else:
+            entry = (
+                np.zeros((self.channels, y1 - y0, x1 - x0), np.float32),
+                np.zeros((y1 - y0, x1 - x0), np.float32),
+            )
+        self._cache[key] = entry
+        self.touched.add(key)
+        while len(self._cache) > self._cache_limit:
+            self._evict()
+        return entry
+
+    def _evict(self) -> None:
+        (cy, cx), (sums, weights) = self._cache.popitem(last=False)
+        y0, y1, x0, x1 = self._chunk_bounds(cy, cx)
+        self._sum[:, y0:y1, x0:x1] = sums
+        self._weight[y0:y1, x0:x1] = weights
+        self._on_disk.add((cy, cx))
+
+    def flush(self) -> None:
+        """Write every cached chunk to disk and record which chunks exist (for merging)."""
+        while self._cache:
+            self._evict()
+        (self.path / "touched.json").write_text(json.dumps(sorted(self.touched)))
+
+    # -- accumulation --------------------------------------------------------------------------------------------
+    def add(self, x0: int, y0: int, values: np.ndarray, weights: np.ndarray) -> None:
+        """Blend one tile: ``values`` (C, h, w) at output-px origin (x0, y0) with per-pixel ``weights`` (h, w).
+
+        The parts of the tile outside the image (edge tiles) are cropped.
+        """
+        _, h, w = values.shape
+        width, height = self.size
+        y_end, x_end = min(y0 + h, height), min(x0 + w, width)
+        if y_end <= y0 or x_end <= x0:
+            return
+        weighted = values[:, : y_end - y0, : x_end - x0] * weights[None, : y_end - y0, : x_end - x0]
+        wts = weights[: y_end - y0, : x_end - x0]
+        for cy in range(y0 // self.chunk, (y_end - 1) // self.chunk + 1):
+            for cx in range(x0 // self.chunk, (x_end - 1) // self.chunk + 1):
+                cy0, cy1, cx0, cx1 = self._chunk_bounds(cy, cx)
+                sy0, sy1 = max(y0, cy0), min(y_end, cy1)
+                sx0, sx1 = max(x0, cx0), min(x_end, cx1)
+                sums, wsum = self._get_chunk(cy, cx)
+                sums[:, sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0] += weighted[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+                wsum[sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0] += wts[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+
+    def merge_from(self, other_path: str | Path) -> None:
+        """Add a flushed accumulator (same geometry, e.g. another DDP rank's) into this one, chunk by chunk."""
+        other_path = Path(other_path)
+        touched = [tuple(t) for t in json.loads((other_path / "touched.json").read_text())]
+        other_sum = zarr.open_array(str(other_path / "sum"), mode="r")
+        other_weight = zarr.open_array(str(other_path / "weight"), mode="r")
+        for cy, cx in touched:
+            y0, y1, x0, x1 = self._chunk_bounds(cy, cx)
+            sums, weights = self._get_chunk(cy, cx)
+            sums += np.asarray(other_sum[:, y0:y1, x0:x1])
+            weights += np.asarray(other_weight[y0:y1, x0:x1])
+
+    # -- read back -----------------------------------------------------------------------------------------------
+    def normalised_bands(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(y0, mean, covered)`` bands of ``chunk`` rows: ``mean`` (C, rows, W) float32 weighted mean (0 where
+        no tile landed), ``covered`` (rows, W) bool where some tile landed. Flushes first."""
+        self.flush()
+        width, height = self.size
+        for cy in range(self.chunk_grid[0]):
+            y0, y1 = cy * self.chunk, min((cy + 1) * self.chunk, height)
+            mean = np.zeros((self.channels, y1 - y0, width), np.float32)
+            covered = np.zeros((y1 - y0, width), bool)
+            for cx in range(self.chunk_grid[1]):
+                if (cy, cx) not in self.touched:
+                    continue
+                _, _, x0, x1 = self._chunk_bounds(cy, cx)
+                sums = np.asarray(self._sum[:, y0:y1, x0:x1])
+                weights = np.asarray(self._weight[y0:y1, x0:x1])
+                hit = weights > 0
+                np.divide(sums, weights[None], out=mean[:, :, x0:x1], where=hit[None])
+                covered[:, x0:x1] = hit
+            yield y0, mean, covered
+
+    def delete(self) -> None:
+        """Remove the on-disk store."""
+        self._cache.clear()
+        shutil.rmtree(self.path, ignore_errors=True)

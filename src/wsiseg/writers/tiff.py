@@ -1,0 +1,140 @@
+"""Pyramidal tiled TIFF output, written band by band so memory stays bounded."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+from zarr.codecs import BloscCodec
+
+__all__ = ["pyramid_sizes", "downsample_2x", "write_pyramid_tiff"]
+
+
+def pyramid_sizes(size: tuple[int, int], tile: int = 256) -> list[tuple[int, int]]:
+    """(W, H) of every pyramid level: halve (rounding up) until the longer side fits in one ``tile``.
+
+    Example::
+
+        >>> pyramid_sizes((1000, 300), 256)
+        [(1000, 300), (500, 150), (250, 75)]
+    """
+    sizes = [tuple(size)]
+    while max(sizes[-1]) > tile:
+        w, h = sizes[-1]
+        sizes.append((math.ceil(w / 2), math.ceil(h / 2)))
+    return sizes  # type: ignore[return-value]
+
+
+def downsample_2x(band: np.ndarray, labels: bool) -> np.ndarray:
+    """Halve an (rows, W) uint8 band: 2×2 mean (rounded) for probabilities, top-left pick for class labels.
+
+    Odd sizes: the last row/column is averaged with itself (edge replicate)."""
+    if labels:
+        return np.ascontiguousarray(band[::2, ::2])
+    rows, width = band.shape
+    if rows % 2 or width % 2:
+        band = np.pad(band, ((0, rows % 2), (0, width % 2)), mode="edge")
+    b = band.astype(np.uint16)
+    total = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
+    return ((total + 2) // 4).astype(np.uint8)
+
+
+def _tiles_of_band(band: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    rows, width = band.shape
+    for ty in range(0, rows, tile):
+        for tx in range(0, width, tile):
+            block = band[ty : ty + tile, tx : tx + tile]
+            if block.shape != (tile, tile):
+                padded = np.zeros((tile, tile), np.uint8)
+                padded[: block.shape[0], : block.shape[1]] = block
+                block = padded
+            yield block
+
+
+def write_pyramid_tiff(
+    path: str | Path,
+    level0_bands: Iterable[np.ndarray],
+    size: tuple[int, int],
+    scratch: str | Path,
+    mpp: float | None,
+    labels: bool = False,
+    tile: int = 256,
+    compression: str = "zlib",
+    preview_side: int = 1024,
+) -> np.ndarray:
+    """Write a single-channel uint8 pyramidal tiled TIFF.
+
+    Args:
+        path: destination (written in place: wrap in an atomic rename).
+        level0_bands: bands of level 0, each (rows, W) uint8 with rows a multiple of ``2·tile`` except the last,
+            top to bottom.
+        size: (W, H) of level 0, output px.
+        scratch: folder for the zarr copies of each level (needed to build the next one; removed by the caller).
+        mpp: microns per level-0 output px; sets X/YResolution (px per cm) so viewers scale the overlay.
+        labels: class labels (nearest downsampling) instead of probabilities (mean).
+        tile: TIFF tile side.
+        compression: TIFF compression (lossless: zlib/deflate by default, which OpenSlide, QuPath and ASAP read).
+
+        preview_side: the returned preview is the smallest level whose longer side is at least this.
+
+    Returns:
+        A preview level as a (h, w) uint8 array (for rendering a heatmap).
+    """
+    sizes = pyramid_sizes(size, tile)
+    scratch = Path(scratch)
+    band_rows = 2 * tile
+    compressors = BloscCodec(cname="lz4", clevel=1)
+    level_arrays = [
+        zarr.create_array(
+            store=str(scratch / f"level{i}"),
+            shape=(h, w),
+            chunks=(band_rows, max(band_rows, min(w, 4096))),
+            dtype="uint8",
+            fill_value=0,
+            compressors=compressors,
+            overwrite=True,
+        )
+        for i, (w, h) in enumerate(sizes)
+    ]
+
+    def level0_tiles() -> Iterator[np.ndarray]:
+        y0 = 0
+        for band in level0_bands:
+            level_arrays[0][y0 : y0 + band.shape[0], :] = band
+            yield from _tiles_of_band(band, tile)
+            y0 += band.shape[0]
+
+    def level_tiles(index: int) -> Iterator[np.ndarray]:
+        source, target = level_arrays[index - 1], level_arrays[index]
+        height = sizes[index][1]
+        for y0 in range(0, height, band_rows):
+            src = np.asarray(source[2 * y0 : 2 * (y0 + band_rows), :])
+            band = downsample_2x(src, labels)[:, : sizes[index][0]]
+            target[y0 : y0 + band.shape[0], :] = band
+            yield from _tiles_of_band(band, tile)
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tiff:
+        for index, (w, h) in enumerate(sizes):
+            scale = 2**index
+            options: dict = {}
+            if mpp:
+                pixels_per_cm = 1e4 / (mpp * scale)
+                options = {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
+            tiff.write(
+                level0_tiles() if index == 0 else level_tiles(index),
+                shape=(h, w),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="minisblack",
+                compression=compression,
+                subfiletype=0 if index == 0 else 1,
+                description="wsiseg mask" if index == 0 else None,
+                metadata=None,
+                **options,
+            )
+    preview = next((i for i in reversed(range(len(sizes))) if max(sizes[i]) >= preview_side), 0)
+    return np.asarray(level_arrays[preview][:, :])
