@@ -49,6 +49,9 @@ class SegmentationModule(pl.LightningModule):
         compile: wrap the network in ``torch.compile``; falls back to eager with a warning if compilation fails.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
             limit of the largest activation); bigger batches are split.
+        backend: ``torch`` runs ``net``; ``onnxruntime`` runs the exported model at ``onnx_path`` instead (the
+            normalisation, activation, reduction and pooling around it stay the same).
+        onnx_path: ONNX file for ``backend=onnxruntime`` (from ``wsiseg-export``).
 
     Example::
 
@@ -72,8 +75,20 @@ class SegmentationModule(pl.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         max_chunk: int | None = None,
+        backend: str = "torch",
+        onnx_path: str | None = None,
     ) -> None:
         super().__init__()
+        if backend not in ("torch", "onnxruntime"):
+            raise UserInputError(f"model.backend must be 'torch' or 'onnxruntime', got '{backend}'")
+        if backend == "onnxruntime":
+            if not onnx_path:
+                raise UserInputError("model.backend=onnxruntime needs model.onnx_path=<file exported by wsiseg-export>")
+            from wsiseg.export import OnnxRuntimeNet
+
+            net = OnnxRuntimeNet(onnx_path, stride=network_stride(net))
+            checkpoint, channels_last, compile = None, False, False
+        self.backend = backend
         if activation not in ACTIVATIONS:
             raise UserInputError(f"model.activation must be one of {', '.join(ACTIVATIONS)}; got '{activation}'")
         if reduction not in REDUCTIONS:

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real slides in ../shared/slides and generated synthetic slides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SLIDES = REPO.parent / "shared" / "slides"
+
+# Tests run on 2 CPU cores: keep torch from oversubscribing next to DataLoader workers.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_slide(name: str) -> Path:
+    """Path of a file in ../shared/slides; skips the test when the folder is absent."""
+    path = SHARED_SLIDES / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2000 × 1500 synthetic pyramidal JPEG TIFF (size not a multiple of 16 or 256), seed 7."""
+    from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
+
+    path = tmp_path_factory.mktemp("synthetic") / "synth.tif"
+    return write_synthetic_slide(path, SyntheticSlide(2000, 1500, seed=7))
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    from wsiseg.config import asset_path
+
+    return Path(asset_path("demo_unet.pt"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
