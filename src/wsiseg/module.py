@@ -32,7 +32,7 @@ class SegmentationModule(pl.LightningModule):
     ``predict_step`` takes ``batch["image"]`` as (N, 3, H, W) uint8 RGB, converts and normalises on the device
     (``(x/255 - mean) / std``), optionally converts to channels_last, runs the network under the Trainer's precision,
     applies ``activation``, reduces the channels with ``reduction``, average-pools by ``output_downsample`` on the
-    device and returns float16 maps of shape (N, C', H/d, W/d).
+    device and returns float16 (or float32) maps of shape (N, C', H/d, W/d).
 
     Args:
         net: the network (``wsiseg.model.Unet`` for the users' checkpoints).
@@ -52,6 +52,7 @@ class SegmentationModule(pl.LightningModule):
         backend: ``torch`` runs ``net``; ``onnxruntime`` runs the exported model at ``onnx_path`` instead (the
             normalisation, activation, reduction and pooling around it stay the same).
         onnx_path: ONNX file for ``backend=onnxruntime`` (from ``wsiseg-export``).
+        output_dtype: dtype of the maps sent back to the host (float16 halves the transfer; float32 is exact).
 
     Example::
 
@@ -77,8 +78,12 @@ class SegmentationModule(pl.LightningModule):
         max_chunk: int | None = None,
         backend: str = "torch",
         onnx_path: str | None = None,
+        output_dtype: str = "float16",
     ) -> None:
         super().__init__()
+        if output_dtype not in ("float16", "float32"):
+            raise UserInputError(f"model.output_dtype must be float16 or float32, got '{output_dtype}'")
+        self.output_dtype = getattr(torch, output_dtype)
         if backend not in ("torch", "onnxruntime"):
             raise UserInputError(f"model.backend must be 'torch' or 'onnxruntime', got '{backend}'")
         if backend == "onnxruntime":
@@ -172,7 +177,7 @@ class SegmentationModule(pl.LightningModule):
         return y
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Any]:
-        probs = self(batch["image"]).to(torch.float16)
+        probs = self(batch["image"]).to(self.output_dtype)
         out = {k: v for k, v in batch.items() if k != "image"}
         out["probs"] = probs
         return out

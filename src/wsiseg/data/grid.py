@@ -42,7 +42,7 @@ def tile_origins(length: int, patch_size: int, overlap: int) -> list[int]:
     Example::
 
         >>> tile_origins(1000, 512, 64)
-        [0, 448]
+        [0, 448, 896]
         >>> tile_origins(1000, 256, 0)
         [0, 256, 512, 768]
     """

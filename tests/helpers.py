@@ -1,0 +1,55 @@
+"""Helpers shared by tests: run the predict pipeline in-process through Hydra, compare masks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from wsiseg.config import config_dir
+
+FAST = ["trainer=cpu", "trainer.precision=32", "trainer.enable_progress_bar=false", "data.num_workers=0"]
+
+
+def compose_predict(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="predict", overrides=overrides)
+
+
+def predict(slides: list[Path] | Path, out_dir: Path, overrides: list[str]) -> int:
+    """Run ``wsiseg.predict.run_predict`` with ``overrides`` (after the fast CPU defaults); returns its status."""
+    from wsiseg.predict import run_predict
+
+    slides = [slides] if isinstance(slides, Path) else slides
+    listed = ",".join(str(s) for s in slides)
+    cfg = compose_predict([*FAST, f"data.slides=[{listed}]", f"writer.output_dir={out_dir}", *overrides])
+    return run_predict(cfg)
+
+
+def block_mean(image: np.ndarray, factor: int, pad_value: float = 255.0) -> np.ndarray:
+    """Mean over ``factor × factor`` blocks of an (H, W) array, padding the bottom/right with ``pad_value``."""
+    if factor == 1:
+        return image.astype(np.float64)
+    h, w = image.shape
+    hp, wp = math.ceil(h / factor) * factor, math.ceil(w / factor) * factor
+    padded = np.full((hp, wp), pad_value, np.float64)
+    padded[:h, :w] = image
+    return padded.reshape(hp // factor, factor, wp // factor, factor).mean(axis=(1, 3))
+
+
+def assert_matches_rounded(actual: np.ndarray, expected: np.ndarray) -> None:
+    """``actual`` (uint8) equals ``rint(expected)`` exactly, except where ``expected`` lies within 0.01 of a .5 tie,
+    where either neighbour is accepted (float summation order decides those)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    frac = expected - np.floor(expected)
+    tie = np.abs(frac - 0.5) < 0.01
+    exact = actual.astype(np.int64) == np.rint(expected).astype(np.int64)
+    near = (actual >= np.floor(expected)) & (actual <= np.ceil(expected))
+    bad = ~np.where(tie, near, exact)
+    assert not bad.any(), (
+        f"{bad.sum()} of {bad.size} pixels differ; first at {np.argwhere(bad)[0].tolist()}: "
+        f"{actual[bad][:5].tolist()} vs {expected[bad][:5].tolist()}"
+    )
