@@ -1,0 +1,150 @@
+"""End-to-end outputs: the users' checkpoint through model.checkpoint, the demo model's Dice through the real console
+script, and the files themselves (mask.tif pyramid + tags, heatmap.png, report.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from tests.helpers import predict
+from wsiseg.data.slide import rgba_to_rgb
+from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
+from wsiseg.data.tissue import read_thumbnail
+from wsiseg.model import Unet
+from wsiseg.writers.tiff import pyramid_sizes
+
+
+def test_users_full_size_checkpoint_matches_network_output(tmp_path: Path) -> None:
+    """A state_dict with the replaced script's keys (136, 31,043,651 parameters) loads through model.checkpoint and
+    the fp32 mask equals the network's own output on each tile (RGB/255, mean=std=0.5, max over channels) ±1 level."""
+    torch.manual_seed(17)
+    net = Unet(3, 3).eval()
+    with torch.no_grad():  # give BatchNorm non-trivial statistics so outputs vary across the tile
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+        net.conv10.weight.mul_(40.0)  # spread the sigmoid's input so probabilities span most of 0..1
+    state = net.state_dict()
+    assert len(state) == 136 and sum(p.numel() for p in net.parameters()) == 31_043_651
+    checkpoint = tmp_path / "UNet_17.pth"
+    torch.save(state, checkpoint)
+    slide_path = write_synthetic_slide(tmp_path / "exact.tif", SyntheticSlide(512, 256, seed=3, tissue_scale=0.4))
+
+    status = predict(
+        slide_path,
+        tmp_path / "out",
+        [
+            "model=unet_camelyon",
+            f"model.checkpoint={checkpoint}",
+            "model.output_dtype=float32",
+            "data.patch_size=256",
+            "data.overlap=0",
+            "data.tissue.enabled=false",
+            "data.batch_size=2",
+        ],
+    )
+    assert status == 0
+    mask = tifffile.imread(tmp_path / "out" / "exact" / "mask.tif", key=0)
+
+    with openslide.OpenSlide(str(slide_path)) as slide:
+        rgb = rgba_to_rgb(np.asarray(slide.read_region((0, 0), 0, (512, 256))))
+    expected = np.zeros((256, 512), np.float64)
+    with torch.no_grad():
+        for x0 in (0, 256):
+            tile = torch.from_numpy(rgb[:, x0 : x0 + 256].copy()).permute(2, 0, 1)[None].float()
+            probs = net((tile / 255.0 - 0.5) / 0.5)
+            expected[:, x0 : x0 + 256] = probs.max(dim=1).values[0].double().numpy() * 255.0
+    assert expected.std() > 1.0, "the reference must vary for the comparison to mean something"
+    diff = np.abs(mask.astype(np.float64) - np.rint(expected))
+    assert diff.max() <= 1.0, f"max difference {diff.max()} grey levels"
+
+
+def test_demo_model_dice_through_console_script(tmp_path: Path) -> None:
+    """The shipped demo checkpoint on a freshly generated slide (seed unseen in training), via `wsiseg-predict`."""
+    spec = SyntheticSlide(3072, 2304, seed=4242)
+    slide_path = write_synthetic_slide(tmp_path / "fresh.tif", spec)
+    run_dir = tmp_path / "run"
+    script = Path(sys.executable).parent / "wsiseg-predict"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [
+            str(script),
+            "model=demo",
+            f"data.slides={slide_path}",
+            "data.patch_size=256",
+            "data.overlap=32",
+            "data.num_workers=2",
+            "writer.output_downsample=4",
+            "trainer=cpu",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    mask = tifffile.imread(run_dir / "fresh" / "mask.tif", key=0)
+    truth = spec.ground_truth(4, (mask.shape[1], mask.shape[0]))
+    predicted = mask >= 128
+    dice = 2 * np.logical_and(predicted, truth).sum() / (predicted.sum() + truth.sum())
+    print(f"demo Dice {dice:.4f}")
+    assert truth.sum() > 1000
+    assert dice >= 0.90
+    report = json.loads((run_dir / "fresh" / "report.json").read_text())
+    assert report["status"] == "complete"
+    assert report["tumour_area_mm2"] == pytest.approx(predicted.sum() * (0.5 * 4 * 1e-3) ** 2)
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+
+
+def test_mask_tif_heatmap_and_report(synthetic_slide: Path, tmp_path: Path, demo_checkpoint: Path) -> None:
+    status = predict(
+        synthetic_slide,
+        tmp_path,
+        ["model=demo", "data.patch_size=128", "writer.output_downsample=2", "writer.tiff_tile=128", "writer.chunk=256"],
+    )
+    assert status == 0
+    out = tmp_path / "synth"
+    report = json.loads((out / "report.json").read_text())
+
+    with openslide.OpenSlide(str(out / "mask.tif")) as mask_slide:
+        expected_sizes = pyramid_sizes((1000, 750), 128)
+        assert [tuple(d) for d in mask_slide.level_dimensions] == expected_sizes
+        assert len(expected_sizes) == report["mask_levels"] == 4
+        assert float(mask_slide.properties["openslide.mpp-x"]) == pytest.approx(0.5 * 2, rel=1e-4)
+        assert float(mask_slide.properties["openslide.mpp-y"]) == pytest.approx(0.5 * 2, rel=1e-4)
+    with tifffile.TiffFile(out / "mask.tif") as tif:
+        assert len(tif.pages) == 4
+        level0 = tif.pages[0].asarray()
+        assert level0.shape == (750, 1000) and level0.dtype == np.uint8
+        assert tif.pages[0].is_tiled
+        # aspect ratio of the slide (2000 x 1500)
+        assert level0.shape[1] / level0.shape[0] == pytest.approx(2000 / 1500)
+        level1 = tif.pages[1].asarray()
+        np.testing.assert_allclose(level1.astype(float), level0.reshape(375, 2, 500, 2).mean(axis=(1, 3)), atol=1)
+
+    with openslide.OpenSlide(str(synthetic_slide)) as slide:
+        thumbnail = read_thumbnail(slide, 2048)
+    heatmap = np.asarray(Image.open(out / "heatmap.png"))
+    assert heatmap.shape == thumbnail.rgb.shape
+    assert np.abs(heatmap.astype(int) - thumbnail.rgb).max() > 50, "the overlay must show on the thumbnail"
+
+    for key in ("level0_size", "level", "mpp_read_level", "tiles_total", "tiles_tissue", "tiles_processed",
+                "tissue_fraction", "tumour_area_mm2", "wall_time_s", "patches_per_s", "config"):
+        assert key in report, key
+    assert report["level0_size"] == [2000, 1500]
+    assert report["config"]["data"]["patch_size"] == 128
+    assert not any(p.name.startswith(".") for p in out.iterdir()), "temporary files left behind"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["status"] for row in summary["slides"]] == ["complete"]
