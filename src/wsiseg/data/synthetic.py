@@ -99,13 +99,24 @@ class SyntheticSlide:
         w, h = size or (math.ceil(self.width / downsample), math.ceil(self.height / downsample))
         return self.sample(tumour, 0, 0, w, h, downsample) > 0.5
 
+    def is_background(self, tissue: np.ndarray, x0: int, y0: int, w: int, h: int, downsample: float) -> bool:
+        """True when no pixel of the region can be tissue: bilinear samples never exceed their neighbours, so a field
+        window at or below 0.5 means pure background (checked on the low-resolution field, no rendering)."""
+        scale = downsample / self.field_downsample
+        fx0, fy0 = max(0, int(x0 * scale) - 1), max(0, int(y0 * scale) - 1)
+        fx1, fy1 = int((x0 + w) * scale) + 2, int((y0 + h) * scale) + 2
+        window = tissue[fy0:fy1, fx0:fx1]
+        return window.size == 0 or float(window.max()) <= 0.5
+
     def render(
         self, fields: tuple[np.ndarray, np.ndarray], x0: int, y0: int, w: int, h: int, downsample: float
     ) -> np.ndarray:
         """(h, w, 3) uint8 RGB of a region at a level with ``downsample``; origin (x0, y0) in that level's px."""
         tissue_f, tumour_f = fields
-        tissue = self.sample(tissue_f, x0, y0, w, h, downsample) > 0.5
-        if not tissue.any():
+        tissue = None
+        if not self.is_background(tissue_f, x0, y0, w, h, downsample):
+            tissue = self.sample(tissue_f, x0, y0, w, h, downsample) > 0.5
+        if tissue is None or not tissue.any():
             return np.broadcast_to(_BACKGROUND.astype(np.uint8), (h, w, 3)).copy()
         tumour = (self.sample(tumour_f, x0, y0, w, h, downsample) > 0.5) & tissue
         rng = np.random.default_rng([self.seed, int(downsample * 16), x0, y0])
@@ -164,11 +175,10 @@ def write_synthetic_slide(
     def tiles(width: int, height: int, ds: int) -> Iterator[bytes]:
         for ty in range(0, height, tile):
             for tx in range(0, width, tile):
-                rgb = slide.render(fields, tx, ty, tile, tile, ds)
-                if rgb.min() == rgb.max() == _BACKGROUND[0] or (rgb == _BACKGROUND.astype(np.uint8)).all():
+                if slide.is_background(fields[0], tx, ty, tile, tile, ds):
                     yield blank
                 else:
-                    yield imagecodecs.jpeg_encode(rgb, level=quality)
+                    yield imagecodecs.jpeg_encode(slide.render(fields, tx, ty, tile, tile, ds), level=quality)
 
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=slide.width * slide.height > 2**31) as tiff:

@@ -35,12 +35,13 @@ class BlendingAccumulator:
 
         acc = BlendingAccumulator(tmp / "acc.zarr", 1, (1000, 800))
         acc.add(0, 0, probs, window)          # probs (1, h, w), window (h, w)
-        for y0, band in acc.normalised_bands():
-            ...                               # band (1, rows, 1000) float32, weighted mean (0 where untouched)
+        for y0, rows, chunks in acc.band_chunks():
+            for x0, mean, covered in chunks:  # mean (1, rows, w) float32 weighted mean, touched chunks only
+                ...
     """
 
     def __init__(
-        self, path: str | Path, channels: int, size: tuple[int, int], chunk: int = 512, cache_bytes: int = 256 << 20
+        self, path: str | Path, channels: int, size: tuple[int, int], chunk: int = 512, cache_bytes: int = 128 << 20
     ) -> None:
         self.path = Path(path)
         self.channels, self.size, self.chunk = channels, tuple(size), chunk
@@ -143,25 +144,29 @@ class BlendingAccumulator:
             weights += np.asarray(other_weight[y0:y1, x0:x1])
 
     # -- read back -----------------------------------------------------------------------------------------------
-    def normalised_bands(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Yield ``(y0, mean, covered)`` bands of ``chunk`` rows: ``mean`` (C, rows, W) float32 weighted mean (0 where
-        no tile landed), ``covered`` (rows, W) bool where some tile landed. Flushes first."""
+    def band_chunks(self) -> Iterator[tuple[int, int, list[tuple[int, np.ndarray, np.ndarray]]]]:
+        """Yield one entry per row of chunks: ``(y0, rows, chunks)`` where ``chunks`` lists ``(x0, mean, covered)`` for
+        the chunks some tile touched — ``mean`` (C, rows, w) float32 weighted mean (0 where no weight), ``covered``
+        (rows, w) bool. Untouched chunks are left out (they are background). Flushes first.
+
+        Only one chunk row is decoded at a time, so memory is bounded by a row of touched chunks.
+        """
         self.flush()
-        width, height = self.size
+        height = self.size[1]
         for cy in range(self.chunk_grid[0]):
             y0, y1 = cy * self.chunk, min((cy + 1) * self.chunk, height)
-            mean = np.zeros((self.channels, y1 - y0, width), np.float32)
-            covered = np.zeros((y1 - y0, width), bool)
+            chunks = []
             for cx in range(self.chunk_grid[1]):
                 if (cy, cx) not in self.touched:
                     continue
                 _, _, x0, x1 = self._chunk_bounds(cy, cx)
                 sums = np.asarray(self._sum[:, y0:y1, x0:x1])
                 weights = np.asarray(self._weight[y0:y1, x0:x1])
-                hit = weights > 0
-                np.divide(sums, weights[None], out=mean[:, :, x0:x1], where=hit[None])
-                covered[:, x0:x1] = hit
-            yield y0, mean, covered
+                covered = weights > 0
+                mean = np.zeros_like(sums)
+                np.divide(sums, weights[None], out=mean, where=covered[None])
+                chunks.append((x0, mean, covered))
+            yield y0, y1 - y0, chunks
 
     def delete(self) -> None:
         """Remove the on-disk store."""

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 import zarr
@@ -43,16 +44,24 @@ def downsample_2x(band: np.ndarray, labels: bool) -> np.ndarray:
     return ((total + 2) // 4).astype(np.uint8)
 
 
-def _tiles_of_band(band: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+ENCODERS = {"zlib": imagecodecs.zlib_encode, "zstd": imagecodecs.zstd_encode}
+
+
+def _encoded_tiles(band: np.ndarray, tile: int, compression: str, empty: bytes) -> Iterator[bytes]:
+    """Compressed tiles of a band, row-major; all-zero (background) tiles reuse one pre-encoded tile."""
+    encode = ENCODERS[compression]
     rows, width = band.shape
     for ty in range(0, rows, tile):
         for tx in range(0, width, tile):
             block = band[ty : ty + tile, tx : tx + tile]
+            if not block.any():
+                yield empty
+                continue
             if block.shape != (tile, tile):
                 padded = np.zeros((tile, tile), np.uint8)
                 padded[: block.shape[0], : block.shape[1]] = block
                 block = padded
-            yield block
+            yield encode(np.ascontiguousarray(block))
 
 
 def write_pyramid_tiff(
@@ -77,13 +86,16 @@ def write_pyramid_tiff(
         mpp: microns per level-0 output px; sets X/YResolution (px per cm) so viewers scale the overlay.
         labels: class labels (nearest downsampling) instead of probabilities (mean).
         tile: TIFF tile side.
-        compression: TIFF compression (lossless: zlib/deflate by default, which OpenSlide, QuPath and ASAP read).
+        compression: lossless TIFF compression, ``zlib`` (deflate; OpenSlide, QuPath and ASAP read it) or ``zstd``.
 
         preview_side: the returned preview is the smallest level whose longer side is at least this.
 
     Returns:
         A preview level as a (h, w) uint8 array (for rendering a heatmap).
     """
+    if compression not in ENCODERS:
+        raise ValueError(f"writer.compression must be one of {', '.join(ENCODERS)}; got '{compression}'")
+    empty = ENCODERS[compression](np.zeros((tile, tile), np.uint8))
     sizes = pyramid_sizes(size, tile)
     scratch = Path(scratch)
     band_rows = 2 * tile
@@ -104,8 +116,9 @@ def write_pyramid_tiff(
     def level0_tiles() -> Iterator[np.ndarray]:
         y0 = 0
         for band in level0_bands:
-            level_arrays[0][y0 : y0 + band.shape[0], :] = band
-            yield from _tiles_of_band(band, tile)
+            if band.any():
+                level_arrays[0][y0 : y0 + band.shape[0], :] = band
+            yield from _encoded_tiles(band, tile, compression, empty)
             y0 += band.shape[0]
 
     def level_tiles(index: int) -> Iterator[np.ndarray]:
@@ -113,9 +126,12 @@ def write_pyramid_tiff(
         height = sizes[index][1]
         for y0 in range(0, height, band_rows):
             src = np.asarray(source[2 * y0 : 2 * (y0 + band_rows), :])
-            band = downsample_2x(src, labels)[:, : sizes[index][0]]
-            target[y0 : y0 + band.shape[0], :] = band
-            yield from _tiles_of_band(band, tile)
+            if src.any():
+                band = downsample_2x(src, labels)[:, : sizes[index][0]]
+                target[y0 : y0 + band.shape[0], :] = band
+            else:  # background: nothing to compute or store (zarr's fill value is 0)
+                band = np.zeros((min(band_rows, height - y0), sizes[index][0]), np.uint8)
+            yield from _encoded_tiles(band, tile, compression, empty)
 
     with tifffile.TiffWriter(path, bigtiff=True) as tiff:
         for index, (w, h) in enumerate(sizes):
