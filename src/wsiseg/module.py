@@ -46,7 +46,9 @@ class SegmentationModule(pl.LightningModule):
         channel_index: channel kept by ``reduction=channel``.
         output_downsample: average-pool factor applied on the device (``writer.output_downsample``).
         channels_last: use the channels_last memory format (faster convolutions on GPU and with oneDNN on CPU).
-        compile: wrap the network in ``torch.compile``; falls back to eager with a warning if compilation fails.
+        compile: wrap the network in ``torch.compile`` (``auto``: on CUDA only, where it is ~4x faster for the
+            replicate-padded U-Net; on CPU it pays off only for long runs). Falls back to eager with a warning if
+            compilation fails.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
             limit of the largest activation); bigger batches are split.
         backend: ``torch`` runs ``net``; ``onnxruntime`` runs the exported model at ``onnx_path`` instead (the
@@ -74,7 +76,7 @@ class SegmentationModule(pl.LightningModule):
         channel_index: int = 0,
         output_downsample: int = 1,
         channels_last: bool = True,
-        compile: bool = False,
+        compile: bool | str = "auto",
         max_chunk: int | None = None,
         backend: str = "torch",
         onnx_path: str | None = None,
@@ -110,6 +112,7 @@ class SegmentationModule(pl.LightningModule):
         self.output_downsample = output_downsample
         self.channels_last, self.compile_network = channels_last, compile
         self.max_chunk = max_chunk
+        self._oom_chunk: int | None = None  # chunk size that last fit after an out-of-memory retry
         self._set_forward(self.net)
 
     def _set_forward(self, fn: nn.Module) -> None:
@@ -125,7 +128,12 @@ class SegmentationModule(pl.LightningModule):
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self._set_forward(self.net)
-        if self.compile_network:
+        compile_network = self.compile_network
+        if compile_network == "auto":
+            # setup() runs before the model moves to its device: ask the strategy where it is going.
+            compile_network = self.trainer.strategy.root_device.type == "cuda"
+        if compile_network:
+            log.info("compiling the network with torch.compile (takes a while on first use)")
             try:
                 self._set_forward(torch.compile(self.net, dynamic=False))
             except Exception as exc:  # a missing compiler must not stop inference
@@ -146,12 +154,45 @@ class SegmentationModule(pl.LightningModule):
         x = images.float().div_(255.0)
         return (x - self.mean) / self.std
 
+    def _call_network(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(x)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            if self._forward is self.net:
+                raise
+            # torch.compile compiles on the first call; a toolchain problem must not stop inference.
+            log.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, str(exc)[:200])
+            self._set_forward(self.net)
+            return self.net(x)
+
     def run_network(self, x: torch.Tensor) -> torch.Tensor:
-        """Network + activation + channel reduction on a normalised batch, split into safe chunks."""
+        """Network + activation + channel reduction on a normalised batch.
+
+        The batch is split into chunks (:meth:`chunk_size`). On CUDA out-of-memory the chunk is halved and retried,
+        down to one tile; then a UserInputError says what to change.
+        """
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        step = self.chunk_size(x)
-        outputs = [self._forward(x[i : i + step]) for i in range(0, x.shape[0], step)]
+        step = min(self.chunk_size(x), self._oom_chunk or x.shape[0])
+        outputs: list[torch.Tensor] = []
+        start = 0
+        while start < x.shape[0]:
+            try:
+                outputs.append(self._call_network(x[start : start + step]))
+                start += step
+            except torch.OutOfMemoryError:
+                if step == 1:
+                    raise UserInputError(
+                        "out of GPU memory with a single tile: lower data.patch_size, use trainer.precision=16-mixed, "
+                        "or free the GPU"
+                    ) from None
+                step = max(1, step // 2)
+                self._oom_chunk = step
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning("CUDA out of memory: retrying with %d tiles per network call", step)
         y = torch.cat(outputs).float()
         if self.activation == "sigmoid":
             y = torch.sigmoid(y)

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from wsiseg.errors import UserInputError
+from wsiseg.model import ProbeNet, Unet
+from wsiseg.module import SegmentationModule
+
+
+def test_predict_step_normalises_on_device_and_reduces_channels() -> None:
+    torch.manual_seed(0)
+    net = Unet(3, 3, base_width=4).eval()
+    module = SegmentationModule(net, output_dtype="float32")
+    images = torch.randint(0, 256, (3, 3, 32, 48), dtype=torch.uint8)
+    out = module.predict_step({"image": images, "slide_index": torch.tensor([0, 0, 1])})
+    with torch.no_grad():
+        expected = net((images.float() / 255 - 0.5) / 0.5).amax(dim=1, keepdim=True)
+    torch.testing.assert_close(out["probs"], expected, atol=1e-5, rtol=0)
+    assert out["slide_index"].tolist() == [0, 0, 1]
+    assert "image" not in out
+
+
+def test_output_downsample_pools_on_device() -> None:
+    module = SegmentationModule(ProbeNet(gain=0.5, bias=0.5), output_downsample=4, output_dtype="float32",
+                                channels_last=False)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    out = module.predict_step({"image": images})["probs"]
+    expected = torch.nn.functional.avg_pool2d(images[:, :1].float() / 255, 4)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_softmax_channel_reduction_and_labels() -> None:
+    class Fixed(nn.Module):
+        stride = 1
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([x[:, 0], 2 * x[:, 0], torch.zeros_like(x[:, 0])], dim=1)
+
+    images = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
+    both = SegmentationModule(Fixed(), activation="softmax", reduction="none", output_dtype="float32")
+    probs = both.predict_step({"image": images})["probs"]
+    assert probs.shape == (1, 3, 4, 4)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(1, 4, 4))
+    one = SegmentationModule(Fixed(), activation="softmax", reduction="channel", channel_index=1,
+                             output_dtype="float32")
+    torch.testing.assert_close(one.predict_step({"image": images})["probs"][:, 0], probs[:, 1])
+
+
+def test_chunking_matches_single_call() -> None:
+    torch.manual_seed(1)
+    net = Unet(3, 1, base_width=4).eval()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    whole = SegmentationModule(net, output_dtype="float32").predict_step({"image": images})["probs"]
+    split = SegmentationModule(net, output_dtype="float32", max_chunk=2).predict_step({"image": images})["probs"]
+    torch.testing.assert_close(whole, split, atol=1e-6, rtol=0)
+
+
+def test_chunk_size_respects_32_bit_index_limit() -> None:
+    module = SegmentationModule(Unet(3, 3))  # base width 64
+    batch = torch.zeros(128, 3, 512, 512, dtype=torch.uint8)
+    chunk = module.chunk_size(batch)
+    assert chunk < 64, "a batch of 64 at 512^2 overflows 32-bit indexing in F.pad"
+    assert chunk * 2 * 64 * 514 * 514 < 2**31
+
+
+class OomAbove(nn.Module):
+    """Raises the CUDA out-of-memory error for batches larger than ``limit`` (the error a real GPU raises)."""
+
+    stride = 1
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.calls = limit, []
+        self.conv = ProbeNet(gain=0.5, bias=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.conv(x)
+
+
+def test_out_of_memory_halves_the_chunk_and_retries() -> None:
+    net = OomAbove(limit=3)
+    module = SegmentationModule(net, output_dtype="float32", channels_last=False)
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    out = module.predict_step({"image": images})["probs"]
+    torch.testing.assert_close(out, images[:, :1].float() / 255, atol=1e-6, rtol=0)
+    assert net.calls[:3] == [8, 4, 2], net.calls
+    assert module._oom_chunk == 2
+    # the next batch starts at the size that fitted
+    net.calls.clear()
+    module.predict_step({"image": images})
+    assert set(net.calls) == {2}
+
+
+def test_out_of_memory_at_one_tile_gives_advice() -> None:
+    module = SegmentationModule(OomAbove(limit=0), channels_last=False)
+    with pytest.raises(UserInputError, match="out of GPU memory with a single tile"):
+        module.predict_step({"image": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)})
+
+
+def test_bad_options_fail_with_the_option_name() -> None:
+    with pytest.raises(UserInputError, match="model.activation"):
+        SegmentationModule(ProbeNet(), activation="relu")
+    with pytest.raises(UserInputError, match="model.reduction"):
+        SegmentationModule(ProbeNet(), reduction="mean")
+    with pytest.raises(UserInputError, match="data.patch_size"):
+        SegmentationModule(Unet(3, 1, base_width=4))(torch.zeros(1, 3, 24, 24, dtype=torch.uint8))
