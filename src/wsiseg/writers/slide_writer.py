@@ -46,6 +46,7 @@ class _SlideState:
     tiles_seen: set[int] = field(default_factory=set)
     duplicates: int = 0
     error: str = ""
+    tiles_per_rank: list[int] = field(default_factory=list)
 
 
 class SlideWriter(BasePredictionWriter):
@@ -88,7 +89,7 @@ class SlideWriter(BasePredictionWriter):
         sigma_scale: float = 0.125,
         threshold: float = 0.5,
         chunk: int = 512,
-        cache_mb: int = 256,
+        cache_mb: int = 128,
         tiff_tile: int = 256,
         compression: str = "zlib",
         heatmap_max_side: int = 2048,
@@ -114,6 +115,7 @@ class SlideWriter(BasePredictionWriter):
         self._channels = 1
         self._clock = 0.0
         self._rank, self._world = 0, 1
+        self._owned: set[int] | None = None
 
     # -- Lightning hooks -----------------------------------------------------------------------------------------
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -126,6 +128,34 @@ class SlideWriter(BasePredictionWriter):
             self.results.append({"slide": str(path), "status": "skipped", "tiles": 0, "seconds": 0.0, "reason": reason})
         if self._rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._owned = self._claim_tiles(trainer) if self._world > 1 else None
+
+    def _claim_tiles(self, trainer: pl.Trainer) -> set[int]:
+        """Agree across ranks which rank blends each dataset index: the lowest rank whose sampler yields it.
+
+        Lightning's predict sampler (``UnrepeatedDistributedSampler``) gives each index to exactly one rank; this
+        makes blending correct even with a sampler that repeats indices (e.g. a padding ``DistributedSampler``),
+        and reports indices no rank will see.
+        """
+        import torch.distributed as dist
+
+        loader = trainer.predict_dataloaders
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+        mine = [int(i) for i in sampler]
+        gathered: list[list[int] | None] = [None] * self._world
+        dist.all_gather_object(gathered, mine)
+        owner: dict[int, int] = {}
+        for rank, indices in enumerate(gathered):
+            for index in indices or []:
+                owner.setdefault(index, rank)
+        total = len(loader.dataset)
+        repeated = sum(len(indices or []) for indices in gathered) - len(owner)
+        if repeated:
+            log.warning("the predict sampler hands %d tile(s) to more than one rank; each is blended once", repeated)
+        if len(owner) != total:
+            raise RuntimeError(f"the predict sampler leaves {total - len(owner)} of {total} tiles to no rank")
+        return {index for index, rank in owner.items() if rank == self._rank}
 
     def write_on_batch_end(
         self,
@@ -142,7 +172,11 @@ class SlideWriter(BasePredictionWriter):
         slide_indices = _as_list(prediction["slide_index"])
         tile_indices = _as_list(prediction["tile_index"])
         errors = prediction.get("error") or [""] * len(slide_indices)
+        dataset_indices = list(batch_indices) if batch_indices is not None else [None] * len(slide_indices)
         for i, (slide_index, tile_index) in enumerate(zip(slide_indices, tile_indices)):
+            if self._owned is not None and dataset_indices[i] is not None and dataset_indices[i] not in self._owned:
+                self._state(slide_index).duplicates += 1
+                continue
             if self._world == 1:
                 # Tiles arrive in slide order: every earlier slide is complete.
                 for earlier in range(slide_index):
@@ -217,6 +251,7 @@ class SlideWriter(BasePredictionWriter):
     def _merge_ranks(self, index: int) -> None:
         state = self._state(index)
         assert state.accumulator is not None
+        state.tiles_per_rank = [len(state.tiles_seen)]
         for rank in range(1, self._world):
             partial = self._partial_dir(index, rank)
             meta = json.loads((partial / "rank.json").read_text())
@@ -225,6 +260,8 @@ class SlideWriter(BasePredictionWriter):
                 log.warning("slide %s: %d tile(s) predicted on several ranks", self._slides[index].name, len(overlap))
                 state.duplicates += len(overlap)
             state.tiles_seen.update(meta["tiles"])
+            state.tiles_per_rank.append(len(meta["tiles"]))
+            state.duplicates += meta["duplicates"]
             state.error = state.error or meta["error"]
             state.accumulator.merge_from(partial)
             shutil.rmtree(partial, ignore_errors=True)
@@ -302,6 +339,7 @@ class SlideWriter(BasePredictionWriter):
             "tiles_duplicated": state.duplicates,
             "tissue_fraction": round(slide.tissue_fraction, 6),
             "world_size": self._world,
+            "tiles_per_rank": state.tiles_per_rank or [len(state.tiles_seen)],
             "config_hash": config_hash(self.run_config),
             "config": self.run_config,
         }
@@ -313,14 +351,19 @@ class SlideWriter(BasePredictionWriter):
         threshold_u8 = int(np.ceil(self.threshold * 255 - 1e-9))
         positive = [0]
 
+        width = slide.grid.output_size[0]
+
         def bands() -> Any:
-            for _, mean, covered in accumulator.normalised_bands():
-                if labels:
-                    band = np.where(covered, mean.argmax(axis=0), 0).astype(np.uint8)
-                    positive[0] += int(np.count_nonzero(band))
-                else:
-                    band = np.clip(np.rint(mean[0] * 255.0), 0, 255).astype(np.uint8)
-                    positive[0] += int(np.count_nonzero(band >= threshold_u8))
+            for _, rows, chunks in accumulator.band_chunks():
+                band = np.zeros((rows, width), np.uint8)
+                for x0, mean, covered in chunks:
+                    if labels:
+                        block = np.where(covered, mean.argmax(axis=0), 0).astype(np.uint8)
+                        positive[0] += int(np.count_nonzero(block))
+                    else:
+                        block = np.clip(np.rint(mean[0] * 255.0), 0, 255).astype(np.uint8)
+                        positive[0] += int(np.count_nonzero(block >= threshold_u8))
+                    band[:, x0 : x0 + block.shape[1]] = block
                 yield band
 
         output_mpp = report["output_mpp"]
@@ -360,7 +403,8 @@ class SlideWriter(BasePredictionWriter):
 
 def _write_rank_meta(state: _SlideState, partial: Path) -> None:
     partial.mkdir(parents=True, exist_ok=True)
-    (partial / "rank.json").write_text(json.dumps({"tiles": sorted(state.tiles_seen), "error": state.error}))
+    meta = {"tiles": sorted(state.tiles_seen), "error": state.error, "duplicates": state.duplicates}
+    (partial / "rank.json").write_text(json.dumps(meta))
 
 
 def _as_list(value: Any) -> list[int]:
