@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from wsiseg.atomic import atomic_path, write_json_atomic
+from wsiseg.contours import contour_formats, write_contours
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.grid import BLEND_MODES, blend_window
 from wsiseg.writers.heatmap import render_heatmap
@@ -73,6 +74,10 @@ class SlideWriter(BasePredictionWriter):
         compression: TIFF compression (lossless).
         heatmap_max_side: longer side of ``heatmap.png`` (the thumbnail is resized to fit).
         run_config: the composed config, stored in each report (set by the entry point).
+        contours: ``geojson`` and/or ``asap_xml`` (a list or comma-separated), or None / ``none``: also trace the
+            thresholded mask into ``tumour.geojson`` (QuPath) / ``tumour.xml`` (ASAP), level-0 px; see
+            :mod:`wsiseg.contours`.
+        min_area_um2: contour regions smaller than this are dropped (µm², or level-0 px² without mpp).
 
     Example::
 
@@ -94,6 +99,8 @@ class SlideWriter(BasePredictionWriter):
         compression: str = "zlib",
         heatmap_max_side: int = 2048,
         run_config: dict[str, Any] | None = None,
+        contours: str | list[str] | None = None,
+        min_area_um2: float = 0.0,
     ) -> None:
         super().__init__(write_interval="batch")
         if blend not in BLEND_MODES:
@@ -107,6 +114,7 @@ class SlideWriter(BasePredictionWriter):
         self.threshold, self.chunk, self.cache_bytes = threshold, chunk, cache_mb << 20
         self.tiff_tile, self.compression, self.heatmap_max_side = tiff_tile, compression, heatmap_max_side
         self.run_config = run_config
+        self.contours, self.min_area_um2 = contour_formats(contours), float(min_area_um2)
         self.results: list[dict[str, Any]] = []
         self._slides: list[SlideTiles] = []
         self._states: dict[int, _SlideState] = {}
@@ -391,6 +399,20 @@ class SlideWriter(BasePredictionWriter):
         report["tumour_pixels"] = positive[0]
         report["threshold"] = self.threshold
         report["tumour_area_mm2"] = None if output_mpp is None else positive[0] * (output_mpp * 1e-3) ** 2
+        if self.contours:
+            report.update(
+                write_contours(
+                    out_dir / "mask.tif",
+                    out_dir,
+                    self.contours,
+                    threshold=self.threshold,
+                    min_area_um2=self.min_area_um2,
+                    level0_per_mask_px=report["level_downsample"] * report["output_downsample"],
+                    mpp=report["mpp_level0"],
+                    level0_size=tuple(report["level0_size"]),
+                    labels=labels,
+                )
+            )
 
     def _write_summary(self) -> None:
         write_json_atomic(self.output_dir / "summary.json", {"slides": self.results})

@@ -1,0 +1,440 @@
+"""Tumour regions as polygons: trace a probability mask chunk by chunk, write QuPath GeoJSON and ASAP XML.
+
+Coordinate frames:
+
+* **mask px** — pixels of ``mask.tif`` level 0. Polygons are traced in the *pixel-edge* frame: pixel (x, y) is the
+  unit square [x, x+1) × [y, y+1), so a region's polygon runs along the outer edges of its pixels (not through
+  their centres) and a one-pixel region is a unit square.
+* **level-0 px** — pixels of the slide's level 0; what QuPath and ASAP expect. One mask px is
+  ``level0_per_mask_px`` (= ``level_downsample × output_downsample`` in ``report.json``) level-0 px.
+
+Tracing never holds the full mask: each ``chunk`` × ``chunk`` window is thresholded and traced with OpenCV
+(:func:`cv2.findContours` on a half-pixel grid, so polygons follow pixel edges and touch exactly across chunk borders);
+pieces that reach a chunk border are merged with shapely afterwards, so a region crossing chunks comes out as one
+polygon. Regions are 8-connected, like the tracing: pixels touching only at a corner belong to one region. Concave
+corners, and such corner contacts, are cut by a half-pixel diagonal (OpenCV's border following), which adds ⅛ px² per
+corner and never changes which pixel centres lie inside; across a chunk border a corner contact stays a point (the
+region is then a MultiPolygon whose parts meet there).
+
+    regions = trace_regions(mask_array, threshold_u8=128)
+    write_geojson(regions, "tumour.geojson", level0_per_mask_px=4, mpp=0.25)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import shapely
+import tifffile
+import zarr
+from shapely import affinity
+from shapely.geometry import MultiPolygon, Polygon, mapping
+from shapely.geometry.base import BaseGeometry
+from shapely.geometry.polygon import orient
+
+from wsiseg.atomic import atomic_path
+from wsiseg.errors import UserInputError
+
+__all__ = [
+    "CONTOUR_FORMATS",
+    "CONTOUR_FILES",
+    "TUMOUR_CLASS",
+    "EXCLUSION_GROUP",
+    "Region",
+    "contour_formats",
+    "trace_regions",
+    "scale_regions",
+    "write_geojson",
+    "write_asap_xml",
+    "write_contours",
+    "open_mask_level",
+]
+
+log = logging.getLogger(__name__)
+
+CONTOUR_FORMATS = ("geojson", "asap_xml")
+CONTOUR_FILES = {"geojson": "tumour.geojson", "asap_xml": "tumour.xml"}
+TUMOUR_CLASS = "Tumor"
+EXCLUSION_GROUP = "Exclusion"
+_TUMOUR_RGB = (200, 0, 0)
+_ASAP_COLOURS = {TUMOUR_CLASS: "#c80000", EXCLUSION_GROUP: "#64fe2e"}
+
+
+@dataclass
+class Region:
+    """One 8-connected tumour region.
+
+    Attributes:
+        geometry: Polygon or MultiPolygon (holes included); mask px, pixel-edge frame (see the module docstring) —
+            or level-0 px after :func:`scale_regions`.
+        pixels: number of mask px in the region.
+        probability_sum: sum of the region's probabilities (0-1); None for class-label masks.
+    """
+
+    geometry: BaseGeometry
+    pixels: int
+    probability_sum: float | None
+
+    @property
+    def mean_probability(self) -> float | None:
+        return None if self.probability_sum is None else self.probability_sum / max(self.pixels, 1)
+
+
+def contour_formats(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Normalise ``writer.contours``: None / ``none`` / ``[]`` → (); ``geojson``; ``geojson,asap_xml``; a list.
+
+    Raises:
+        UserInputError: an unknown format (the message lists the valid ones).
+    """
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    formats: list[str] = []
+    for item in (i.strip().lower() for i in items):
+        if item in ("", "none", "null"):
+            continue
+        if item not in CONTOUR_FORMATS:
+            raise UserInputError(
+                f"writer.contours: unknown format '{item}'; use none, {', '.join(CONTOUR_FORMATS)} "
+                "or a list such as writer.contours='[geojson,asap_xml]'"
+            )
+        if item not in formats:
+            formats.append(item)
+    return tuple(formats)
+
+
+def _polygonal(geometry: BaseGeometry) -> BaseGeometry:
+    """``geometry`` made valid, keeping only its polygonal parts (Polygon, MultiPolygon or empty)."""
+    if not geometry.is_valid:
+        geometry = shapely.make_valid(geometry, method="structure", keep_collapsed=False)
+    if isinstance(geometry, (Polygon, MultiPolygon)):
+        return geometry
+    parts = [p for p in shapely.get_parts(geometry) if isinstance(p, (Polygon, MultiPolygon)) and not p.is_empty]
+    polygons = [q for p in parts for q in (p.geoms if isinstance(p, MultiPolygon) else [p])]
+    if not polygons:
+        return Polygon()
+    return polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
+
+
+def _trace_window(
+    positive: np.ndarray, values: np.ndarray | None, x0: int, y0: int
+) -> list[tuple[BaseGeometry, int, float | None]]:
+    """Trace one window: (geometry in mask px, pixel count, probability sum) per 8-connected region.
+
+    The window's pixels are placed at the odd points of a (2h+1, 2w+1) grid and dilated by 3×3, so the grid holds
+    the closed unit square of every positive pixel; OpenCV's border following on it yields rings along pixel edges
+    (in half-pixel units).
+    """
+    h, w = positive.shape
+    half = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)
+    half[1::2, 1::2] = positive
+    half = cv2.dilate(half, np.ones((3, 3), np.uint8))
+    contours, hierarchy = cv2.findContours(half, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return []
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(positive.view(np.uint8), connectivity=8)
+    sums = None if values is None else np.bincount(labels.ravel(), weights=values.ravel(), minlength=count) / 255.0
+    links = hierarchy[0]
+    holes: dict[int, list[np.ndarray]] = {}
+    for index, link in enumerate(links):
+        if link[3] >= 0:
+            holes.setdefault(int(link[3]), []).append(contours[index][:, 0, :])
+    offset = np.array([x0, y0], np.float64)
+    pieces = []
+    for index, link in enumerate(links):
+        if link[3] >= 0:
+            continue
+        ring = contours[index][:, 0, :]
+        # The ring's top-most, then left-most vertex is the top-left corner of a pixel of this region.
+        first = ring[np.lexsort((ring[:, 0], ring[:, 1]))[0]]
+        label = int(labels[first[1] // 2, first[0] // 2])
+        shell = ring / 2.0 + offset
+        inner = [hole / 2.0 + offset for hole in holes.get(index, []) if len(hole) >= 3]
+        geometry = Polygon(shell, inner) if len(shell) >= 3 else Polygon()
+        geometry = _polygonal(geometry)
+        if geometry.is_empty:
+            continue
+        pieces.append((geometry, int(stats[label, cv2.CC_STAT_AREA]), None if sums is None else float(sums[label])))
+    return pieces
+
+
+def trace_regions(mask: Any, threshold_u8: int = 128, labels: bool = False, chunk: int = 2048) -> list[Region]:
+    """Tumour regions of a 2-D uint8 mask, traced window by window.
+
+    Args:
+        mask: (H, W) uint8 array-like that supports 2-D slicing (numpy array, zarr array of ``mask.tif``); only
+            ``chunk`` × ``chunk`` windows are read at a time.
+        threshold_u8: a pixel is tumour where its value is at least this (probabilities stored as 0-255).
+        labels: the mask holds class labels: tumour is any non-zero label, and there is no probability.
+        chunk: window side, mask px.
+
+    Returns:
+        Regions in mask px (pixel-edge frame), largest first.
+    """
+    height, width = (int(s) for s in mask.shape)
+    final: list[Region] = []
+    pending: list[Region] = []
+    for y0 in range(0, height, chunk):
+        y1 = min(height, y0 + chunk)
+        for x0 in range(0, width, chunk):
+            x1 = min(width, x0 + chunk)
+            window = np.asarray(mask[y0:y1, x0:x1])
+            positive = window > 0 if labels else window >= threshold_u8
+            if not positive.any():
+                continue
+            values = None if labels else np.where(positive, window, 0)
+            for geometry, pixels, total in _trace_window(positive, values, x0, y0):
+                minx, miny, maxx, maxy = geometry.bounds
+                at_border = (minx == x0 > 0) or (miny == y0 > 0) or (maxx == x1 < width) or (maxy == y1 < height)
+                (pending if at_border else final).append(Region(geometry, pixels, total))
+    final.extend(_merge_pieces(pending))
+    final.sort(key=lambda r: r.pixels, reverse=True)
+    return final
+
+
+def _merge_pieces(pieces: list[Region]) -> list[Region]:
+    """Join pieces from neighbouring windows that touch (share an edge or a corner) into single regions."""
+    if not pieces:
+        return []
+    geometries = [p.geometry for p in pieces]
+    tree = shapely.STRtree(geometries)
+    parent = list(range(len(pieces)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    left, right = tree.query(geometries, predicate="intersects")
+    for a, b in zip(left.tolist(), right.tolist()):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pieces)):
+        groups.setdefault(root(i), []).append(i)
+    merged = []
+    for members in groups.values():
+        if len(members) == 1:
+            merged.append(pieces[members[0]])
+            continue
+        geometry = _polygonal(shapely.unary_union([geometries[i] for i in members]))
+        pixels = sum(pieces[i].pixels for i in members)
+        sums = [pieces[i].probability_sum for i in members]
+        total = None if any(s is None for s in sums) else float(sum(s for s in sums if s is not None))
+        merged.append(Region(geometry, pixels, total))
+    return merged
+
+
+def scale_regions(
+    regions: Iterable[Region], level0_per_mask_px: float, level0_size: tuple[int, int] | None = None
+) -> list[Region]:
+    """Regions from mask px to level-0 px, clipped to the slide's level-0 rectangle when ``level0_size`` is given."""
+    scaled = []
+    bounds = None if level0_size is None else shapely.box(0, 0, float(level0_size[0]), float(level0_size[1]))
+    integral = float(level0_per_mask_px).is_integer()
+    for region in regions:
+        geometry = affinity.scale(region.geometry, level0_per_mask_px, level0_per_mask_px, origin=(0, 0))
+        if not integral:
+            geometry = shapely.set_precision(geometry, 1e-3)
+        if bounds is not None and not bounds.contains(geometry):
+            geometry = geometry.intersection(bounds)
+        geometry = _polygonal(geometry)
+        if not geometry.is_empty:
+            scaled.append(Region(geometry, region.pixels, region.probability_sum))
+    return scaled
+
+
+def _polygons(geometry: BaseGeometry) -> list[Polygon]:
+    return list(geometry.geoms) if isinstance(geometry, MultiPolygon) else [geometry]
+
+
+def _area_measurement(region: Region, pixel_area: float, mpp: float | None) -> tuple[str, float]:
+    """(measurement name, value): area in µm² when ``mpp`` (µm per level-0 px) is known, else level-0 px²."""
+    area = region.pixels * pixel_area
+    return ("Area µm^2", area * mpp * mpp) if mpp else ("Area px^2", area)
+
+
+def write_geojson(
+    regions: Sequence[Region], path: str | Path, level0_per_mask_px: float = 1.0, mpp: float | None = None
+) -> None:
+    """Write level-0-px ``regions`` as a QuPath-importable GeoJSON FeatureCollection (atomically).
+
+    Each region is one annotation feature classified ``Tumor`` with measurements ``Area µm^2`` (``Area px^2`` when
+    the slide has no mpp; counted from mask pixels) and ``Mean probability`` (probability masks only).
+
+    Args:
+        regions: regions in level-0 px (see :func:`scale_regions`).
+        path: destination, usually ``<slide dir>/tumour.geojson``.
+        level0_per_mask_px: level-0 px per mask px, to turn pixel counts into areas.
+        mpp: microns per level-0 px, or None.
+    """
+    pixel_area = float(level0_per_mask_px) ** 2
+    features = []
+    for number, region in enumerate(regions, 1):
+        geometry = region.geometry
+        oriented = [orient(p, sign=1.0) for p in _polygons(geometry)]
+        geometry = oriented[0] if isinstance(geometry, Polygon) else MultiPolygon(oriented)
+        name, area = _area_measurement(region, pixel_area, mpp)
+        measurements: dict[str, float] = {name: round(area, 3)}
+        if region.mean_probability is not None:
+            measurements["Mean probability"] = round(region.mean_probability, 4)
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": mapping(geometry),
+                "properties": {
+                    "objectType": "annotation",
+                    "name": f"{TUMOUR_CLASS} {number}",
+                    "classification": {"name": TUMOUR_CLASS, "color": list(_TUMOUR_RGB)},
+                    "isLocked": False,
+                    "measurements": measurements,
+                },
+            }
+        )
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}, default=_json_number) + "\n")
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _format(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.3f}".rstrip("0")
+
+
+def write_asap_xml(regions: Sequence[Region], path: str | Path) -> None:
+    """Write level-0-px ``regions`` in ASAP's annotation format (atomically).
+
+    ASAP polygons have no holes: each outer ring becomes a ``Polygon`` in group ``Tumor``, each hole a ``Polygon`` in
+    group ``Exclusion`` (the role Camelyon16's ``_2`` group plays), which :func:`wsiseg.annotations.read_asap_xml`
+    subtracts again.
+    """
+    root = ET.Element("ASAP_Annotations")
+    annotations = ET.SubElement(root, "Annotations")
+    count = 0
+
+    def add(ring: Any, group: str, name: str) -> None:
+        nonlocal count
+        element = ET.SubElement(
+            annotations,
+            "Annotation",
+            {"Name": name, "Type": "Polygon", "PartOfGroup": group, "Color": _ASAP_COLOURS[group]},
+        )
+        coordinates = ET.SubElement(element, "Coordinates")
+        for order, (x, y) in enumerate(list(ring.coords)[:-1]):
+            ET.SubElement(coordinates, "Coordinate", {"Order": str(order), "X": _format(x), "Y": _format(y)})
+        count += 1
+
+    for number, region in enumerate(regions, 1):
+        for part, polygon in enumerate(_polygons(region.geometry), 1):
+            suffix = f"{number}" if len(_polygons(region.geometry)) == 1 else f"{number}.{part}"
+            add(polygon.exterior, TUMOUR_CLASS, f"{TUMOUR_CLASS} {suffix}")
+            for hole_number, hole in enumerate(polygon.interiors, 1):
+                add(hole, EXCLUSION_GROUP, f"{EXCLUSION_GROUP} {suffix}.{hole_number}")
+    groups = ET.SubElement(root, "AnnotationGroups")
+    for group in (TUMOUR_CLASS, EXCLUSION_GROUP):
+        element = ET.SubElement(groups, "Group", {"Name": group, "PartOfGroup": "None", "Color": _ASAP_COLOURS[group]})
+        ET.SubElement(element, "Attributes")
+    ET.indent(root)
+    with atomic_path(path) as tmp:
+        ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
+
+
+def open_mask_level(path: str | Path, level: int = 0) -> Any:
+    """A lazily read (H, W) uint8 zarr array of one pyramid level of a (pyramidal) TIFF such as ``mask.tif``.
+
+    Raises:
+        UserInputError: the file is missing or not a readable single-channel TIFF.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"mask '{path}' does not exist: run wsiseg-predict for this slide first")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            levels = len(series.levels)
+        store = tifffile.imread(path, aszarr=True, level=min(level, levels - 1))
+        array = zarr.open(store, mode="r")
+        if isinstance(array, zarr.Group):
+            array = array["0"]
+    except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as exc:
+        raise UserInputError(f"mask '{path}' cannot be read as a TIFF ({exc}): re-run wsiseg-predict") from None
+    if array.ndim != 2:
+        raise UserInputError(f"mask '{path}' has shape {array.shape}; a single-channel (H, W) mask is expected")
+    return array
+
+
+def write_contours(
+    mask_path: str | Path,
+    out_dir: str | Path,
+    formats: Sequence[str] = ("geojson",),
+    threshold: float = 0.5,
+    min_area_um2: float = 0.0,
+    level0_per_mask_px: float = 1.0,
+    mpp: float | None = None,
+    level0_size: tuple[int, int] | None = None,
+    labels: bool = False,
+    chunk: int = 2048,
+) -> dict[str, Any]:
+    """Trace ``mask_path`` (``mask.tif``) chunk by chunk and write ``tumour.geojson`` / ``tumour.xml`` to ``out_dir``.
+
+    Args:
+        mask_path: pyramidal uint8 mask (probability 0-255, or class labels with ``labels``); level 0 is traced.
+        out_dir: folder for the contour files.
+        formats: any of ``geojson``, ``asap_xml`` (see :func:`contour_formats`).
+        threshold: probability at or above which a mask px is tumour (the same rounding as ``SlideWriter``).
+        min_area_um2: regions smaller than this are dropped; µm² when ``mpp`` is known, else level-0 px².
+        level0_per_mask_px: level-0 px per mask px.
+        mpp: microns per level-0 px, or None.
+        level0_size: (W, H) of the slide's level 0, level-0 px; polygons are clipped to it.
+        labels: the mask holds class labels (tumour = any non-zero label).
+        chunk: tracing window side, mask px.
+
+    Returns:
+        Fields for ``report.json``: ``tumour_regions``, ``largest_region_mm2``, ``tumour_regions_area_mm2`` (None
+        without mpp), the same two areas in level-0 px² and ``contour_files``.
+    """
+    formats = contour_formats(formats)
+    out_dir = Path(out_dir)
+    threshold_u8 = int(math.ceil(threshold * 255 - 1e-9))
+    regions = trace_regions(open_mask_level(mask_path), threshold_u8, labels=labels, chunk=chunk)
+    pixel_area = float(level0_per_mask_px) ** 2
+    unit_area = pixel_area * (mpp * mpp if mpp else 1.0)
+    dropped = [r for r in regions if r.pixels * unit_area < min_area_um2]
+    regions = [r for r in regions if r.pixels * unit_area >= min_area_um2]
+    if dropped:
+        log.info("%s: dropped %d region(s) under %g %s", mask_path, len(dropped), min_area_um2, "µm²" if mpp else "px²")
+    regions = scale_regions(regions, level0_per_mask_px, level0_size)
+    files = []
+    for fmt in formats:
+        target = out_dir / CONTOUR_FILES[fmt]
+        if fmt == "geojson":
+            write_geojson(regions, target, level0_per_mask_px, mpp)
+        else:
+            write_asap_xml(regions, target)
+        files.append(target.name)
+    areas_px2 = [r.pixels * pixel_area for r in regions]
+    to_mm2 = None if not mpp else mpp * mpp * 1e-6
+    return {
+        "tumour_regions": len(regions),
+        "largest_region_mm2": None if to_mm2 is None else (max(areas_px2, default=0.0) * to_mm2),
+        "tumour_regions_area_mm2": None if to_mm2 is None else sum(areas_px2) * to_mm2,
+        "largest_region_level0_px2": max(areas_px2, default=0.0),
+        "tumour_regions_area_level0_px2": sum(areas_px2),
+        "contour_min_area": min_area_um2,
+        "contour_files": files,
+    }
