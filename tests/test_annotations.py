@@ -108,9 +108,7 @@ def test_tumour_island_inside_an_exclusion_is_kept(tmp_path: Path) -> None:
 
 
 def test_self_intersecting_outline_is_repaired(tmp_path: Path) -> None:
-    bow_tie = CAMELYON_XML.replace('X="500" Y="500"', 'X="100" Y="500"').replace(
-        'X="100,0" Y="500"', 'X="500" Y="500"'
-    )
+    bow_tie = CAMELYON_XML.replace('X="500" Y="500"', 'X="100" Y="500"').replace('X="100,0" Y="500"', 'X="500" Y="500"')
     truth = read_asap_xml(write(tmp_path / "a.xml", bow_tie))
     outline = truth.positive[:2]
     assert all(p.is_valid for p in truth.positive)
