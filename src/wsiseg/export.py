@@ -1,0 +1,661 @@
+"""``wsiseg-export``: a checkpoint in, a verified ONNX or TorchScript file (plus a JSON sidecar) out.
+
+    wsiseg-export model.checkpoint=/models/UNet_17.pth export.format=onnx export.path=unet.onnx export.opset=17
+    wsiseg-export model=demo export.format=torchscript export.path=unet.pt
+
+The exported graph is the network only. Its input ``input`` is float32 N×3×H×W, RGB, **already normalised** as
+``(pixel/255 - mean) / std`` with the model config's mean/std (0.5/0.5 for the users' ``Unet``); N, H and W are
+dynamic, H and W must be multiples of the network's stride (16). Its output (``probabilities`` when the network applies
+its activation itself, as the users' ``Unet`` does with its sigmoid, otherwise ``logits``) is float32 N×C×H×W. With
+``export.fp16=true`` the weights and the arithmetic are float16 while the input and output stay float32.
+
+After writing, the command loads the file back (onnxruntime, or ``torch.jit.load``), runs it and the eager float32
+PyTorch model on random normalised images of two batch sizes and two spatial sizes, prints the largest absolute
+difference of the probabilities and fails above ``export.tolerance`` (default 1e-4 for float32, 5e-2 for float16).
+
+:class:`OnnxRuntimeNet` runs such a file inside ``SegmentationModule`` (``model.backend=onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from wsiseg.atomic import write_json_atomic
+from wsiseg.cli import user_errors
+from wsiseg.config import config_dir
+from wsiseg.errors import UserInputError
+from wsiseg.model import load_checkpoint, network_stride
+
+__all__ = [
+    "FORMATS",
+    "FP32_TOLERANCE",
+    "FP16_TOLERANCE",
+    "MIN_OPSET",
+    "OnnxRuntimeNet",
+    "VerificationError",
+    "VerifyResult",
+    "export_onnx",
+    "export_torchscript",
+    "verify_onnx",
+    "verify_torchscript",
+    "run_export",
+    "main",
+]
+
+FORMATS = ("onnx", "torchscript")
+FP32_TOLERANCE = 1e-4  # max abs diff of probabilities (0-1) between the exported file and eager float32 PyTorch
+# The same for export.fp16=true. float16 keeps ~3 significant digits through ~20 conv layers; the demo network on
+# random-pixel inputs measures 1.3-1.7e-2, so 5e-2 (~13 grey levels of the 0-255 mask) leaves room for other weights.
+FP16_TOLERANCE = 5e-2
+MIN_OPSET = 11  # first opset whose Pad/Resize take run-time shapes; older ones are not worth supporting
+LEGACY_MAX_OPSET = 20  # highest opset of torch's TorchScript-based exporter; above it the torch.export one is used
+INPUT_NAME = "input"
+
+
+class VerificationError(UserInputError):
+    """The exported file's outputs differ from the PyTorch model's by more than the tolerance."""
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+class _Float32IO(nn.Module):
+    """Runs a float16 copy of ``net`` on float32 input and returns float32 (``export.fp16=true``)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.half()).float()
+
+
+def _prepared(net: nn.Module, fp16: bool) -> nn.Module:
+    """A CPU, eval-mode copy of ``net`` to trace (float16 inside with float32 I/O when ``fp16``)."""
+    net = copy.deepcopy(net).cpu().float().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return _Float32IO(net.half()).eval() if fp16 else net
+
+
+def _example_input(size: Sequence[int], stride: int) -> torch.Tensor:
+    """Batch-2 normalised-range example for tracing (batch 2 keeps the exporter from specialising N=1)."""
+    h, w = _check_size(size, stride)
+    return torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def _check_size(size: Sequence[int], stride: int, option: str = "export.sizes") -> tuple[int, int]:
+    if len(size) != 2 or any(int(s) <= 0 or int(s) % stride for s in size):
+        raise UserInputError(
+            f"{option} entry {list(size)} must be [height, width], both positive multiples of the network's stride "
+            f"{stride}: e.g. [{4 * stride}, {4 * stride}]"
+        )
+    return int(size[0]), int(size[1])
+
+
+def _check_output_path(path: str | Path, option: str = "export.path") -> Path:
+    """Resolve ``path`` and make sure its folder exists and accepts new files (tried, not guessed from mode bits)."""
+    path = Path(str(path)).expanduser().absolute()
+    if path.is_dir():
+        raise UserInputError(f"{option} '{path}' is a folder: give a file name, e.g. {option}={path / 'unet.onnx'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UserInputError(
+            f"{option} '{path}': folder '{folder}' does not exist: create it or choose another {option}"
+        )
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise UserInputError(
+            f"{option} '{path}': folder '{folder}' is not writable ({exc.strerror}): choose a writable folder"
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A temporary file next to ``path``, renamed onto it only when the block (export + verification) succeeds."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _quiet() -> contextlib.AbstractContextManager[Any]:
+    """Silence the exporters' deprecation chatter and progress prints (real errors still raise)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logger = logging.getLogger(name)
+        stack.callback(logger.setLevel, logger.level)
+        logger.setLevel(logging.WARNING)
+    return stack
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """``none`` | ``sigmoid`` | ``softmax`` (over channels), as ``SegmentationModule`` applies it."""
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    if activation == "softmax":
+        return torch.softmax(y, dim=1)
+    return y
+
+
+# -- ONNX --------------------------------------------------------------------------------------------------------
+def check_opset(opset: int) -> int:
+    """Fail with one line unless the installed onnx (and torch) can write ``opset``."""
+    import onnx
+
+    highest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= int(opset) <= highest:
+        raise UserInputError(
+            f"export.opset={opset} cannot be written: the installed onnx {onnx.__version__} writes opsets "
+            f"{MIN_OPSET}-{highest}; use export.opset=17 (or upgrade onnx for newer opsets)"
+        )
+    return int(opset)
+
+
+def export_onnx(
+    net: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = 17,
+    fp16: bool = False,
+    example_size: Sequence[int] = (64, 64),
+    output_name: str = "probabilities",
+) -> Path:
+    """Write ``net`` as ONNX with dynamic batch/height/width and run ``onnx.checker`` on the file.
+
+    Opsets up to 20 use torch's TorchScript-based exporter (it writes exactly the requested opset; the
+    torch.export-based one cannot write the users' replicate padding below opset 18), newer ones the
+    torch.export-based exporter.
+
+    Args:
+        net: the network (any device/dtype; a float32 CPU copy is exported).
+        path: output ``.onnx`` file.
+        opset: ONNX opset.
+        fp16: float16 weights and arithmetic inside the graph; input and output stay float32.
+        example_size: (H, W) of the tracing example, px; a multiple of the network's stride.
+        output_name: name of the graph output.
+
+    Raises:
+        UserInputError: unsupported opset, or the exporter/checker rejected the graph.
+    """
+    import onnx
+
+    opset = check_opset(opset)
+    path = Path(path)
+    model = _prepared(net, fp16)
+    example = _example_input(example_size, network_stride(net))
+    axes = {0: "batch", 2: "height", 3: "width"}
+    try:
+        with _quiet(), torch.no_grad():
+            if opset <= LEGACY_MAX_OPSET:
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(path),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[output_name],
+                    dynamic_axes={INPUT_NAME: axes, output_name: axes},
+                    do_constant_folding=True,
+                )
+            else:
+                dyn = torch.export.Dim.DYNAMIC
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(path),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[output_name],
+                    dynamic_shapes=({0: dyn, 2: dyn, 3: dyn},),
+                    external_data=False,
+                    verbose=False,
+                )
+    except Exception as exc:
+        raise UserInputError(f"torch.onnx.export failed for export.opset={opset}: {str(exc).splitlines()[0]}") from exc
+    proto = onnx.load(str(path))
+    written = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=-1)
+    if written != opset:
+        raise UserInputError(
+            f"export.opset={opset}: torch {torch.__version__} wrote opset {written} instead; use export.opset={written}"
+        )
+    # Name the dynamic axes the same way whichever exporter ran (torch.export calls them s0, s1, ...).
+    for value in (*proto.graph.input, *proto.graph.output):
+        for dim, name in zip(value.type.tensor_type.shape.dim, ("batch", None, "height", "width")):
+            if name and not dim.HasField("dim_value"):
+                dim.dim_param = name
+    onnx.save(proto, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise UserInputError(f"onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from exc
+    return path
+
+
+def default_providers() -> list[str]:
+    """onnxruntime providers: CUDA first when this onnxruntime build has it, CPU always."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxRuntimeNet(nn.Module):
+    """An ONNX file from ``wsiseg-export`` behind the ``nn.Module`` interface ``SegmentationModule`` expects.
+
+    ``forward`` takes the normalised float N×3×H×W batch (any device) and returns the graph's first output as a float32
+    tensor on the input's device. The onnxruntime session is created on the first call (so the module pickles and
+    deep-copies without it) and uses the CUDA execution provider when onnxruntime has it (with TF32 off, so results
+    match float32 PyTorch), otherwise the CPU one with as many threads as torch uses. Data crosses via host memory.
+
+    Args:
+        path: the ``.onnx`` file.
+        stride: input height/width must be multiples of this (the network's stride, 16 for the U-Nets).
+        providers: onnxruntime execution providers to use instead of the default.
+    """
+
+    def __init__(self, path: str | Path, stride: int = 16, providers: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.path = Path(str(path)).expanduser().absolute()
+        if not self.path.is_file():
+            raise UserInputError(
+                f"model.onnx_path '{self.path}' does not exist: export one with "
+                f"wsiseg-export export.format=onnx export.path={self.path}"
+            )
+        self.stride = int(stride)
+        self.providers = list(providers) if providers else None
+        self._session: Any = None
+        self._device_id: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_session"] = None  # onnxruntime sessions do not pickle; the copy makes its own on first use
+        return state
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}, stride={self.stride}"
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime ``InferenceSession`` (created on first access, on GPU 0 if CUDA is used)."""
+        if self._session is None:
+            self._session = self._create_session(0)
+        return self._session
+
+    def _create_session(self, device_id: int) -> Any:
+        import onnxruntime as ort
+
+        providers: list[Any] = list(self.providers or default_providers())
+        providers = [
+            ("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}) if p == "CUDAExecutionProvider" else p
+            for p in providers
+        ]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, torch.get_num_threads())
+        options.log_severity_level = 3
+        # Idle worker threads sleep instead of spinning: the DataLoader workers and the writer share these cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:
+            raise UserInputError(
+                f"model.onnx_path '{self.path}' cannot be loaded by onnxruntime {ort.__version__}: "
+                f"{str(exc).splitlines()[0]}; re-export it with wsiseg-export (e.g. export.opset=17)"
+            ) from None
+        self._device_id = device_id
+        return session
+
+    @property
+    def active_providers(self) -> list[str]:
+        """Providers the session really uses (onnxruntime drops unavailable ones)."""
+        return list(self.session.get_providers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_id = (x.device.index or 0) if x.is_cuda else 0
+        if self._session is None or (x.is_cuda and self._device_id != device_id):
+            self._session = self._create_session(device_id)
+        inp = self._session.get_inputs()[0]
+        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy().astype(dtype, copy=False)
+        (out, *_) = self._session.run(None, {inp.name: array})
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
+
+
+# -- TorchScript -------------------------------------------------------------------------------------------------
+def export_torchscript(
+    net: nn.Module, path: str | Path, *, fp16: bool = False, example_size: Sequence[int] = (64, 64)
+) -> Path:
+    """Trace ``net`` on a CPU example, freeze it (weights become constants, BatchNorm folded) and save it.
+
+    The traced graph has no size-dependent branches (the U-Nets' pooling/concat paths are shape-generic), so it runs
+    any batch size and any height/width that are multiples of the stride; verification checks two of each.
+
+    Args:
+        net: the network (a float32 CPU copy is traced).
+        path: output ``.pt`` file (``torch.jit.load`` reads it; move it to a GPU with ``.to('cuda')``).
+        fp16: float16 weights and arithmetic inside; input and output stay float32.
+        example_size: (H, W) of the tracing example, px.
+    """
+    path = Path(path)
+    model = _prepared(net, fp16)
+    example = _example_input(example_size, network_stride(net))
+    try:
+        with _quiet(), torch.no_grad():
+            traced = torch.jit.trace(model, (example,), check_trace=False)
+            frozen = torch.jit.freeze(traced.eval())
+            torch.jit.save(frozen, str(path))
+    except Exception as exc:
+        raise UserInputError(f"TorchScript export failed: {str(exc).splitlines()[0]}") from exc
+    return path
+
+
+# -- verification ------------------------------------------------------------------------------------------------
+@dataclass
+class VerifyResult:
+    """Outcome of a parity check: the largest abs difference over all cases, and each case's (N, H, W, diff)."""
+
+    max_abs_diff: float
+    tolerance: float
+    cases: list[tuple[int, int, int, float]] = field(default_factory=list)
+    runtime: str = ""
+
+    def summary(self) -> str:
+        shapes = ", ".join(f"{n}x3x{h}x{w}: {d:.2e}" for n, h, w, d in self.cases)
+        return f"max abs diff {self.max_abs_diff:.2e} (tolerance {self.tolerance:.0e}) [{shapes}]"
+
+
+def random_inputs(
+    batches: Sequence[int], sizes: Sequence[Sequence[int]], mean: Sequence[float], std: Sequence[float], seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """Normalised float32 batches from uniformly random uint8 RGB pixels, one per (batch size, size) pair."""
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    for n in batches:
+        for h, w in sizes:
+            pixels = torch.randint(0, 256, (int(n), 3, int(h), int(w)), generator=gen, dtype=torch.uint8)
+            yield (pixels.float() / 255.0 - m) / s
+
+
+def _compare(
+    run: Any,
+    reference: nn.Module,
+    *,
+    activation: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batches: Sequence[int],
+    sizes: Sequence[Sequence[int]],
+    tolerance: float,
+    label: str,
+    runtime: str,
+) -> VerifyResult:
+    stride = network_stride(reference)
+    sizes = [_check_size(s, stride) for s in sizes]
+    ref_net = copy.deepcopy(reference).cpu().float().eval()
+    result = VerifyResult(0.0, float(tolerance), runtime=runtime)
+    with torch.no_grad():
+        for x in random_inputs(batches, sizes, mean, std):
+            expected = apply_activation(ref_net(x).float(), activation)
+            got = apply_activation(run(x).float(), activation)
+            if got.shape != expected.shape:
+                raise VerificationError(
+                    f"{label} returns shape {tuple(got.shape)} for input {tuple(x.shape)}, PyTorch "
+                    f"{tuple(expected.shape)}: the file was exported from a different network"
+                )
+            diff = float((got - expected).abs().max())
+            n, _, h, w = x.shape
+            result.cases.append((n, h, w, diff))
+            result.max_abs_diff = max(result.max_abs_diff, diff)
+    if not result.max_abs_diff <= tolerance:  # also catches NaN
+        worst = max(result.cases, key=lambda c: c[3] if c[3] == c[3] else float("inf"))
+        raise VerificationError(
+            f"{label} verification failed: max abs diff {result.max_abs_diff:.3g} of probabilities exceeds "
+            f"export.tolerance={tolerance:g} (worst at input {worst[0]}x3x{worst[1]}x{worst[2]}); check the model "
+            "config matches the checkpoint, or raise export.tolerance"
+        )
+    return result
+
+
+def verify_onnx(
+    path: str | Path,
+    reference: nn.Module,
+    *,
+    activation: str = "none",
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    batches: Sequence[int] = (1, 3),
+    sizes: Sequence[Sequence[int]] = ((64, 64), (96, 128)),
+    tolerance: float = FP32_TOLERANCE,
+    providers: Sequence[str] | None = None,
+) -> VerifyResult:
+    """Run the ONNX file in onnxruntime and the eager float32 ``reference`` on the same random inputs.
+
+    Args:
+        path: the ``.onnx`` file.
+        reference: the PyTorch network it was exported from (weights loaded).
+        activation: applied to both outputs before comparing, so the difference is on probabilities.
+        mean, std: normalisation of the random uint8 images, /255 scale.
+        batches: batch sizes to try.
+        sizes: (H, W) pairs to try, px, multiples of the stride.
+        tolerance: largest allowed absolute difference.
+        providers: onnxruntime providers (default: CUDA when available, else CPU).
+
+    Raises:
+        VerificationError: the difference exceeds ``tolerance`` or the shapes differ.
+    """
+    runner = OnnxRuntimeNet(path, stride=network_stride(reference), providers=providers)
+    return _compare(
+        runner,
+        reference,
+        activation=activation,
+        mean=mean,
+        std=std,
+        batches=batches,
+        sizes=sizes,
+        tolerance=tolerance,
+        label="ONNX (onnxruntime)",
+        runtime=f"onnxruntime {__import__('onnxruntime').__version__} {','.join(runner.active_providers)}",
+    )
+
+
+def verify_torchscript(
+    path: str | Path,
+    reference: nn.Module,
+    *,
+    activation: str = "none",
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    batches: Sequence[int] = (1, 3),
+    sizes: Sequence[Sequence[int]] = ((64, 64), (96, 128)),
+    tolerance: float = FP32_TOLERANCE,
+) -> VerifyResult:
+    """Load the TorchScript file on the CPU and compare it with eager ``reference`` (arguments: :func:`verify_onnx`)."""
+    try:
+        with _quiet():
+            scripted = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise VerificationError(f"TorchScript file '{path}' cannot be loaded: {str(exc).splitlines()[0]}") from None
+    return _compare(
+        scripted,
+        reference,
+        activation=activation,
+        mean=mean,
+        std=std,
+        batches=batches,
+        sizes=sizes,
+        tolerance=tolerance,
+        label="TorchScript",
+        runtime=f"torch {torch.__version__} cpu",
+    )
+
+
+# -- the command -------------------------------------------------------------------------------------------------
+def _required(cfg: DictConfig, key: str, hint: str) -> Any:
+    """``cfg[key]`` (dotted), or one line naming the option when it is missing or empty."""
+    if OmegaConf.select(cfg, key, default=None) in (None, ""):
+        raise UserInputError(f"{key} is required: {hint}")
+    return OmegaConf.select(cfg, key)
+
+
+def build_network(cfg: DictConfig) -> tuple[nn.Module, str]:
+    """Instantiate ``model.net`` and load ``model.checkpoint`` into it strictly; returns (net, checkpoint path)."""
+    checkpoint = str(_required(cfg, "model.checkpoint", "pass model.checkpoint=/path/to/UNet_17.pth (or model=demo)"))
+    net = instantiate(cfg.model.net)
+    load_checkpoint(net, checkpoint)
+    return net.eval(), checkpoint
+
+
+def _output_channels(net: nn.Module, stride: int) -> int:
+    with torch.no_grad():
+        return int(copy.deepcopy(net).cpu().float().eval()(torch.zeros(1, 3, stride, stride)).shape[1])
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """``unet.onnx`` → ``unet.onnx.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def run_export(cfg: DictConfig) -> dict[str, Any]:
+    """Export, verify and describe the network of ``cfg.model`` as ``cfg.export`` says; returns the sidecar dict."""
+    import wsiseg
+
+    ex = cfg.export
+    fmt = str(ex.format)
+    if fmt not in FORMATS:
+        raise UserInputError(f"export.format must be one of {', '.join(FORMATS)}; got '{fmt}'")
+    path = _check_output_path(_required(cfg, "export.path", "pass export.path=unet.onnx (or unet.pt for torchscript)"))
+    fp16 = bool(ex.fp16)
+    opset = check_opset(int(ex.opset)) if fmt == "onnx" else None
+    tolerance = float(ex.tolerance) if ex.get("tolerance") is not None else (FP16_TOLERANCE if fp16 else FP32_TOLERANCE)
+    net, checkpoint = build_network(cfg)
+    stride = network_stride(net)
+    sizes = [_check_size(s, stride) for s in ex.sizes]
+    batches = [int(b) for b in ex.batches]
+    if not sizes or not batches or min(batches) < 1:
+        raise UserInputError("export.batches and export.sizes need at least one entry each (batches >= 1)")
+    activation = str(cfg.model.get("activation", "none"))
+    mean = [float(v) for v in cfg.model.get("mean", (0.0, 0.0, 0.0))]
+    std = [float(v) for v in cfg.model.get("std", (1.0, 1.0, 1.0))]
+    output_name = "probabilities" if activation == "none" else "logits"
+    channels = _output_channels(net, stride)
+
+    with _staged(path) as tmp:
+        if fmt == "onnx":
+            export_onnx(net, tmp, opset=opset or 17, fp16=fp16, example_size=sizes[0], output_name=output_name)
+            verify = verify_onnx
+        else:
+            export_torchscript(net, tmp, fp16=fp16, example_size=sizes[0])
+            verify = verify_torchscript  # type: ignore[assignment]
+        result = None
+        if ex.verify:
+            result = verify(
+                tmp,
+                net,
+                activation=activation,
+                mean=mean,
+                std=std,
+                batches=batches,
+                sizes=sizes,
+                tolerance=tolerance,
+            )
+
+    net_cfg = OmegaConf.to_container(cfg.model.net, resolve=True)
+    sidecar: dict[str, Any] = {
+        "format": fmt,
+        "file": path.name,
+        "opset": opset,
+        "fp16": fp16,
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "shape": ["batch", 3, "height", "width"],
+            "layout": "NCHW, RGB",
+            "height_width_multiple_of": stride,
+            "normalisation": "(pixel / 255 - mean) / std, pixel = uint8 RGB",
+        },
+        "normalisation": {"mean": mean, "std": std},
+        "output": {
+            "name": output_name if fmt == "onnx" else None,
+            "dtype": "float32",
+            "shape": ["batch", channels, "height", "width"],
+            "channels": channels,
+        },
+        "activation_applied": activation == "none",
+        "activation_to_apply": activation,
+        "reduction": cfg.model.get("reduction"),
+        "channel_index": cfg.model.get("channel_index"),
+        "architecture": net_cfg,
+        "checkpoint": {"path": str(Path(checkpoint).expanduser().absolute()), "sha256": sha256_file(checkpoint)},
+        "wsiseg_version": wsiseg.__version__,
+        "torch_version": torch.__version__,
+        "verification": None
+        if result is None
+        else {
+            "runtime": result.runtime,
+            "max_abs_diff": result.max_abs_diff,
+            "tolerance": result.tolerance,
+            "compared": f"outputs after activation={activation}",
+            "cases": [{"batch": n, "height": h, "width": w, "max_abs_diff": d} for n, h, w, d in result.cases],
+        },
+    }
+    if fmt == "onnx":
+        import onnx
+
+        sidecar["onnx_version"] = onnx.__version__
+    write_json_atomic(sidecar_path(path), sidecar)
+    size_mb = path.stat().st_size / 2**20
+    what = f"{fmt}{f' opset {opset}' if opset else ''} {'fp16' if fp16 else 'fp32'}"
+    print(f"wsiseg-export: wrote {path} ({what}, {size_mb:.1f} MiB) and {sidecar_path(path).name}")
+    if result is None:
+        print("wsiseg-export: not verified (export.verify=false)")
+    else:
+        print(f"wsiseg-export: verified with {result.runtime} against PyTorch: {result.summary()}")
+    return sidecar
+
+
+@hydra.main(config_path=str(config_dir()), config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with user_errors("wsiseg-export"):
+        run_export(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""``wsiseg-export`` (ONNX / TorchScript, verified) and the onnxruntime backend of the slide pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import pickle
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tifffile
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from conftest import shared_slide
+from wsiseg.config import config_dir
+from wsiseg.errors import UserInputError
+from wsiseg.export import (
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    OnnxRuntimeNet,
+    VerificationError,
+    main,
+    run_export,
+    sidecar_path,
+    verify_onnx,
+)
+from wsiseg.model import Unet, load_checkpoint
+from wsiseg.module import SegmentationModule
+from wsiseg.predict import run_predict
+
+SCRIPT = Path(sys.executable).with_name("wsiseg-export")
+
+
+def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def demo_net(checkpoint: Path) -> Unet:
+    return load_checkpoint(Unet(3, 1, base_width=8), checkpoint).eval()
+
+
+def normalised(n: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
+    pixels = torch.randint(0, 256, (n, 3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return (pixels.float() / 255 - 0.5) / 0.5
+
+
+def run_main(argv: list[str], monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> None:
+    """Call ``wsiseg.export.main`` (what the ``wsiseg-export`` console script runs) with these overrides, in-process."""
+    monkeypatch.setattr(sys, "argv", ["wsiseg-export", *argv, f"hydra.run.dir={run_dir}"])
+    main()
+
+
+@pytest.fixture(scope="module")
+def demo_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The demo checkpoint exported through the command's entry point (opset 17, fp32, verified): (file, stdout)."""
+    out = tmp_path_factory.mktemp("export")
+    path = out / "demo.onnx"
+    argv = ["model=demo", "export.format=onnx", f"export.path={path}", "export.opset=17", "export.fp16=false"]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            run_main(argv, monkeypatch, out / "hydra")
+    return path, stdout.getvalue()
+
+
+def test_console_script_is_installed() -> None:
+    (entry,) = [e for e in entry_points(group="console_scripts") if e.name == "wsiseg-export"]
+    assert entry.value == "wsiseg.export:main"
+    assert SCRIPT.is_file(), "run `pip install --no-deps -e .` to create the wsiseg-export script"
+
+
+def test_entry_point_writes_checked_onnx_with_dynamic_axes_and_sidecar(
+    demo_onnx: tuple[Path, str], demo_checkpoint: Path
+) -> None:
+    path, stdout = demo_onnx
+    assert "max abs diff" in stdout and "verified" in stdout
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "input" and out.name == "probabilities"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+
+    side = json.loads(sidecar_path(path).read_text())
+    assert side["opset"] == 17 and side["fp16"] is False and side["format"] == "onnx"
+    assert side["input"]["name"] == "input" and side["input"]["height_width_multiple_of"] == 16
+    assert side["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert side["output"]["channels"] == 1 and side["activation_applied"] is True
+    assert side["checkpoint"]["sha256"] == hashlib.sha256(demo_checkpoint.read_bytes()).hexdigest()
+    assert side["wsiseg_version"] == __import__("wsiseg").__version__
+    ver = side["verification"]
+    assert {(c["batch"], c["height"], c["width"]) for c in ver["cases"]} == {
+        (1, 64, 64),
+        (1, 96, 128),
+        (3, 64, 64),
+        (3, 96, 128),
+    }
+    assert 0 < ver["max_abs_diff"] <= FP32_TOLERANCE == ver["tolerance"]
+
+    # A batch size and a spatial size the export never saw: the axes really are dynamic.
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = normalised(2, 48, 80)
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = demo_net(demo_checkpoint)(x).numpy()
+    assert got.shape == (2, 1, 48, 80)
+    assert np.abs(got - expected).max() <= FP32_TOLERANCE
+
+
+def test_demo_torchscript_is_frozen_and_matches_eager(tmp_path: Path, demo_checkpoint: Path) -> None:
+    path = tmp_path / "demo.pt"
+    side = run_export(compose_cfg("export", ["model=demo", "export.format=torchscript", f"export.path={path}"]))
+    assert side["format"] == "torchscript" and side["verification"]["max_abs_diff"] <= FP32_TOLERANCE
+    assert len(side["verification"]["cases"]) == 4
+    scripted = torch.jit.load(str(path))
+    assert not list(scripted.parameters()), "freeze turns the weights into constants"
+    x = normalised(2, 48, 80)
+    with torch.no_grad():
+        diff = (scripted(x) - demo_net(demo_checkpoint)(x)).abs().max().item()
+    assert diff <= FP32_TOLERANCE
+
+
+def test_default_size_unet_exports_in_both_formats(tmp_path: Path) -> None:
+    """The users' Unet(3, 3) at base width 64 (random weights), one 64x64 size to stay fast."""
+    torch.manual_seed(3)
+    ckpt = tmp_path / "UNet_random.pth"
+    torch.save(Unet(3, 3).state_dict(), ckpt)
+    common = [f"model.checkpoint={ckpt}", "export.sizes=[[64,64]]", "export.batches=[1,2]"]
+    onnx_side = run_export(compose_cfg("export", [*common, f"export.path={tmp_path / 'unet.onnx'}"]))
+    ts_side = run_export(
+        compose_cfg("export", [*common, "export.format=torchscript", f"export.path={tmp_path / 'unet.pt'}"])
+    )
+    for side in (onnx_side, ts_side):
+        assert side["output"]["channels"] == 3
+        assert side["architecture"]["base_width"] == 64
+        assert len(side["verification"]["cases"]) == 2
+        assert side["verification"]["max_abs_diff"] <= FP32_TOLERANCE
+    assert (tmp_path / "unet.onnx").stat().st_size > 31_000_000 * 4 * 0.95  # all 31M float32 weights are in it
+
+
+def test_fp16_onnx_keeps_float32_io_and_is_within_fp16_tolerance(tmp_path: Path) -> None:
+    path = tmp_path / "demo16.onnx"
+    side = run_export(compose_cfg("export", ["model=demo", "export.fp16=true", f"export.path={path}"]))
+    diff = side["verification"]["max_abs_diff"]
+    assert side["verification"]["tolerance"] == FP16_TOLERANCE
+    assert 1e-5 < diff <= FP16_TOLERANCE, "fp16 arithmetic differs from fp32, but within the stated tolerance"
+    model = onnx.load(str(path))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def test_fp16_torchscript_within_fp16_tolerance(tmp_path: Path) -> None:
+    path = tmp_path / "demo16.pt"
+    side = run_export(
+        compose_cfg(
+            "export",
+            [
+                "model=demo",
+                "export.format=torchscript",
+                "export.fp16=true",
+                f"export.path={path}",
+                "export.sizes=[[64,64],[32,48]]",
+                "export.batches=[1,2]",
+            ],
+        )
+    )
+    assert 1e-5 < side["verification"]["max_abs_diff"] <= FP16_TOLERANCE
+
+
+def test_opset_above_20_uses_the_torch_export_exporter(tmp_path: Path) -> None:
+    path = tmp_path / "demo21.onnx"
+    side = run_export(
+        compose_cfg(
+            "export", ["model=demo", "export.opset=21", f"export.path={path}", "export.sizes=[[32,32],[48,64]]"]
+        )
+    )
+    assert side["opset"] == 21 and side["verification"]["max_abs_diff"] <= FP32_TOLERANCE
+    model = onnx.load(str(path))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [21]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+
+
+def test_verification_fails_on_a_different_network(demo_onnx: tuple[Path, str], demo_checkpoint: Path) -> None:
+    other = demo_net(demo_checkpoint)
+    with torch.no_grad():
+        other.conv10.bias.add_(0.5)
+    with pytest.raises(VerificationError, match="max abs diff .* exceeds export.tolerance"):
+        verify_onnx(demo_onnx[0], other, sizes=[(32, 32)], batches=[1])
+
+
+def test_failed_verification_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "demo16.onnx"
+    cfg = compose_cfg("export", ["model=demo", "export.fp16=true", "export.tolerance=1e-7", f"export.path={path}"])
+    with pytest.raises(VerificationError, match="export.tolerance=1e-07"):
+        run_export(cfg)
+    assert not path.exists() and not sidecar_path(path).exists()
+    assert not list(tmp_path.iterdir()), "no temporary file is left behind"
+
+
+def _unwritable_folder(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:  # root writes through mode bits; /proc accepts no new files for anyone
+        return Path("/proc")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.checkpoint=/nonexistent/UNet_17.pth"], r"model.checkpoint '/nonexistent/UNet_17.pth' does not exist"),
+        (["model.checkpoint=${wsiseg.asset:demo_unet.pt}"], r"does not match Unet: .*shape mismatches"),
+        (["model=demo", "export.opset=29"], r"export.opset=29 cannot be written: the installed onnx .* opsets 11-28"),
+        (["model=demo", "export.opset=9"], r"export.opset=9 cannot be written"),
+        (["model=demo", "export.format=tflite"], r"export.format must be one of onnx, torchscript"),
+        (["model=demo", "export.sizes=[[64,60]]"], r"export.sizes entry \[64, 60\] .* multiples of .* stride 16"),
+        (["model=demo", "export.path=null"], r"export.path is required"),
+        (["model=demo", "export.path=/nonexistent/dir/u.onnx"], r"folder '/nonexistent/dir' does not exist"),
+        (["model=demo", "export.path=UNWRITABLE/u.onnx"], r"folder '.*' is not writable"),
+        (["export.path=x.onnx"], r"model.checkpoint is required"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(tmp_path: Path, overrides: list[str], message: str) -> None:
+    overrides = [o.replace("UNWRITABLE", str(_unwritable_folder(tmp_path))) for o in overrides]
+    if not any(o.startswith("export.path") for o in overrides):
+        overrides.append(f"export.path={tmp_path / 'u.onnx'}")
+    with pytest.raises(UserInputError, match=message) as info:
+        run_export(compose_cfg("export", overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_entry_point_reports_bad_input_as_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``wsiseg.export.main`` (what the console script calls), in-process to save an interpreter start."""
+    argv = ["model.checkpoint=/nonexistent/UNet_17.pth", f"export.path={tmp_path / 'u.onnx'}"]
+    with pytest.raises(SystemExit) as info:
+        run_main(argv, monkeypatch, tmp_path / "hydra")
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "wsiseg-export: error: model.checkpoint '/nonexistent/UNet_17.pth' does not exist: "
+        "pass the path of a .pth/.pt/.ckpt file"
+    ]
+    assert not (tmp_path / "u.onnx").exists()
+
+
+def test_onnxruntime_net_pickles_and_creates_its_session_lazily(demo_onnx: tuple[Path, str]) -> None:
+    net = OnnxRuntimeNet(demo_onnx[0], stride=16)
+    assert net._session is None
+    x = normalised(1, 32, 32)
+    first = net(x)
+    assert net._session is not None and net.active_providers[-1] == "CPUExecutionProvider"
+    for clone in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+        assert clone._session is None
+        assert torch.equal(clone(x), first)
+    assert first.dtype == torch.float32 and first.device == x.device
+    with pytest.raises(UserInputError, match="model.onnx_path '.*missing.onnx' does not exist"):
+        OnnxRuntimeNet(demo_onnx[0].with_name("missing.onnx"))
+
+
+def test_segmentation_module_onnxruntime_backend_matches_torch(
+    demo_onnx: tuple[Path, str], demo_checkpoint: Path
+) -> None:
+    images = torch.randint(0, 256, (3, 3, 64, 96), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    outputs = {}
+    for backend in ("torch", "onnxruntime"):
+        module = SegmentationModule(
+            Unet(3, 1, base_width=8), checkpoint=str(demo_checkpoint), backend=backend, onnx_path=str(demo_onnx[0])
+        )
+        with torch.no_grad():
+            outputs[backend] = module(images)
+    assert isinstance(module.net, OnnxRuntimeNet) and module.stride == 16
+    assert (outputs["torch"] - outputs["onnxruntime"]).abs().max() <= FP32_TOLERANCE
+
+
+def _predict_mask(slide: Path, out: Path, extra: list[str]) -> np.ndarray:
+    cfg = compose_cfg(
+        "predict",
+        [
+            f"data.slides={slide}",
+            "trainer=cpu",
+            "trainer.precision=32",
+            "model=demo",
+            "data.patch_size=256",
+            "data.num_workers=0",
+            "writer.output_downsample=4",
+            f"writer.output_dir={out}",
+            *extra,
+        ],
+    )
+    assert run_predict(cfg) == 0
+    (mask,) = out.glob("*/mask.tif")
+    return tifffile.imread(mask)
+
+
+def test_real_slide_mask_onnxruntime_equals_torch(tmp_path: Path, demo_onnx: tuple[Path, str]) -> None:
+    slide = shared_slide("CMU-1-Small-Region.svs")
+    torch_mask = _predict_mask(slide, tmp_path / "torch", [])
+    ort_mask = _predict_mask(slide, tmp_path / "ort", ["model.backend=onnxruntime", f"model.onnx_path={demo_onnx[0]}"])
+    assert torch_mask.shape == ort_mask.shape and torch_mask.dtype == np.uint8
+    assert int(torch_mask.max()) - int(torch_mask.min()) > 50, (
+        "the mask has structure, so the comparison means something"
+    )
+    diff = np.abs(torch_mask.astype(np.int16) - ort_mask.astype(np.int16))
+    assert diff.max() <= 1, f"{(diff > 1).sum()} mask pixels differ by more than 1 grey level"
