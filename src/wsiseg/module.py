@@ -26,6 +26,13 @@ REDUCTIONS = ("max", "channel", "none")
 _INT32_ELEMENTS = 2**31 - 1
 
 
+def x_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of an NCHW tensor (channels_last or contiguous)."""
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else (
+        torch.contiguous_format
+    )
+
+
 class SegmentationModule(pl.LightningModule):
     """Runs a segmentation network on uint8 tiles and returns per-tile probability maps.
 
@@ -113,6 +120,7 @@ class SegmentationModule(pl.LightningModule):
         self.channels_last, self.compile_network = channels_last, compile
         self.max_chunk = max_chunk
         self._oom_chunk: int | None = None  # chunk size that last fit after an out-of-memory retry
+        self.compiled = False
         self._set_forward(self.net)
 
     def _set_forward(self, fn: nn.Module) -> None:
@@ -125,13 +133,23 @@ class SegmentationModule(pl.LightningModule):
         return network_stride(self.net)
 
     def setup(self, stage: str) -> None:
+        # setup() runs before the model moves to its device: ask the strategy where it is going.
+        self.prepare(self.trainer.strategy.root_device.type)
+
+    def prepare(self, device_type: str) -> None:
+        """Apply channels_last and (``compile=auto``: on CUDA only) ``torch.compile`` for ``device_type``.
+
+        Idempotent: a second call for the same device type keeps the compiled network (no recompilation)."""
+        if getattr(self, "_prepared_for", None) == device_type:
+            return
+        self._prepared_for = device_type
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self._set_forward(self.net)
         compile_network = self.compile_network
         if compile_network == "auto":
-            # setup() runs before the model moves to its device: ask the strategy where it is going.
-            compile_network = self.trainer.strategy.root_device.type == "cuda"
+            compile_network = device_type == "cuda"
+        self.compiled = bool(compile_network)
         if compile_network:
             log.info("compiling the network with torch.compile (takes a while on first use)")
             try:
@@ -180,7 +198,15 @@ class SegmentationModule(pl.LightningModule):
         start = 0
         while start < x.shape[0]:
             try:
-                outputs.append(self._call_network(x[start : start + step]))
+                chunk = x[start : start + step]
+                if self.compiled and chunk.shape[0] < step:
+                    # A compiled graph is specialised to its batch size: pad the short last chunk instead of
+                    # recompiling for it (compilation costs seconds; a few padded tiles cost milliseconds).
+                    padding = chunk.new_zeros((step - chunk.shape[0], *chunk.shape[1:]))
+                    chunk = torch.cat([chunk, padding]).contiguous(memory_format=x_format(chunk))
+                    outputs.append(self._call_network(chunk)[: x.shape[0] - start])
+                else:
+                    outputs.append(self._call_network(chunk))
                 start += step
             except torch.OutOfMemoryError:
                 if step == 1:

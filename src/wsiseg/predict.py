@@ -11,6 +11,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from wsiseg.batch_size import resolve_batch_size
 from wsiseg.cli import user_errors
 from wsiseg.config import config_dir
 from wsiseg.errors import UserInputError
@@ -34,6 +35,9 @@ def run_predict(cfg: DictConfig) -> int:
     writer = instantiate(cfg.writer)
     writer.run_config = OmegaConf.to_container(cfg, resolve=True)
     trainer = instantiate(cfg.trainer, callbacks=[writer])
+    datamodule.batch_size = resolve_batch_size(
+        datamodule.batch_size, module, datamodule.patch_size, trainer.strategy.root_device, trainer
+    )
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return 0 if all(row["status"] == "complete" for row in writer.results) else 1
 

@@ -66,7 +66,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         overlap: overlap between neighbouring tiles, read-level px, ``0 <= overlap < patch_size``.
         output_downsample: read-level px per mask px (``writer.output_downsample``).
         tissue: tissue detection settings.
-        batch_size: tiles per batch.
+        batch_size: tiles per batch, or ``auto`` (largest that fits in GPU memory; resolved by the entry point).
         num_workers: DataLoader worker processes (each holds its own OpenSlide handles).
         pin_memory: pin host batches (only takes effect with CUDA).
         prefetch_factor: batches prefetched per worker.
@@ -87,7 +87,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         overlap: int = 0,
         output_downsample: int = 1,
         tissue: TissueOptions | dict[str, Any] | None = None,
-        batch_size: int = 8,
+        batch_size: int | str = 8,
         num_workers: int = 2,
         pin_memory: bool = True,
         prefetch_factor: int = 4,
@@ -105,8 +105,8 @@ class SlideTileDataModule(pl.LightningDataModule):
                 f"writer.output_downsample ({output_downsample}) must be >= 1 and divide data.patch_size "
                 f"({patch_size}) and data.overlap ({overlap})"
             )
-        if isinstance(batch_size, str) or batch_size < 1:
-            raise UserInputError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if batch_size != "auto" and (isinstance(batch_size, str) or batch_size < 1):
+            raise UserInputError(f"data.batch_size must be a positive integer or 'auto', got {batch_size}")
         self.slide_paths = expand_slide_paths(slides)
         if not self.slide_paths:
             raise UserInputError("data.slides is empty: pass data.slides=/path/to/slide.svs or a glob")

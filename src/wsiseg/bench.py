@@ -1,0 +1,341 @@
+"""``wsiseg-bench``: naive per-patch inference vs the optimised pipeline, with the read and model bounds.
+
+All cases run on the same tiles in one process, one after the other, so their ratios are measured side by side:
+
+1. **naive** — the replaced script's loop: read one region with OpenSlide, preprocess on the CPU, FP32 batch 1,
+   result back to the host, one tile at a time;
+2. **optimised** — the real ``wsiseg-predict`` pipeline (DataLoader workers, the trainer's precision, channels_last,
+   optional compile, the writer included);
+3. **read bound** — the data pipeline alone (workers reading and decoding tiles, nothing else);
+4. **model bound** — the module on device-resident batches.
+
+    wsiseg-bench                                   # generated slide, demo-sized defaults
+    wsiseg-bench bench.slide=/data/test_040.tif model=unet_camelyon trainer=gpu model.compile=true
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import openslide
+import psutil
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from wsiseg.atomic import write_json_atomic
+from wsiseg.batch_size import resolve_batch_size
+from wsiseg.cli import user_errors
+from wsiseg.config import config_dir
+from wsiseg.data.datamodule import SlideTileDataModule
+from wsiseg.data.slide import read_rgb
+from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
+from wsiseg.module import SegmentationModule
+
+__all__ = ["CaseResult", "PeakMemory", "main", "run_bench"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseResult:
+    """Throughput of one case over ``patches`` tiles."""
+
+    name: str
+    patches: int
+    seconds: float
+    peak_gpu_mb: float | None
+    peak_rss_mb: float
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.patches / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def ms_per_patch(self) -> float:
+        return 1e3 * self.seconds / self.patches if self.patches else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "patches_per_s": round(self.patches_per_s, 2), "ms_per_patch": round(self.ms_per_patch, 3)}
+
+
+class PeakMemory:
+    """Samples the RSS of this process plus its children (DataLoader workers) every 20 ms, and the CUDA peak."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_rss = device, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = me.memory_info().rss
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+            self.peak_rss = max(self.peak_rss, total)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gpu_mb(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(name: str, device: torch.device, patches: int, fn: Any) -> CaseResult:
+    with PeakMemory(device) as memory:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds = time.perf_counter() - start
+    result = CaseResult(name, patches, seconds, memory.peak_gpu_mb, memory.peak_rss / 2**20)
+    log.info("%-12s %6d patches  %8.2f patches/s  %8.2f ms/patch", name, patches, result.patches_per_s,
+             result.ms_per_patch)
+    return result
+
+
+def limit_tiles(datamodule: SlideTileDataModule, max_tiles: int) -> int:
+    """Keep the first ``max_tiles`` tissue tiles over the slides (in order); returns how many remain."""
+    datamodule.setup("predict")
+    remaining = max_tiles
+    for slide in datamodule.slides:
+        slide.origins = slide.origins[: max(0, remaining)]
+        remaining -= len(slide.origins)
+    datamodule._dataset = None
+    datamodule.slides, slides = [], datamodule.slides
+    datamodule.setup("predict")  # rebuild the dataset over the trimmed plans
+    datamodule.slides = slides
+    from wsiseg.data.datasets import SlideTileDataset
+
+    datamodule._dataset = SlideTileDataset(slides)
+    return len(datamodule.dataset)
+
+
+def naive_loop(datamodule: SlideTileDataModule, net: torch.nn.Module, device: torch.device, mean: torch.Tensor,
+               std: torch.Tensor) -> Iterator[np.ndarray]:
+    """The replaced script: one OpenSlide read, CPU preprocessing, FP32 batch 1, result to the host, per tile."""
+    mean_np = mean.view(1, 1, -1).cpu().numpy()
+    std_np = std.view(1, 1, -1).cpu().numpy()
+    for slide in datamodule.slides:
+        handle = openslide.OpenSlide(str(slide.path))
+        size = slide.grid.patch_size
+        for x, y in slide.origins:
+            rgb = read_rgb(handle, int(x), int(y), slide.level, size, size)
+            normalised = (rgb.astype(np.float32) / 255.0 - mean_np) / std_np
+            tensor = torch.from_numpy(normalised.transpose(2, 0, 1).copy())[None].to(device)
+            with torch.no_grad():
+                yield net(tensor).max(dim=1).values.cpu().numpy()
+        handle.close()
+
+
+def model_only(module: SegmentationModule, trainer: Any, batch: torch.Tensor, batches: int) -> None:
+    with torch.inference_mode(), trainer.precision_plugin.forward_context():
+        for _ in range(batches):
+            module(batch)
+
+
+def precision_agreement(module: SegmentationModule, trainer: Any, reference: torch.nn.Module,
+                        tiles: torch.Tensor) -> dict[str, float]:
+    """Mixed-precision module vs FP32 eager reference on the same tiles: Dice of masks at 0.5, max |Δp|."""
+    with torch.inference_mode():
+        with trainer.precision_plugin.forward_context():
+            mixed = module(tiles).float()
+        x = module.normalise(tiles)
+        fp32 = reference(x).float()
+        if module.activation == "sigmoid":
+            fp32 = torch.sigmoid(fp32)
+        elif module.activation == "softmax":
+            fp32 = torch.softmax(fp32, dim=1)
+        fp32 = fp32.amax(dim=1, keepdim=True) if module.reduction == "max" else fp32[:, module.channel_index :][:, :1]
+        if module.output_downsample > 1:
+            fp32 = torch.nn.functional.avg_pool2d(fp32, module.output_downsample)
+    a, b = mixed >= 0.5, fp32 >= 0.5
+    union = int(a.sum() + b.sum())
+    dice = 1.0 if union == 0 else float(2 * (a & b).sum() / union)
+    return {"dice_vs_fp32": round(dice, 6), "max_abs_prob_diff": float((mixed - fp32).abs().max())}
+
+
+def _ddp_throughput(cfg: DictConfig, slide: Path, ranks: int, out_dir: Path) -> dict[str, Any]:
+    """Whole ``wsiseg-predict`` run on ``ranks`` CPU processes (gloo); throughput from wall time."""
+    script = Path(sys.executable).parent / "wsiseg-predict"
+    trainer = "trainer=cpu" if ranks == 1 else "trainer=ddp_cpu"
+    args = [str(script), trainer, f"trainer.devices={ranks}", "trainer.precision=32", "trainer.enable_progress_bar=false",
+            f"data.slides={slide}", f"data.patch_size={cfg.data.patch_size}", f"data.num_workers={cfg.data.num_workers}",
+            f"data.batch_size={cfg.data.batch_size}", f"hydra.run.dir={out_dir}"]
+    if cfg.model.get("checkpoint"):
+        args.append(f"model.checkpoint={cfg.model.checkpoint}")
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("model")
+        if choice:
+            args.append(f"model={choice}")
+    start = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    reports = [json.loads(p.read_text()) for p in out_dir.glob("*/report.json")]
+    tiles = sum(r["tiles_processed"] for r in reports)
+    return {"ranks": ranks, "tiles": tiles, "seconds": round(seconds, 2), "patches_per_s": round(tiles / seconds, 2)}
+
+
+def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Run every case on the same tiles; returns the dict written to ``bench.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bench = cfg.bench
+    slide_path = Path(bench.slide) if bench.slide else None
+    if slide_path is None:
+        slide_path = out_dir / "bench_slide.tif"
+        if not slide_path.exists():
+            spec = SyntheticSlide(bench.generated_size, bench.generated_size, seed=bench.seed, tissue_scale=0.3)
+            write_synthetic_slide(slide_path, spec)
+    datamodule: SlideTileDataModule = instantiate(cfg.data, slides=[str(slide_path)])
+    module: SegmentationModule = instantiate(cfg.model)
+    trainer = instantiate(cfg.trainer, callbacks=[])
+    device = trainer.strategy.root_device
+    datamodule.batch_size = resolve_batch_size(datamodule.batch_size, module, datamodule.patch_size, device, trainer)
+    tiles = limit_tiles(datamodule, bench.max_tiles)
+    if tiles == 0:
+        raise RuntimeError(f"no tissue tiles in {slide_path}")
+    reference = instantiate(cfg.model).net.eval().to(device)  # FP32 eager, default settings: the naive model
+    module.prepare(device.type)
+    module.to(device).eval()
+    batch_size = datamodule.batch_size
+    patch = datamodule.patch_size
+    log.info("bench: %d tiles of %d px, batch %d, %d workers, %s, precision %s, compile %s, channels_last %s", tiles,
+             patch, batch_size, datamodule.num_workers, device, trainer.precision, module.compiled,
+             module.channels_last)
+    results: dict[str, CaseResult] = {}
+
+    # 4. model bound (first: it also triggers compilation, timed separately)
+    images = torch.randint(0, 256, (batch_size, 3, patch, patch), dtype=torch.uint8, device=device)
+    start = time.perf_counter()
+    model_only(module, trainer, images, 1)
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    model_batches = max(2, min(bench.model_batches, -(-tiles // batch_size)))
+    results["model_bound"] = _timed("model_bound", device, model_batches * batch_size,
+                                    lambda: model_only(module, trainer, images, model_batches))
+
+    # 3. read bound: the real DataLoader (workers read + decode), nothing else
+    def read_all() -> None:
+        for _batch in datamodule.predict_dataloader():
+            pass
+
+    results["read_bound"] = _timed("read_bound", device, tiles, read_all)
+
+    # 2. optimised: the real trainer.predict with the writer
+    writer = instantiate(cfg.writer, output_dir=str(out_dir / "predict"))
+    predict_trainer = instantiate(cfg.trainer, callbacks=[writer])
+    results["optimised"] = _timed(
+        "optimised", device, tiles, lambda: predict_trainer.predict(module, datamodule=datamodule,
+                                                                    return_predictions=False)
+    )
+
+    # 1. naive: the replaced script's loop
+    def naive() -> None:
+        for _ in naive_loop(datamodule, reference, device, module.mean, module.std):
+            pass
+
+    naive_tiles = min(tiles, bench.naive_tiles)
+    naive_plan = [s.origins for s in datamodule.slides]
+    limit_tiles(datamodule, naive_tiles)
+    results["naive"] = _timed("naive", device, naive_tiles, naive)
+    for slide, origins in zip(datamodule.slides, naive_plan):
+        slide.origins = origins
+
+    sample = torch.stack([datamodule.dataset[i]["image"] for i in range(min(bench.agreement_tiles, tiles))]).to(device)
+    agreement = precision_agreement(module, trainer, reference, sample)
+
+    optimised = results["optimised"].patches_per_s
+    bound = min(results["read_bound"].patches_per_s, results["model_bound"].patches_per_s)
+    summary = {
+        "speedup_optimised_vs_naive": round(optimised / results["naive"].patches_per_s, 3),
+        "pipeline_efficiency": round(optimised / bound, 3),
+        "bound": "read" if results["read_bound"].patches_per_s < results["model_bound"].patches_per_s else "model",
+        "warmup_first_batch_s": round(warmup_s, 2),
+        "precision": str(trainer.precision),
+        **agreement,
+    }
+    ddp = [_ddp_throughput(cfg, slide_path, int(r), out_dir / f"ddp{r}") for r in bench.ddp_ranks]
+    report = {
+        "cases": {k: v.as_dict() for k, v in results.items()},
+        "summary": summary,
+        "ddp_cpu": ddp,
+        "settings": {
+            "slide": str(slide_path),
+            "tiles": tiles,
+            "patch_size": patch,
+            "batch_size": batch_size,
+            "num_workers": datamodule.num_workers,
+            "precision": str(trainer.precision),
+            "compile": module.compiled,
+            "channels_last": module.channels_last,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "parameters": sum(p.numel() for p in module.net.parameters()),
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json_atomic(out_dir / "bench.json", report)
+    print(format_table(report))
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{'case':<12} {'patches':>8} {'patches/s':>10} {'ms/patch':>9} {'peak GPU MB':>12} {'peak RSS MB':>12}"]
+    for name in ("naive", "optimised", "read_bound", "model_bound"):
+        c = report["cases"][name]
+        gpu = "-" if c["peak_gpu_mb"] is None else f"{c['peak_gpu_mb']:.0f}"
+        lines.append(f"{name:<12} {c['patches']:>8} {c['patches_per_s']:>10.2f} {c['ms_per_patch']:>9.2f} "
+                     f"{gpu:>12} {c['peak_rss_mb']:>12.0f}")
+    s = report["summary"]
+    lines.append(f"speedup optimised/naive: {s['speedup_optimised_vs_naive']:.2f}x   pipeline efficiency "
+                 f"{s['pipeline_efficiency']:.0%} of the {s['bound']} bound   first batch {s['warmup_first_batch_s']} s")
+    lines.append(f"{s['precision']} vs fp32: Dice {s['dice_vs_fp32']:.5f}, max |dp| {s['max_abs_prob_diff']:.4f}")
+    for row in report["ddp_cpu"]:
+        lines.append(f"ddp cpu {row['ranks']} rank(s): {row['patches_per_s']:.2f} patches/s ({row['tiles']} tiles, "
+                     f"{row['seconds']} s)")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with user_errors("wsiseg-bench"):
+        run_bench(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""wsiseg-bench runs every case on the same tiles and records figures (no timing assertions: figures only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "wsiseg-bench"
+    result = subprocess.run(
+        [str(script), "trainer=cpu", "trainer.enable_progress_bar=false", "bench.generated_size=2048",
+         "bench.max_tiles=24", "bench.naive_tiles=8", "bench.model_batches=2", "bench.agreement_tiles=4",
+         "data.batch_size=4", "data.num_workers=1", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "speedup optimised/naive" in result.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    cases = report["cases"]
+    assert set(cases) == {"naive", "optimised", "read_bound", "model_bound"}
+    tiles = report["settings"]["tiles"]
+    assert 0 < tiles <= 24
+    assert cases["optimised"]["patches"] == cases["read_bound"]["patches"] == tiles
+    assert cases["naive"]["patches"] == min(8, tiles)
+    for case in cases.values():
+        assert case["seconds"] > 0 and case["patches_per_s"] > 0 and case["peak_rss_mb"] > 100
+        assert case["patches_per_s"] == pytest.approx(case["patches"] / case["seconds"], rel=1e-2)
+    summary = report["summary"]
+    assert summary["speedup_optimised_vs_naive"] == pytest.approx(
+        cases["optimised"]["patches_per_s"] / cases["naive"]["patches_per_s"], rel=1e-2
+    )
+    bound = min(cases["read_bound"]["patches_per_s"], cases["model_bound"]["patches_per_s"])
+    assert summary["pipeline_efficiency"] == pytest.approx(cases["optimised"]["patches_per_s"] / bound, rel=1e-2)
+    assert 0.9 <= summary["dice_vs_fp32"] <= 1.0
+    assert 0 <= summary["max_abs_prob_diff"] < 0.2
+    assert report["settings"]["precision"] == "bf16-mixed"
+    # the optimised case ran the real writer
+    assert (tmp_path / "predict" / "bench_slide" / "mask.tif").exists()
