@@ -9,7 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_SLIDES = REPO.parent / "shared" / "slides"
+SHARED_SLIDES = Path(os.environ.get("WSISEG_SHARED_SLIDES", REPO.parent / "shared" / "slides"))
 
 # Tests run on 2 CPU cores: keep torch from oversubscribing next to DataLoader workers.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -22,14 +22,13 @@ def probe_max_batch(
 ) -> int:
     """Double the batch from 1 until a forward pass runs out of CUDA memory (or ``cap``); return the last that fit.
 
-    The module still splits each batch into chunks under the 32-bit index limit, so the answer is about memory only.
+    The module splits batches into chunks under the 32-bit index limit of eager kernels, exactly as in prediction,
+    so the probe measures what prediction will need.
     """
     module = module.to(device).eval()
     best, size = 0, 1
-    saved_chunk = module.max_chunk
     while size <= cap:
         try:
-            module.max_chunk = size  # one network call per batch: what the probe measures
             images = torch.zeros(size, 3, patch_size, patch_size, dtype=torch.uint8, device=device)
             with torch.inference_mode(), trainer.precision_plugin.forward_context():
                 module(images)
@@ -39,7 +38,6 @@ def probe_max_batch(
             break
         finally:
             torch.cuda.empty_cache()
-    module.max_chunk = saved_chunk
     if best == 0:
         raise UserInputError(f"data.batch_size=auto: not even one {patch_size}px tile fits in GPU memory")
     return best

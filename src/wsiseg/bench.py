@@ -275,7 +275,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for slide, origins in zip(datamodule.slides, naive_plan):
         slide.origins = origins
 
-    sample = torch.stack([datamodule.dataset[i]["image"] for i in range(min(bench.agreement_tiles, tiles))]).to(device)
+    # as many tiles as a batch, so a compiled network sees the shape it was compiled for
+    sample = torch.stack([datamodule.dataset[i]["image"] for i in range(min(batch_size, tiles))]).to(device)
     agreement = precision_agreement(module, trainer, reference, sample)
 
     optimised = results["optimised"].patches_per_s
