@@ -6,7 +6,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   tar -xzf .whl/antlr4-python3-runtime-4.9.3.tar.gz -C /tmp && export PYTHONPATH=/tmp/antlr4-python3-runtime-4.9.3/src
   export PYTHONPATH=/tmp/site:$PWD/src:$PWD:$PYTHONPATH
 fi
@@ -17,17 +17,19 @@ export WSISEG_SHARED_SLIDES=${WSISEG_SHARED_SLIDES:-$PWD/.devdata}
 
 date
 # 1. GPU tests (fp16+compile vs fp32, a real CUDA OOM, GPU predict vs CPU fp32, batch_size=auto)
-timeout 150 python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+timeout 90 python3 -m pytest -q -s -rA -m gpu tests/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+grep -E "fp16 compiled|chunk after|GPU 16-mixed|batch_size=auto|passed|failed|^E " "$OUT/gpu_tests.log" | head -30
 
 date
 # 2. Benchmark: the users' 31M-parameter U-Net (random weights), 512 px tiles, 16-mixed, channels_last
 bench() {
   timeout "$1" python3 -m wsiseg.bench model=unet_camelyon model.checkpoint=null trainer=gpu \
     data.patch_size=512 data.overlap=256 data.batch_size=32 data.num_workers=15 bench.generated_size=12288 \
-    bench.max_tiles=2048 bench.naive_tiles=128 bench.model_batches=32 hydra.run.dir=/tmp/bench_$2 "${@:3}" 2>&1 | grep -v "it/s]" | tail -12
+    bench.max_tiles=2048 bench.naive_tiles=128 bench.model_batches=32 hydra.run.dir=/tmp/bench_$2 "${@:3}" > "$OUT/bench_$2.log" 2>&1
+  grep -E -A8 "^case" "$OUT/bench_$2.log" || tail -5 "$OUT/bench_$2.log"
   cp /tmp/bench_$2/bench.json "$OUT/bench_$2.json" 2>/dev/null
 }
-bench 170 compiled model.compile=true | tee "$OUT/bench.log"
+bench 100 compiled model.compile=true | tee "$OUT/bench.log"
 slide=/tmp/bench_compiled/bench_slide.tif; [ -f $slide ] || slide=null
-bench 80 eager model.compile=false bench.slide=$slide bench.max_tiles=512 bench.naive_tiles=32 | tee -a "$OUT/bench.log"
+bench 40 eager model.compile=false bench.slide=$slide bench.max_tiles=512 bench.naive_tiles=32 | tee -a "$OUT/bench.log"
 date

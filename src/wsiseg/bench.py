@@ -171,6 +171,7 @@ def model_only(module: SegmentationModule, trainer: Any, batch: torch.Tensor, ba
 def precision_agreement(module: SegmentationModule, trainer: Any, reference: torch.nn.Module,
                         tiles: torch.Tensor) -> dict[str, float]:
     """Mixed-precision module vs FP32 eager reference on the same tiles: Dice of masks at 0.5, max |Δp|."""
+    module.to(tiles.device)  # trainer.predict's teardown moves the module back to the CPU
     with torch.inference_mode():
         with trainer.precision_plugin.forward_context():
             mixed = module(tiles).float()
@@ -186,7 +187,9 @@ def precision_agreement(module: SegmentationModule, trainer: Any, reference: tor
     a, b = mixed >= 0.5, fp32 >= 0.5
     union = int(a.sum() + b.sum())
     dice = 1.0 if union == 0 else float(2 * (a & b).sum() / union)
-    return {"dice_vs_fp32": round(dice, 6), "max_abs_prob_diff": float((mixed - fp32).abs().max())}
+    diff = (mixed - fp32).abs()
+    return {"dice_vs_fp32": round(dice, 6), "max_abs_prob_diff": float(diff.max()),
+            "mean_abs_prob_diff": float(diff.mean())}
 
 
 def _ddp_throughput(cfg: DictConfig, slide: Path, ranks: int, out_dir: Path) -> dict[str, Any]:
@@ -325,7 +328,8 @@ def format_table(report: dict[str, Any]) -> str:
     s = report["summary"]
     lines.append(f"speedup optimised/naive: {s['speedup_optimised_vs_naive']:.2f}x   pipeline efficiency "
                  f"{s['pipeline_efficiency']:.0%} of the {s['bound']} bound   first batch {s['warmup_first_batch_s']} s")
-    lines.append(f"{s['precision']} vs fp32: Dice {s['dice_vs_fp32']:.5f}, max |dp| {s['max_abs_prob_diff']:.4f}")
+    lines.append(f"{s['precision']} vs fp32: Dice {s['dice_vs_fp32']:.5f}, max |dp| {s['max_abs_prob_diff']:.4f}, "
+                 f"mean |dp| {s['mean_abs_prob_diff']:.5f}")
     for row in report["ddp_cpu"]:
         lines.append(f"ddp cpu {row['ranks']} rank(s): {row['patches_per_s']:.2f} patches/s ({row['tiles']} tiles, "
                      f"{row['seconds']} s)")
