@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,9 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.on_error = on_error
         self.slides: list[SlideTiles] = []
         self.failed: list[tuple[Path, str]] = []
+        self.resumed: list[tuple[Path, str]] = []
+        # Set by the entry point for resume=true: names whose outputs are complete are not tiled again.
+        self.is_complete: Callable[[str], bool] = lambda name: False
         self._dataset: SlideTileDataset | None = None
 
     def plan_slide(self, path: Path, name: str) -> SlideTiles:
@@ -162,6 +165,10 @@ class SlideTileDataModule(pl.LightningDataModule):
             stem = path.name.split(".")[0] or path.name
             used[stem] = used.get(stem, 0) + 1
             name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
+            if self.is_complete(name):
+                log.info("slide '%s': outputs complete for this config; skipped (resume)", path)
+                self.resumed.append((path, name))
+                continue
             try:
                 self.slides.append(self.plan_slide(path, name))
             except UserInputError as exc:
@@ -169,7 +176,9 @@ class SlideTileDataModule(pl.LightningDataModule):
                     raise
                 log.error("%s; skipped", exc)
                 self.failed.append((path, str(exc)))
-        if not self.slides:
+        if not self.slides and self.resumed and not self.failed:
+            log.info("all %d slide(s) already complete; nothing to do", len(self.resumed))
+        elif not self.slides:
             raise UserInputError(
                 f"none of the {len(self.slide_paths)} slide(s) in data.slides could be opened; see the errors above"
             )

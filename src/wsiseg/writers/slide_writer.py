@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from wsiseg.atomic import atomic_path, write_json_atomic
 from wsiseg.contours import contour_formats, write_contours
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.grid import BLEND_MODES, blend_window
+from wsiseg.errors import UserInputError
 from wsiseg.writers.heatmap import render_heatmap
 from wsiseg.writers.store import BlendingAccumulator
 from wsiseg.writers.tiff import pyramid_sizes, write_pyramid_tiff
@@ -110,6 +112,7 @@ class SlideWriter(BasePredictionWriter):
         if chunk % (2 * tiff_tile):
             raise ValueError(f"writer.chunk ({chunk}) must be a multiple of 2 x writer.tiff_tile ({tiff_tile})")
         self.output_dir = Path(output_dir)
+        _check_writable(self.output_dir)
         self.blend, self.output_downsample, self.sigma_scale = blend, output_downsample, sigma_scale
         self.threshold, self.chunk, self.cache_bytes = threshold, chunk, cache_mb << 20
         self.tiff_tile, self.compression, self.heatmap_max_side = tiff_tile, compression, heatmap_max_side
@@ -127,16 +130,32 @@ class SlideWriter(BasePredictionWriter):
 
     # -- Lightning hooks -----------------------------------------------------------------------------------------
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        self._begin(trainer.datamodule, trainer.global_rank, trainer.world_size)
+        self._owned = self._claim_tiles(trainer) if self._world > 1 else None
+
+    def write_without_tiles(self, datamodule: Any) -> None:
+        """Write every planned slide when no slide has a tissue tile (Lightning runs no predict hooks then):
+        each gets an all-background mask, heatmap and report."""
+        self._begin(datamodule, 0, 1)
+        for index in range(len(self._slides)):
+            self._finish(index)
+        self._write_summary()
+
+    def _begin(self, datamodule: Any, rank: int, world: int) -> None:
         self._slides = list(datamodule.slides)
-        self._rank, self._world = trainer.global_rank, trainer.world_size
+        self._rank, self._world = rank, world
         self._states, self._finished, self.results = {}, set(), []
         self._clock = time.perf_counter()
         for path, reason in getattr(datamodule, "failed", []):
             self.results.append({"slide": str(path), "status": "skipped", "tiles": 0, "seconds": 0.0, "reason": reason})
+        for path, name in getattr(datamodule, "resumed", []):
+            self.results.append({"slide": str(path), "name": name, "status": "complete", "tiles": 0, "seconds": 0.0,
+                                 "reason": "resumed: complete outputs kept"})
         if self._rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._owned = self._claim_tiles(trainer) if self._world > 1 else None
+            # Before any rank writes (under DDP the tile-claiming all-gather that follows is the barrier).
+            for index in range(len(self._slides)):
+                _remove_stale(self._slide_dir(index))
 
     def _claim_tiles(self, trainer: pl.Trainer) -> set[int]:
         """Agree across ranks which rank blends each dataset index: the lowest rank whose sampler yields it.
@@ -421,6 +440,42 @@ class SlideWriter(BasePredictionWriter):
             name = Path(row["slide"]).name
             lines.append(f"{name:<40} {row['status']:<9} {row['tiles']:>7} {row['seconds']:>9.1f}  {row['reason']}")
         log.info("summary (%s):\n%s", self.output_dir / "summary.json", "\n".join(lines))
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".wsiseg-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(
+            f"writer.output_dir '{folder}' is not writable ({exc.strerror or exc}): choose another folder"
+        ) from None
+
+
+def _remove_stale(slide_dir: Path) -> None:
+    """Remove what an interrupted run left in a slide folder: the old report (the slide is being redone), partial
+    stores, scratch pyramids and temporary files. Completed outputs are replaced atomically later."""
+    (slide_dir / "report.json").unlink(missing_ok=True)
+    for leftover in slide_dir.glob(".*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def read_complete_report(slide_dir: Path, expected_hash: str) -> dict[str, Any] | None:
+    """The slide's report if it says ``complete`` for the same config hash and its outputs exist, else None."""
+    try:
+        report = json.loads((slide_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if report.get("status") != "complete" or report.get("config_hash") != expected_hash:
+        return None
+    if not (slide_dir / "mask.tif").is_file() or not (slide_dir / "heatmap.png").is_file():
+        return None
+    return report
 
 
 def _write_rank_meta(state: _SlideState, partial: Path) -> None:

