@@ -1,8 +1,9 @@
 """Train the built-in demo U-Net (``src/wsiseg/assets/demo_unet.pt``) on synthetic slides.
 
-The network is the users' architecture (``wsiseg.model.Unet``, replicate padding, sigmoid in ``forward``) at base width 8
-with one output channel. Patches are rendered straight from :class:`wsiseg.data.synthetic.SyntheticSlide` (no files),
-half centred on tumour, half elsewhere. Deterministic for a given ``--seed`` on one machine (CPU, 2 threads).
+The network is the users' architecture (``wsiseg.model.Unet``, replicate padding, sigmoid in ``forward``) at base
+width 8 with one output channel. Patches are rendered straight from
+:class:`wsiseg.data.synthetic.SyntheticSlide` (no files), half centred on tumour, half elsewhere. Deterministic
+for a given ``--seed`` on one machine (CPU, 2 threads).
 
     .venv/bin/python scripts/train_demo_model.py --steps 600 --out src/wsiseg/assets/demo_unet.pt
 """
@@ -83,7 +84,10 @@ def main() -> None:
             with torch.no_grad():
                 pred = p > 0.5
                 dice = (2 * (pred & (y > 0.5)).sum() / (pred.sum() + (y > 0.5).sum()).clamp(min=1)).item()
-            print(f"step {step:4d}  loss {loss.item():.4f}  batch dice {dice:.3f}  {time.time() - start:.0f} s", flush=True)
+            print(
+                f"step {step:4d}  loss {loss.item():.4f}  batch dice {dice:.3f}  {time.time() - start:.0f} s",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.eval().state_dict(), args.out)
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")

@@ -13,10 +13,21 @@ import pytest
 def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "wsiseg-bench"
     result = subprocess.run(
-        [str(script), "trainer=cpu", "trainer.enable_progress_bar=false", "bench.generated_size=2048",
-         "bench.max_tiles=24", "bench.naive_tiles=8", "bench.model_batches=2",
-         "data.batch_size=4", "data.num_workers=1", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            str(script),
+            "trainer=cpu",
+            "trainer.enable_progress_bar=false",
+            "bench.generated_size=2048",
+            "bench.max_tiles=24",
+            "bench.naive_tiles=8",
+            "bench.model_batches=2",
+            "data.batch_size=4",
+            "data.num_workers=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "speedup optimised/naive" in result.stdout

@@ -17,15 +17,16 @@ from tests.conftest import shared_slide
 from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 
 
-@pytest.mark.parametrize(
-    ("tiles", "world"), [(t, w) for t in (2, 3, 7, 10, 13, 1001) for w in (2, 3, 4) if t >= w]
-)
+@pytest.mark.parametrize(("tiles", "world"), [(t, w) for t in (2, 3, 7, 10, 13, 1001) for w in (2, 3, 4) if t >= w])
 def test_lightning_predict_sampler_neither_repeats_nor_drops(tiles: int, world: int) -> None:
     """The sampler Lightning installs for trainer.predict under DDP (UnrepeatedDistributedSamplerWrapper); tile
     counts not divisible by the world size included. (Lightning requires at least one tile per rank.)"""
     per_rank = [
-        list(UnrepeatedDistributedSamplerWrapper(SequentialSampler(range(tiles)), num_replicas=world, rank=rank,
-                                                 shuffle=False))
+        list(
+            UnrepeatedDistributedSamplerWrapper(
+                SequentialSampler(range(tiles)), num_replicas=world, rank=rank, shuffle=False
+            )
+        )
         for rank in range(world)
     ]
     flat = [i for indices in per_rank for i in indices]

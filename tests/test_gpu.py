@@ -56,8 +56,10 @@ def test_fp16_compiled_channels_last_matches_fp32_reference() -> None:
     diff = (mixed - fp32).abs()
     a, b = mixed >= 0.5, fp32 >= 0.5
     dice = (2 * (a & b).sum() / (a.sum() + b.sum())).item()
-    print(f"fp16 compiled vs fp32: max |dp| {diff.max().item():.5f}, mean |dp| {diff.mean().item():.6f}, "
-          f"Dice {dice:.5f}, reference std {fp32.std().item():.3f}")
+    print(
+        f"fp16 compiled vs fp32: max |dp| {diff.max().item():.5f}, mean |dp| {diff.mean().item():.6f}, "
+        f"Dice {dice:.5f}, reference std {fp32.std().item():.3f}"
+    )
     assert dice >= 0.99 and diff.max() <= 0.005 and diff.mean() <= 0.001
 
 
@@ -93,8 +95,7 @@ def test_gpu_predict_matches_cpu_fp32(tmp_path: Path) -> None:
     gpu = tifffile.imread(tmp_path / "gpu" / "CMU-1-Small-Region" / "mask.tif", key=0).astype(int)
     cpu = tifffile.imread(tmp_path / "cpu" / "CMU-1-Small-Region" / "mask.tif", key=0).astype(int)
     diff = np.abs(gpu - cpu)
-    print(f"GPU 16-mixed vs CPU fp32 mask: mean |d| {diff.mean():.4f}, max {diff.max()}, "
-          f">2: {(diff > 2).mean():.5%}")
+    print(f"GPU 16-mixed vs CPU fp32 mask: mean |d| {diff.mean():.4f}, max {diff.max()}, >2: {(diff > 2).mean():.5%}")
     assert diff.mean() < 0.5 and (diff <= 2).mean() >= 0.999
 
 

@@ -23,8 +23,9 @@ def test_predict_step_normalises_on_device_and_reduces_channels() -> None:
 
 
 def test_output_downsample_pools_on_device() -> None:
-    module = SegmentationModule(ProbeNet(gain=0.5, bias=0.5), output_downsample=4, output_dtype="float32",
-                                channels_last=False)
+    module = SegmentationModule(
+        ProbeNet(gain=0.5, bias=0.5), output_downsample=4, output_dtype="float32", channels_last=False
+    )
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     out = module.predict_step({"image": images})["probs"]
     expected = torch.nn.functional.avg_pool2d(images[:, :1].float() / 255, 4)
@@ -43,8 +44,9 @@ def test_softmax_channel_reduction_and_labels() -> None:
     probs = both.predict_step({"image": images})["probs"]
     assert probs.shape == (1, 3, 4, 4)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(1, 4, 4))
-    one = SegmentationModule(Fixed(), activation="softmax", reduction="channel", channel_index=1,
-                             output_dtype="float32")
+    one = SegmentationModule(
+        Fixed(), activation="softmax", reduction="channel", channel_index=1, output_dtype="float32"
+    )
     torch.testing.assert_close(one.predict_step({"image": images})["probs"][:, 0], probs[:, 1])
 
 

@@ -140,8 +140,19 @@ def test_mask_tif_heatmap_and_report(synthetic_slide: Path, tmp_path: Path, demo
     assert heatmap.shape == thumbnail.rgb.shape
     assert np.abs(heatmap.astype(int) - thumbnail.rgb).max() > 50, "the overlay must show on the thumbnail"
 
-    for key in ("level0_size", "level", "mpp_read_level", "tiles_total", "tiles_tissue", "tiles_processed",
-                "tissue_fraction", "tumour_area_mm2", "wall_time_s", "patches_per_s", "config"):
+    for key in (
+        "level0_size",
+        "level",
+        "mpp_read_level",
+        "tiles_total",
+        "tiles_tissue",
+        "tiles_processed",
+        "tissue_fraction",
+        "tumour_area_mm2",
+        "wall_time_s",
+        "patches_per_s",
+        "config",
+    ):
         assert key in report, key
     assert report["level0_size"] == [2000, 1500]
     assert report["config"]["data"]["patch_size"] == 128

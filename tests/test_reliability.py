@@ -18,8 +18,8 @@ import torch
 
 from tests.conftest import shared_slide
 from tests.helpers import predict
-from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 from wsiseg.cli import find_user_error
+from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 from wsiseg.errors import UserInputError
 from wsiseg.model import Unet
 
@@ -136,7 +136,9 @@ def test_bad_options_fail_before_reading_with_one_line(tmp_path: Path, good_slid
 def test_cli_user_error_is_one_line_and_exit_status_2(tmp_path: Path, good_slide: Path) -> None:
     result = subprocess.run(
         [str(SCRIPT), *FAST, f"data.slides={good_slide}", "data.overlap=-1", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -146,14 +148,25 @@ def test_cli_user_error_is_one_line_and_exit_status_2(tmp_path: Path, good_slide
 
 def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path: Path, good_slide: Path) -> None:
     second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=8))
-    args = [*FAST, f"data.slides=[{good_slide},{second}]", "data.tissue.enabled=false", "data.num_workers=1",
-            "trainer=cpu", "trainer.precision=32", "trainer.enable_progress_bar=false"]
+    args = [
+        *FAST,
+        f"data.slides=[{good_slide},{second}]",
+        "data.tissue.enabled=false",
+        "data.num_workers=1",
+        "trainer=cpu",
+        "trainer.precision=32",
+        "trainer.enable_progress_bar=false",
+    ]
     reference = tmp_path / "reference"
     subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={reference}"], check=True, capture_output=True, timeout=600)
 
     run_dir = tmp_path / "interrupted"
-    process = subprocess.Popen([str(SCRIPT), *args, f"hydra.run.dir={run_dir}"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [str(SCRIPT), *args, f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (run_dir / "good" / "report.json").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -165,8 +178,9 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path: Path, good_sl
     assert not (run_dir / "second" / "mask.tif").exists()
     good_report_mtime = (run_dir / "good" / "report.json").stat().st_mtime_ns
 
-    resumed = subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={run_dir}", "resume=true"], capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        [str(SCRIPT), *args, f"hydra.run.dir={run_dir}", "resume=true"], capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (run_dir / "good" / "report.json").stat().st_mtime_ns == good_report_mtime, "complete slide redone"
     rows = summary(run_dir)

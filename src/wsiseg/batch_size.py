@@ -43,8 +43,9 @@ def probe_max_batch(
     return best
 
 
-def resolve_batch_size(batch_size: int | str, module: SegmentationModule, patch_size: int, device: torch.device,
-                       trainer: Any) -> int:
+def resolve_batch_size(
+    batch_size: int | str, module: SegmentationModule, patch_size: int, device: torch.device, trainer: Any
+) -> int:
     """``batch_size`` as an int; ``auto`` probes CUDA memory (on CPU it is :data:`CPU_AUTO_BATCH`)."""
     if batch_size != "auto":
         return int(batch_size)

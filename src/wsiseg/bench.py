@@ -71,7 +71,11 @@ class CaseResult:
         return 1e3 * self.seconds / self.patches if self.patches else float("nan")
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "patches_per_s": round(self.patches_per_s, 2), "ms_per_patch": round(self.ms_per_patch, 3)}
+        return {
+            **asdict(self),
+            "patches_per_s": round(self.patches_per_s, 2),
+            "ms_per_patch": round(self.ms_per_patch, 3),
+        }
 
 
 class PeakMemory:
@@ -123,8 +127,9 @@ def _timed(name: str, device: torch.device, patches: int, fn: Any) -> CaseResult
         _sync(device)
         seconds = time.perf_counter() - start
     result = CaseResult(name, patches, seconds, memory.peak_gpu_mb, memory.peak_rss / 2**20)
-    log.info("%-12s %6d patches  %8.2f patches/s  %8.2f ms/patch", name, patches, result.patches_per_s,
-             result.ms_per_patch)
+    log.info(
+        "%-12s %6d patches  %8.2f patches/s  %8.2f ms/patch", name, patches, result.patches_per_s, result.ms_per_patch
+    )
     return result
 
 
@@ -145,8 +150,9 @@ def limit_tiles(datamodule: SlideTileDataModule, max_tiles: int) -> int:
     return len(datamodule.dataset)
 
 
-def naive_loop(datamodule: SlideTileDataModule, net: torch.nn.Module, device: torch.device, mean: torch.Tensor,
-               std: torch.Tensor) -> Iterator[np.ndarray]:
+def naive_loop(
+    datamodule: SlideTileDataModule, net: torch.nn.Module, device: torch.device, mean: torch.Tensor, std: torch.Tensor
+) -> Iterator[np.ndarray]:
     """The replaced script: one OpenSlide read, CPU preprocessing, FP32 batch 1, result to the host, per tile."""
     mean_np = mean.view(1, 1, -1).cpu().numpy()
     std_np = std.view(1, 1, -1).cpu().numpy()
@@ -168,8 +174,9 @@ def model_only(module: SegmentationModule, trainer: Any, batch: torch.Tensor, ba
             module(batch)
 
 
-def precision_agreement(module: SegmentationModule, trainer: Any, reference: torch.nn.Module,
-                        tiles: torch.Tensor) -> dict[str, float]:
+def precision_agreement(
+    module: SegmentationModule, trainer: Any, reference: torch.nn.Module, tiles: torch.Tensor
+) -> dict[str, float]:
     """Mixed-precision module vs FP32 eager reference on the same tiles: Dice of masks at 0.5, max |Δp|."""
     module.to(tiles.device)  # trainer.predict's teardown moves the module back to the CPU
     with torch.inference_mode():
@@ -188,17 +195,29 @@ def precision_agreement(module: SegmentationModule, trainer: Any, reference: tor
     union = int(a.sum() + b.sum())
     dice = 1.0 if union == 0 else float(2 * (a & b).sum() / union)
     diff = (mixed - fp32).abs()
-    return {"dice_vs_fp32": round(dice, 6), "max_abs_prob_diff": float(diff.max()),
-            "mean_abs_prob_diff": float(diff.mean())}
+    return {
+        "dice_vs_fp32": round(dice, 6),
+        "max_abs_prob_diff": float(diff.max()),
+        "mean_abs_prob_diff": float(diff.mean()),
+    }
 
 
 def _ddp_throughput(cfg: DictConfig, slide: Path, ranks: int, out_dir: Path) -> dict[str, Any]:
     """Whole ``wsiseg-predict`` run on ``ranks`` CPU processes (gloo); throughput from wall time."""
     script = Path(sys.executable).parent / "wsiseg-predict"
     trainer = "trainer=cpu" if ranks == 1 else "trainer=ddp_cpu"
-    args = [str(script), trainer, f"trainer.devices={ranks}", "trainer.precision=32", "trainer.enable_progress_bar=false",
-            f"data.slides={slide}", f"data.patch_size={cfg.data.patch_size}", f"data.num_workers={cfg.data.num_workers}",
-            f"data.batch_size={cfg.data.batch_size}", f"hydra.run.dir={out_dir}"]
+    args = [
+        str(script),
+        trainer,
+        f"trainer.devices={ranks}",
+        "trainer.precision=32",
+        "trainer.enable_progress_bar=false",
+        f"data.slides={slide}",
+        f"data.patch_size={cfg.data.patch_size}",
+        f"data.num_workers={cfg.data.num_workers}",
+        f"data.batch_size={cfg.data.batch_size}",
+        f"hydra.run.dir={out_dir}",
+    ]
     if cfg.model.get("checkpoint"):
         args.append(f"model.checkpoint={cfg.model.checkpoint}")
     if HydraConfig.initialized():
@@ -236,9 +255,17 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     module.to(device).eval()
     batch_size = datamodule.batch_size
     patch = datamodule.patch_size
-    log.info("bench: %d tiles of %d px, batch %d, %d workers, %s, precision %s, compile %s, channels_last %s", tiles,
-             patch, batch_size, datamodule.num_workers, device, trainer.precision, module.compiled,
-             module.channels_last)
+    log.info(
+        "bench: %d tiles of %d px, batch %d, %d workers, %s, precision %s, compile %s, channels_last %s",
+        tiles,
+        patch,
+        batch_size,
+        datamodule.num_workers,
+        device,
+        trainer.precision,
+        module.compiled,
+        module.channels_last,
+    )
     results: dict[str, CaseResult] = {}
 
     # 4. model bound (first: it also triggers compilation, timed separately)
@@ -248,8 +275,9 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     _sync(device)
     warmup_s = time.perf_counter() - start
     model_batches = max(2, min(bench.model_batches, -(-tiles // batch_size)))
-    results["model_bound"] = _timed("model_bound", device, model_batches * batch_size,
-                                    lambda: model_only(module, trainer, images, model_batches))
+    results["model_bound"] = _timed(
+        "model_bound", device, model_batches * batch_size, lambda: model_only(module, trainer, images, model_batches)
+    )
 
     # 3. read bound: the real DataLoader (workers read + decode), nothing else
     def read_all() -> None:
@@ -262,8 +290,10 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     writer = instantiate(cfg.writer, output_dir=str(out_dir / "predict"))
     predict_trainer = instantiate(cfg.trainer, callbacks=[writer])
     results["optimised"] = _timed(
-        "optimised", device, tiles, lambda: predict_trainer.predict(module, datamodule=datamodule,
-                                                                    return_predictions=False)
+        "optimised",
+        device,
+        tiles,
+        lambda: predict_trainer.predict(module, datamodule=datamodule, return_predictions=False),
     )
 
     # 1. naive: the replaced script's loop
@@ -323,16 +353,24 @@ def format_table(report: dict[str, Any]) -> str:
     for name in ("naive", "optimised", "read_bound", "model_bound"):
         c = report["cases"][name]
         gpu = "-" if c["peak_gpu_mb"] is None else f"{c['peak_gpu_mb']:.0f}"
-        lines.append(f"{name:<12} {c['patches']:>8} {c['patches_per_s']:>10.2f} {c['ms_per_patch']:>9.2f} "
-                     f"{gpu:>12} {c['peak_rss_mb']:>12.0f}")
+        lines.append(
+            f"{name:<12} {c['patches']:>8} {c['patches_per_s']:>10.2f} {c['ms_per_patch']:>9.2f} "
+            f"{gpu:>12} {c['peak_rss_mb']:>12.0f}"
+        )
     s = report["summary"]
-    lines.append(f"speedup optimised/naive: {s['speedup_optimised_vs_naive']:.2f}x   pipeline efficiency "
-                 f"{s['pipeline_efficiency']:.0%} of the {s['bound']} bound   first batch {s['warmup_first_batch_s']} s")
-    lines.append(f"{s['precision']} vs fp32: Dice {s['dice_vs_fp32']:.5f}, max |dp| {s['max_abs_prob_diff']:.4f}, "
-                 f"mean |dp| {s['mean_abs_prob_diff']:.5f}")
+    lines.append(
+        f"speedup optimised/naive: {s['speedup_optimised_vs_naive']:.2f}x   pipeline efficiency "
+        f"{s['pipeline_efficiency']:.0%} of the {s['bound']} bound   first batch {s['warmup_first_batch_s']} s"
+    )
+    lines.append(
+        f"{s['precision']} vs fp32: Dice {s['dice_vs_fp32']:.5f}, max |dp| {s['max_abs_prob_diff']:.4f}, "
+        f"mean |dp| {s['mean_abs_prob_diff']:.5f}"
+    )
     for row in report["ddp_cpu"]:
-        lines.append(f"ddp cpu {row['ranks']} rank(s): {row['patches_per_s']:.2f} patches/s ({row['tiles']} tiles, "
-                     f"{row['seconds']} s)")
+        lines.append(
+            f"ddp cpu {row['ranks']} rank(s): {row['patches_per_s']:.2f} patches/s ({row['tiles']} tiles, "
+            f"{row['seconds']} s)"
+        )
     return "\n".join(lines)
 
 

@@ -28,8 +28,10 @@ _INT32_ELEMENTS = 2**31 - 1
 
 def x_format(x: torch.Tensor) -> torch.memory_format:
     """The memory format of an NCHW tensor (channels_last or contiguous)."""
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else (
-        torch.contiguous_format
+    return (
+        torch.channels_last
+        if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
+        else (torch.contiguous_format)
     )
 
 

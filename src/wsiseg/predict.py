@@ -1,6 +1,6 @@
 """``wsiseg-predict``: slides (or patch folders) in, stitched masks, heatmaps and reports out.
 
-    wsiseg-predict data.slides='[/data/a.svs,/data/b.tif]' model.checkpoint=/models/UNet_17.pth
+wsiseg-predict data.slides='[/data/a.svs,/data/b.tif]' model.checkpoint=/models/UNet_17.pth
 """
 
 from __future__ import annotations

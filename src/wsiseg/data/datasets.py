@@ -99,7 +99,9 @@ class SlideTileDataset(Dataset):
                 rgb = read_rgb(self._handle(slide_index), x, y, slide.level, size, size)
             except openslide.OpenSlideError as exc:
                 # OpenSlide errors are sticky per handle: remember and stop reading this slide in this worker.
-                error = f"slide '{slide.path}' tile at read-level ({x}, {y}) level {slide.level.level} unreadable: {exc}"
+                error = (
+                    f"slide '{slide.path}' tile at read-level ({x}, {y}) level {slide.level.level} unreadable: {exc}"
+                )
                 self._broken[slide_index] = error
         if rgb is None:
             rgb = np.full((size, size, 3), 255, np.uint8)

@@ -88,7 +88,8 @@ def choose_level(slide: openslide.OpenSlide, level: int | None, mpp: float | Non
     level = 0 if level is None else int(level)
     if not 0 <= level < slide.level_count:
         raise UserInputError(
-            f"data.level={level} does not exist in slide '{name}' ({slide.level_count} levels: 0..{slide.level_count - 1})"
+            f"data.level={level} does not exist in slide '{name}' "
+            f"({slide.level_count} levels: 0..{slide.level_count - 1})"
         )
     downsample = float(slide.level_downsamples[level])
     return SlideLevel(

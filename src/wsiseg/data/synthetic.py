@@ -66,8 +66,10 @@ class SyntheticSlide:
         centres = []
         for _ in range(self.tissue_blobs):
             cx, cy = rng.uniform(0.2, 0.8) * fw, rng.uniform(0.2, 0.8) * fh
-            axes = (max(2, int(short * self.tissue_scale * rng.uniform(0.7, 1.3))),
-                    max(2, int(short * self.tissue_scale * rng.uniform(0.5, 1.0))))
+            axes = (
+                max(2, int(short * self.tissue_scale * rng.uniform(0.7, 1.3))),
+                max(2, int(short * self.tissue_scale * rng.uniform(0.5, 1.0))),
+            )
             cv2.ellipse(tissue, (int(cx), int(cy)), axes, rng.uniform(0, 180), 0, 360, 1.0, -1)
             centres.append((cx, cy, min(axes)))
         tumour = np.zeros_like(tissue)
@@ -120,9 +122,9 @@ class SyntheticSlide:
             return np.broadcast_to(_BACKGROUND.astype(np.uint8), (h, w, 3)).copy()
         tumour = (self.sample(tumour_f, x0, y0, w, h, downsample) > 0.5) & tissue
         rng = np.random.default_rng([self.seed, int(downsample * 16), x0, y0])
-        image = np.where(
-            tumour[..., None], _TUMOUR, np.where(tissue[..., None], _STROMA, _BACKGROUND)
-        ).astype(np.float32)
+        image = np.where(tumour[..., None], _TUMOUR, np.where(tissue[..., None], _STROMA, _BACKGROUND)).astype(
+            np.float32
+        )
         texture = cv2.GaussianBlur(rng.normal(0, 6, (h, w)).astype(np.float32), (0, 0), 1.5)
         image += (texture * tissue)[..., None]
         image = np.ascontiguousarray(np.clip(image, 0, 255).astype(np.uint8))
@@ -180,22 +182,21 @@ def write_synthetic_slide(
                 else:
                     yield imagecodecs.jpeg_encode(slide.render(fields, tx, ty, tile, tile, ds), level=quality)
 
-    with atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=slide.width * slide.height > 2**31) as tiff:
-            for index, (w, h, ds) in enumerate(_level_sizes(slide.width, slide.height, level_factor, 1024)):
-                tiff.write(
-                    tiles(w, h, ds),
-                    shape=(h, w, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    compression="jpeg",
-                    photometric="rgb",
-                    subfiletype=0 if index == 0 else 1,
-                    resolution=(pixels_per_cm / ds, pixels_per_cm / ds),
-                    resolutionunit="CENTIMETER",
-                    description=f"wsiseg synthetic slide seed={slide.seed}" if index == 0 else None,
-                    metadata=None,
-                )
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=slide.width * slide.height > 2**31) as tiff:
+        for index, (w, h, ds) in enumerate(_level_sizes(slide.width, slide.height, level_factor, 1024)):
+            tiff.write(
+                tiles(w, h, ds),
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=0 if index == 0 else 1,
+                resolution=(pixels_per_cm / ds, pixels_per_cm / ds),
+                resolutionunit="CENTIMETER",
+                description=f"wsiseg synthetic slide seed={slide.seed}" if index == 0 else None,
+                metadata=None,
+            )
     truth = slide.ground_truth(ground_truth_downsample)
     with atomic_path(path.with_name(f"{path.name.split('.')[0]}_tumour.png")) as tmp:
         Image.fromarray((truth * 255).astype(np.uint8)).save(tmp, format="PNG")
@@ -217,9 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_existing and args.path.exists():
         print(f"{args.path} exists; kept")
         return
-    spec = SyntheticSlide(
-        args.width, args.height, args.seed, args.tissue_blobs, args.tumour_blobs, args.tissue_scale
-    )
+    spec = SyntheticSlide(args.width, args.height, args.seed, args.tissue_blobs, args.tumour_blobs, args.tissue_scale)
     write_synthetic_slide(args.path, spec)
     print(f"wrote {args.path}")
 

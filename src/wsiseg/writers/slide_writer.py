@@ -149,8 +149,16 @@ class SlideWriter(BasePredictionWriter):
         for path, reason in getattr(datamodule, "failed", []):
             self.results.append({"slide": str(path), "status": "skipped", "tiles": 0, "seconds": 0.0, "reason": reason})
         for path, name in getattr(datamodule, "resumed", []):
-            self.results.append({"slide": str(path), "name": name, "status": "complete", "tiles": 0, "seconds": 0.0,
-                                 "reason": "resumed: complete outputs kept"})
+            self.results.append(
+                {
+                    "slide": str(path),
+                    "name": name,
+                    "status": "complete",
+                    "tiles": 0,
+                    "seconds": 0.0,
+                    "reason": "resumed: complete outputs kept",
+                }
+            )
         if self._rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             # Before any rank writes (under DDP the tile-claiming all-gather that follows is the barrier).

@@ -128,7 +128,9 @@ class BlendingAccumulator:
                 sy0, sy1 = max(y0, cy0), min(y_end, cy1)
                 sx0, sx1 = max(x0, cx0), min(x_end, cx1)
                 sums, wsum = self._get_chunk(cy, cx)
-                sums[:, sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0] += weighted[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+                sums[:, sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0] += weighted[
+                    :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0
+                ]
                 wsum[sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0] += wts[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
 
     def merge_from(self, other_path: str | Path) -> None:
