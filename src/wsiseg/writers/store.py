@@ -149,11 +149,11 @@ class BlendingAccumulator:
     def band_chunks(self) -> Iterator[tuple[int, int, list[tuple[int, np.ndarray, np.ndarray]]]]:
         """Yield one entry per row of chunks: ``(y0, rows, chunks)`` where ``chunks`` lists ``(x0, mean, covered)`` for
         the chunks some tile touched — ``mean`` (C, rows, w) float32 weighted mean (0 where no weight), ``covered``
-        (rows, w) bool. Untouched chunks are left out (they are background). Flushes first.
+        (rows, w) bool. Untouched chunks are left out (they are background).
 
-        Only one chunk row is decoded at a time, so memory is bounded by a row of touched chunks.
+        Chunks still in the memory cache are used (and released) directly; only evicted ones are read from disk.
+        Consumes the accumulator: it cannot be added to afterwards.
         """
-        self.flush()
         height = self.size[1]
         for cy in range(self.chunk_grid[0]):
             y0, y1 = cy * self.chunk, min((cy + 1) * self.chunk, height)
@@ -162,8 +162,12 @@ class BlendingAccumulator:
                 if (cy, cx) not in self.touched:
                     continue
                 _, _, x0, x1 = self._chunk_bounds(cy, cx)
-                sums = np.asarray(self._sum[:, y0:y1, x0:x1])
-                weights = np.asarray(self._weight[y0:y1, x0:x1])
+                cached = self._cache.pop((cy, cx), None)
+                if cached is not None:
+                    sums, weights = cached
+                else:
+                    sums = np.asarray(self._sum[:, y0:y1, x0:x1])
+                    weights = np.asarray(self._weight[y0:y1, x0:x1])
                 covered = weights > 0
                 mean = np.zeros_like(sums)
                 np.divide(sums, weights[None], out=mean, where=covered[None])

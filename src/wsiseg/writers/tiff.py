@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imagecodecs
@@ -47,21 +49,29 @@ def downsample_2x(band: np.ndarray, labels: bool) -> np.ndarray:
 ENCODERS = {"zlib": imagecodecs.zlib_encode, "zstd": imagecodecs.zstd_encode}
 
 
+_ENCODE_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="wsiseg-tiff")
+
+
 def _encoded_tiles(band: np.ndarray, tile: int, compression: str, empty: bytes) -> Iterator[bytes]:
-    """Compressed tiles of a band, row-major; all-zero (background) tiles reuse one pre-encoded tile."""
+    """Compressed tiles of a band, row-major; all-zero (background) tiles reuse one pre-encoded tile. The codecs
+    release the GIL, so a band's tiles are encoded on a small thread pool."""
     encode = ENCODERS[compression]
     rows, width = band.shape
+    blocks: list[np.ndarray | None] = []
     for ty in range(0, rows, tile):
         for tx in range(0, width, tile):
             block = band[ty : ty + tile, tx : tx + tile]
             if not block.any():
-                yield empty
+                blocks.append(None)
                 continue
             if block.shape != (tile, tile):
                 padded = np.zeros((tile, tile), np.uint8)
                 padded[: block.shape[0], : block.shape[1]] = block
                 block = padded
-            yield encode(np.ascontiguousarray(block))
+            blocks.append(np.ascontiguousarray(block))
+    encoded = iter(_ENCODE_POOL.map(encode, [b for b in blocks if b is not None]))
+    for block in blocks:
+        yield empty if block is None else next(encoded)
 
 
 def write_pyramid_tiff(
