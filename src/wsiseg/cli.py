@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from wsiseg.errors import UserInputError
 
-__all__ = ["user_errors", "find_user_error"]
+__all__ = ["user_errors", "find_user_error", "quiet_library_noise"]
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def quiet_library_noise() -> None:
+    """Silence messages that say nothing about the user's run: Lightning's advertising tip and a deprecation
+    warning Lightning itself triggers in torch's pytree module."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
 
 
 def find_user_error(exc: BaseException) -> UserInputError | None:
@@ -28,6 +43,7 @@ def user_errors(command: str) -> Iterator[None]:
 
     ``HYDRA_FULL_ERROR=1`` or ``WSISEG_DEBUG=1`` re-raises with the full traceback instead.
     """
+    quiet_library_noise()
     try:
         yield
     except KeyboardInterrupt:
