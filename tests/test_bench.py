@@ -52,3 +52,45 @@ def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     assert report["settings"]["precision"] == "bf16-mixed"
     # the optimised case ran the real writer
     assert (tmp_path / "predict" / "bench_slide" / "mask.tif").exists()
+
+
+def test_bench_patch_mode_naive_vs_batched(tmp_path: Path) -> None:
+    import numpy as np
+    import openslide
+    from PIL import Image
+
+    from tests.conftest import shared_slide
+
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    with openslide.OpenSlide(str(shared_slide("CMU-1-Small-Region.svs"))) as slide:
+        for i in range(12):
+            region = slide.read_region((150 * i, 200 * i), 0, (256, 256)).convert("RGB")
+            Image.fromarray(np.asarray(region)).save(folder / f"p{i:02d}.png")
+    script = Path(sys.executable).parent / "wsiseg-bench"
+    result = subprocess.run(
+        [
+            str(script),
+            "data=patches",
+            f"data.input_dir={folder}",
+            "data.patch_size=256",
+            "data.batch_size=4",
+            "data.num_workers=1",
+            "writer=patches",
+            "writer.write_workers=1",
+            "trainer=cpu",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "bench.json").read_text())
+    assert report["mode"] == "patches"
+    assert {c["patches"] for c in report["cases"].values()} == {12}
+    ratio = report["cases"]["optimised"]["images_per_s"] / report["cases"]["naive"]["images_per_s"]
+    assert report["summary"]["speedup_optimised_vs_naive"] == pytest.approx(ratio, rel=1e-2)
+    assert len(list((tmp_path / "run" / "naive").glob("*_heatmap.png"))) == 12
+    assert len(list((tmp_path / "run" / "predict").glob("*_heatmap.png"))) == 12
