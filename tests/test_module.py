@@ -111,3 +111,23 @@ def test_bad_options_fail_with_the_option_name() -> None:
         SegmentationModule(ProbeNet(), reduction="mean")
     with pytest.raises(UserInputError, match="data.patch_size"):
         SegmentationModule(Unet(3, 1, base_width=4))(torch.zeros(1, 3, 24, 24, dtype=torch.uint8))
+
+
+def test_compiled_network_pads_short_batches_instead_of_recompiling() -> None:
+    calls: list[int] = []
+
+    class Counting(nn.Module):
+        stride = 1
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return x[:, :1]
+
+    module = SegmentationModule(Counting(), output_dtype="float32", channels_last=False)
+    module.compiled = True
+    module._set_forward(lambda x: Counting.forward(None, x))  # stands in for the compiled wrapper
+    images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
+    full = module.predict_step({"image": images})["probs"]
+    short = module.predict_step({"image": images[:3]})["probs"]
+    assert calls == [8, 8], "the short batch is padded to the compiled batch size"
+    torch.testing.assert_close(short, full[:3])

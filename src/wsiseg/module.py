@@ -122,6 +122,7 @@ class SegmentationModule(pl.LightningModule):
         self.channels_last, self.compile_network = channels_last, compile
         self.max_chunk = max_chunk
         self._oom_chunk: int | None = None  # chunk size that last fit after an out-of-memory retry
+        self._graph_batch: int | None = None  # batch size the compiled graph was built for
         self.compiled = False
         self._set_forward(self.net)
 
@@ -201,14 +202,15 @@ class SegmentationModule(pl.LightningModule):
         while start < x.shape[0]:
             try:
                 chunk = x[start : start + step]
-                if self.compiled and chunk.shape[0] < step:
-                    # A compiled graph is specialised to its batch size: pad the short last chunk instead of
-                    # recompiling for it (compilation costs seconds; a few padded tiles cost milliseconds).
-                    padding = chunk.new_zeros((step - chunk.shape[0], *chunk.shape[1:]))
-                    chunk = torch.cat([chunk, padding]).contiguous(memory_format=x_format(chunk))
-                    outputs.append(self._call_network(chunk)[: x.shape[0] - start])
-                else:
-                    outputs.append(self._call_network(chunk))
+                count = chunk.shape[0]
+                if self.compiled and self._forward is not self.net:
+                    # A compiled graph is specialised to its batch size: pad short chunks (the last batch of a run)
+                    # to the size compiled first instead of recompiling (seconds) for a few padded tiles (ms).
+                    self._graph_batch = self._graph_batch or count
+                    if count < self._graph_batch:
+                        padding = chunk.new_zeros((self._graph_batch - count, *chunk.shape[1:]))
+                        chunk = torch.cat([chunk, padding]).contiguous(memory_format=x_format(chunk))
+                outputs.append(self._call_network(chunk)[:count])
                 start += step
             except torch.OutOfMemoryError:
                 if step == 1:
@@ -218,6 +220,7 @@ class SegmentationModule(pl.LightningModule):
                     ) from None
                 step = max(1, step // 2)
                 self._oom_chunk = step
+                self._graph_batch = None
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 log.warning("CUDA out of memory: retrying with %d tiles per network call", step)
