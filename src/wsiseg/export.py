@@ -23,7 +23,6 @@ import copy
 import hashlib
 import io
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,7 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wsiseg.atomic import write_json_atomic
+from wsiseg.atomic import atomic_path, write_json_atomic
 from wsiseg.cli import user_errors
 from wsiseg.config import config_dir
 from wsiseg.errors import UserInputError
@@ -127,18 +126,6 @@ def _check_output_path(path: str | Path, option: str = "export.path") -> Path:
             f"{option} '{path}': folder '{folder}' is not writable ({exc.strerror}): choose a writable folder"
         ) from None
     return path
-
-
-@contextlib.contextmanager
-def _staged(path: Path) -> Iterator[Path]:
-    """A temporary file next to ``path``, renamed onto it only when the block (export + verification) succeeds."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _quiet() -> contextlib.AbstractContextManager[Any]:
@@ -577,7 +564,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     output_name = "probabilities" if activation == "none" else "logits"
     channels = _output_channels(net, stride)
 
-    with _staged(path) as tmp:
+    with atomic_path(path) as tmp:
         if fmt == "onnx":
             export_onnx(net, tmp, opset=opset or 17, fp16=fp16, example_size=sizes[0], output_name=output_name)
             verify = verify_onnx
