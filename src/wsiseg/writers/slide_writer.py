@@ -318,7 +318,7 @@ class SlideWriter(BasePredictionWriter):
         except Exception as exc:
             report["status"] = "failed"
             report["error"] = str(exc)
-            for name in ("mask.tif", "heatmap.png"):
+            for name in ("mask.tif", "heatmap.png", "tumour.geojson", "tumour.xml"):
                 (out_dir / name).unlink(missing_ok=True)
             log.error("slide '%s' failed: %s", slide.path, exc)
         finally:
