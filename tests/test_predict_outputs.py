@@ -159,3 +159,47 @@ def test_mask_tif_heatmap_and_report(synthetic_slide: Path, tmp_path: Path, demo
     assert not any(p.name.startswith(".") for p in out.iterdir()), "temporary files left behind"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [row["status"] for row in summary["slides"]] == ["complete"]
+
+
+class DominantColour(torch.nn.Module):
+    """Three classes = the dominant RGB channel (a fixed 1x1 convolution), for checking the label path."""
+
+    stride = 1
+
+    def __init__(self, **_: object) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1) * 20.0)
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_multi_class_model_writes_class_labels(tmp_path: Path, synthetic_slide: Path) -> None:
+    """model.reduction=none keeps every class: mask.tif holds argmax labels, not probabilities."""
+    status = predict(
+        synthetic_slide,
+        tmp_path / "out",
+        [
+            "model=probe",
+            "model.net._target_=tests.test_predict_outputs.DominantColour",
+            "model.activation=softmax",
+            "model.reduction=none",
+            "model.output_dtype=float32",
+            "data.patch_size=256",
+            "data.overlap=64",
+            "data.tissue.enabled=false",
+        ],
+    )
+    assert status == 0
+    mask = tifffile.imread(tmp_path / "out" / "synth" / "mask.tif", key=0)
+    with openslide.OpenSlide(str(synthetic_slide)) as slide:
+        rgb = rgba_to_rgb(np.asarray(slide.read_region((0, 0), 0, slide.dimensions))).astype(int)
+    expected = rgb.argmax(axis=2)
+    unique = (np.sort(rgb, axis=2)[..., 2] - np.sort(rgb, axis=2)[..., 1]) >= 2  # no near-tie between channels
+    assert {0, 2} <= set(np.unique(mask)) <= {0, 1, 2}  # pink stroma -> red, nuclei and bluish glass -> blue
+    np.testing.assert_array_equal(mask[unique], expected[unique])
+    heatmap = np.asarray(Image.open(tmp_path / "out" / "synth" / "heatmap.png"))
+    assert heatmap.ndim == 3
