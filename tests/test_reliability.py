@@ -85,10 +85,14 @@ def test_unopenable_slides_are_named_skipped_and_others_finish(tmp_path: Path, g
     folder.mkdir()
     renamed_text = tmp_path / "notes.svs"
     renamed_text.write_text("this is a text file, not a slide\n" * 20)
+    truncated = tmp_path / "truncated.svs"  # Aperio keeps its directory at the end: a cut copy loses it
+    real = shared_slide("CMU-1-Small-Region.svs").read_bytes()
+    truncated.write_bytes(real[: len(real) * 2 // 3])
     bad_inputs = [
         tmp_path / "missing.svs",
         folder,
         renamed_text,
+        truncated,
         shared_slide("histolab__broken.svs"),
         shared_slide("openslide-python__unopenable.tiff"),
         shared_slide("openslide-python__unreadable.svs"),  # opens, but its JPEG tile is corrupt
