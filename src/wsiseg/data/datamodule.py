@@ -71,6 +71,9 @@ class SlideTileDataModule(pl.LightningDataModule):
         pin_memory: pin host batches (only takes effect with CUDA).
         prefetch_factor: batches prefetched per worker.
         on_error: ``skip`` — a slide that cannot be opened is reported and skipped; ``raise`` — stop the run.
+        reader: ``openslide`` — workers read RGB tiles with OpenSlide; ``gpu_jpeg`` — workers read only the compressed
+            JPEG tiles and the module decodes them on its device (falls back to OpenSlide, with one warning, unless
+            every slide is JPEG-tiled at its read level; see ``wsiseg.data.jpeg_tiles``).
 
     Example::
 
@@ -92,6 +95,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         prefetch_factor: int = 4,
         on_error: str = "skip",
+        reader: str = "openslide",
     ) -> None:
         super().__init__()
         if on_error not in ("skip", "raise"):
@@ -116,6 +120,9 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.on_error = on_error
+        if reader not in ("openslide", "gpu_jpeg"):
+            raise UserInputError(f"data.reader must be 'openslide' or 'gpu_jpeg', got '{reader}'")
+        self.reader = reader
         self.slides: list[SlideTiles] = []
         self.failed: list[tuple[Path, str]] = []
         self.resumed: list[tuple[Path, str]] = []
@@ -198,6 +205,12 @@ class SlideTileDataModule(pl.LightningDataModule):
         return self._dataset
 
     def predict_dataloader(self) -> DataLoader:
+        if self.reader == "gpu_jpeg":
+            from wsiseg.data.jpeg_dataset import jpeg_dataloader
+
+            loader = jpeg_dataloader(self)  # None: some slide is not JPEG-tiled (warned once); OpenSlide reads
+            if loader is not None:
+                return loader
         workers = self.num_workers
         return DataLoader(
             self.dataset,

@@ -1,0 +1,244 @@
+"""``data.reader=gpu_jpeg``: DataLoader workers read only the compressed JPEG tiles each patch needs; the module decodes
+them in batches on its device (:func:`wsiseg.data.jpeg_tiles.decode_batch`).
+
+Slides are planned exactly as for the OpenSlide reader (same tiles, same order, same dataset indices); only reading
+differs. When any slide is not JPEG-tiled at its read level (other compressions, JPEG 2000, vendor formats), the whole
+run reads with OpenSlide, after one warning naming the slides and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from wsiseg.data.datasets import SlideTiles
+from wsiseg.data.jpeg_tiles import (
+    CompressedTiles,
+    JpegTileLayout,
+    UnsupportedLevelError,
+    inspect_jpeg_level,
+    tile_stream,
+)
+
+__all__ = ["JpegTileDataset", "collate_jpeg_tiles", "jpeg_dataloader", "plan_layouts"]
+
+log = logging.getLogger(__name__)
+
+
+class JpegTileDataset(Dataset):
+    """The tissue tiles of several JPEG-tiled slides, as compressed tiles (same indices as ``SlideTileDataset``).
+
+    Each item is a dict: ``slide_index``, ``tile_index``, ``x``/``y`` (patch origin, read-level px), ``error`` (empty,
+    or why the tile bytes could not be read), ``path``, ``level``, ``colour`` (the layout's JPEG colour kind),
+    ``patch_size``, ``geometry`` (x, y, c0, r0, tile width, tile height,
+    level width, level height — read-level px, c0/r0 in tiles: the first column/row of the tile window the patch
+    overlaps), ``window`` (rows, cols of that window) and ``tiles``: one ``(key, stream)`` per tile of the window in
+    raster order, ``stream`` a standalone JPEG (tables merged, colour marker set) or None for a missing tile.
+
+    Args:
+        slides: the planned slides (``SlideTileDataModule.dataset.slides``).
+        layouts: each slide's JPEG tile layout at its read level.
+        cache_tiles: tile streams kept per worker; neighbouring patches (overlap, straddling) share tiles.
+    """
+
+    def __init__(self, slides: list[SlideTiles], layouts: list[JpegTileLayout], cache_tiles: int = 512) -> None:
+        if len(slides) != len(layouts):
+            raise ValueError(f"{len(slides)} slides but {len(layouts)} tile layouts")
+        self.slides, self.layouts, self.cache_tiles = slides, layouts, cache_tiles
+        counts = [s.tiles_tissue for s in slides]
+        self._slide_of = np.repeat(np.arange(len(slides), dtype=np.int64), counts)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._files: dict[int, int] = {}
+        self._cache: OrderedDict[tuple[int, int], bytes | None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # File descriptors and cached tiles are per process: workers open their own on first use.
+        state = self.__dict__.copy()
+        state["_files"], state["_cache"] = {}, OrderedDict()
+        return state
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file descriptors this process opened."""
+        for fd in getattr(self, "_files", {}).values():
+            os.close(fd)
+        self._files = {}
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(slide_index, tile_index) of flat dataset ``index``."""
+        slide_index = int(self._slide_of[index])
+        return slide_index, int(index - self._offsets[slide_index])
+
+    def _stream(self, slide_index: int, tile: int) -> bytes | None:
+        key = (slide_index, tile)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        layout = self.layouts[slide_index]
+        count = int(layout.bytecounts[tile])
+        stream = None
+        if count:
+            fd = self._files.get(slide_index)
+            if fd is None:
+                fd = self._files[slide_index] = os.open(layout.path, os.O_RDONLY)
+            raw = os.pread(fd, count, int(layout.offsets[tile]))
+            if len(raw) != count:
+                raise OSError(f"tile {tile} truncated: {len(raw)} of {count} bytes")
+            stream = tile_stream(raw, layout.tables, layout.colour)
+        self._cache[key] = stream
+        if len(self._cache) > self.cache_tiles:
+            self._cache.popitem(last=False)
+        return stream
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        slide_index, tile_index = self.locate(index)
+        slide, layout = self.slides[slide_index], self.layouts[slide_index]
+        x, y = (int(v) for v in slide.origins[tile_index])
+        size = slide.grid.patch_size
+        c0, r0, c1, r1 = layout.tile_window(x, y, size, size)
+        cols = layout.grid[0]
+        tiles: list[tuple[int, bytes | None]] = []
+        error = ""
+        try:
+            for row in range(r0, r1):
+                for col in range(c0, c1):
+                    tile = row * cols + col
+                    tiles.append((tile, self._stream(slide_index, tile)))
+        except (OSError, ValueError) as exc:
+            error = f"slide '{slide.path}' tile at read-level ({x}, {y}) level {slide.level.level} unreadable: {exc}"
+            tiles, c1, r1 = [], c0, r0
+        return {
+            "slide_index": slide_index,
+            "tile_index": tile_index,
+            "x": x,
+            "y": y,
+            "error": error,
+            "path": str(slide.path),
+            "level": slide.level.level,
+            "colour": layout.colour,
+            "patch_size": size,
+            "geometry": (x, y, c0, r0, *layout.tile_size, *layout.level_size),
+            "window": (r1 - r0, c1 - c0),
+            "tiles": tiles,
+        }
+
+
+def collate_jpeg_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch items of :class:`JpegTileDataset`: tiles shared by several patches are kept (and decoded) once.
+
+    Returns a dict with ``jpeg_tiles`` (:class:`~wsiseg.data.jpeg_tiles.CompressedTiles`), ``slide_index``,
+    ``tile_index``, ``x``, ``y`` (int64 tensors) and ``error`` (list of str) — the keys the writer reads.
+    """
+    unique: dict[tuple[int, int], int] = {}
+    streams: list[bytes] = []
+    colours: list[int] = []
+    labels: list[str] = []
+    owners: list[list[int]] = []
+    rows = max([1, *(item["window"][0] for item in items)])
+    cols = max([1, *(item["window"][1] for item in items)])
+    lookup = np.full((len(items), rows, cols), -1, dtype=np.int64)
+    for n, item in enumerate(items):
+        window_cols = item["window"][1]
+        for k, (tile, stream) in enumerate(item["tiles"]):
+            if stream is None:
+                continue
+            key = (item["slide_index"], tile)
+            u = unique.get(key)
+            if u is None:
+                u = unique[key] = len(streams)
+                streams.append(stream)
+                colours.append(item["colour"])
+                labels.append(f"slide '{item['path']}' level {item['level']} TIFF tile {tile}")
+                owners.append([])
+            owners[u].append(n)
+            lookup[n, k // window_cols, k % window_cols] = u
+    offsets = np.zeros(len(streams) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(s) for s in streams])
+    data = np.frombuffer(b"".join(streams), dtype=np.uint8).copy() if streams else np.zeros(0, np.uint8)
+    tiles = CompressedTiles(
+        data=data,
+        offsets=offsets,
+        colours=np.asarray(colours, dtype=np.uint8),
+        labels=labels,
+        patch_size=int(items[0]["patch_size"]) if items else 0,
+        geometry=np.asarray([item["geometry"] for item in items], dtype=np.int64).reshape(len(items), 8),
+        lookup=lookup,
+        owners=owners,
+    )
+    return {
+        "jpeg_tiles": tiles,
+        "slide_index": torch.tensor([item["slide_index"] for item in items], dtype=torch.int64),
+        "tile_index": torch.tensor([item["tile_index"] for item in items], dtype=torch.int64),
+        "x": torch.tensor([item["x"] for item in items], dtype=torch.int64),
+        "y": torch.tensor([item["y"] for item in items], dtype=torch.int64),
+        "error": [item["error"] for item in items],
+    }
+
+
+def plan_layouts(slides: Sequence[SlideTiles]) -> tuple[list[JpegTileLayout] | None, list[str]]:
+    """Each slide's JPEG tile layout at its read level, or (None, reasons) when any slide has none.
+
+    Returns:
+        (layouts in slide order or None, one ``'<file name>: <reason>'`` per slide that cannot be read this way).
+    """
+    layouts: list[JpegTileLayout] = []
+    problems: list[str] = []
+    for slide in slides:
+        try:
+            vendor = slide.properties.get("openslide.vendor")
+            layouts.append(inspect_jpeg_level(slide.path, slide.level.size, vendor))
+        except UnsupportedLevelError as exc:
+            problems.append(f"{slide.path.name}: {exc}")
+    return (None if problems else layouts), problems
+
+
+# One plan per datamodule (and per set of slides), so the fallback warning is logged once however often the
+# DataLoader is rebuilt.
+_plans: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], list[JpegTileLayout] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def jpeg_dataloader(datamodule: Any) -> DataLoader | None:
+    """The ``data.reader=gpu_jpeg`` DataLoader for a set-up ``SlideTileDataModule``, or None (after one warning) when
+    some slide is not JPEG-tiled at its read level and OpenSlide must read them all."""
+    slides = datamodule.dataset.slides
+    key = tuple((str(s.path), s.level.level, tuple(s.level.size)) for s in slides)
+    plan = _plans.get(datamodule)
+    if plan is None or plan[0] != key:
+        layouts, problems = plan_layouts(slides)
+        if problems:
+            log.warning(
+                "data.reader=gpu_jpeg: %d of %d slide(s) not JPEG-tiled at the read level, reading all with "
+                "OpenSlide (%s)",
+                len(problems),
+                len(slides),
+                "; ".join(problems),
+            )
+        plan = _plans[datamodule] = (key, layouts)
+    if plan[1] is None:
+        return None
+    workers = datamodule.num_workers
+    return DataLoader(
+        JpegTileDataset(slides, plan[1]),
+        batch_size=datamodule.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_jpeg_tiles,
+        pin_memory=False,  # only compressed bytes and a few indices travel: nothing worth pinning
+        persistent_workers=workers > 0,
+        prefetch_factor=datamodule.prefetch_factor if workers > 0 else None,
+    )

@@ -1,0 +1,519 @@
+"""JPEG-tiled slide levels read as compressed tiles and decoded in batches (nvJPEG on CUDA, libjpeg-turbo on CPU).
+
+The ``data.reader=gpu_jpeg`` path has three parts:
+
+1. :func:`inspect_jpeg_level` finds the TIFF page (tifffile) holding an OpenSlide level and returns its
+   :class:`JpegTileLayout` — tile size, per-tile file offsets and byte counts, JPEGTables, photometric — or raises
+   :class:`UnsupportedLevelError` saying why the level cannot be read that way (the caller then uses OpenSlide);
+2. :func:`tile_stream` turns one stored tile into a standalone JPEG stream: the level's JPEGTables (abbreviated
+   streams, as Aperio and libtiff write them) are inserted after the tile's SOI, and an Adobe APP14 marker makes the
+   decoder apply (or not) the YCbCr→RGB conversion exactly as the TIFF photometric says — what OpenSlide (libtiff)
+   does, whatever markers the stream carries;
+3. :func:`decode_batch` decodes the unique tiles of a batch with ``torchvision.io.decode_jpeg`` on the model's device
+   and assembles the ``(N, 3, P, P)`` uint8 patches there with one gather (tiles straddled, overlap, white past the
+   level's edge), so ``predict_step`` gets device-resident images without a host round trip.
+
+Frames: tile and patch geometry is in **read-level px** (pixels of the TIFF page = the OpenSlide level read); the
+TIFF page is read directly, so a level with a non-integer downsample is read on its own pixel grid (OpenSlide resamples
+such reads at a sub-pixel offset, see README "Coordinate frames").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "COLOUR_RGB",
+    "COLOUR_YCBCR",
+    "CompressedTiles",
+    "JpegTileLayout",
+    "SUPPORTED_VENDORS",
+    "UnsupportedLevelError",
+    "assemble_patches",
+    "decode_batch",
+    "decode_streams",
+    "inspect_jpeg_level",
+    "jpeg_colour_space",
+    "merge_tables",
+    "tile_stream",
+]
+
+log = logging.getLogger(__name__)
+
+# OpenSlide vendors whose levels are plain TIFF tile grids (no overlaps, offsets or sparse-tile conventions).
+SUPPORTED_VENDORS = ("aperio", "generic-tiff")
+
+COLOUR_YCBCR = 0  # the decoder converts YCbCr → RGB
+COLOUR_RGB = 1  # the components are R, G, B already (no conversion)
+
+_SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
+_APP0, _APP14 = 0xE0, 0xEE
+_SOF_SUPPORTED = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman, 8-bit)
+_SOF_ALL = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: markers without a length field
+_PHOTOMETRIC = {2: "rgb", 6: "ycbcr"}
+_COMPRESSION_NAMES = {1: "none", 5: "LZW", 6: "old-style JPEG", 8: "deflate", 32946: "deflate", 33003: "JPEG 2000"}
+_COMPRESSION_NAMES |= {33005: "JPEG 2000", 34712: "JPEG 2000", 50000: "zstd", 50001: "webp", 34887: "LERC"}
+# Mean |Δ| (grey levels) above which a device decode is taken to disagree with libjpeg on the colour conversion
+# (nvJPEG vs libjpeg-turbo differ by ~1 level from IDCT/upsampling; a wrong conversion differs by tens).
+_COLOUR_CHECK_TOLERANCE = 4.0
+
+
+class UnsupportedLevelError(ValueError):
+    """The level is not a plain JPEG tile grid that :mod:`jpeg_tiles` can read; the message says why."""
+
+
+@dataclass(frozen=True)
+class JpegTileLayout:
+    """Where the JPEG tiles of one slide level lie in the file.
+
+    Attributes:
+        path: the slide file.
+        page: index of the TIFF page (IFD) holding the level.
+        level_size: (W, H) of the level, read-level px.
+        tile_size: (tile width, tile height), read-level px.
+        offsets: (rows·cols,) int64 file offsets of the tiles, raster order (row-major).
+        bytecounts: (rows·cols,) int64 compressed sizes; 0 marks a missing tile (read as white, like OpenSlide).
+        tables: the JPEGTables tag (an abbreviated stream holding DQT/DHT segments), or None.
+        photometric: ``rgb`` (components stored as R, G, B: no colour conversion) or ``ycbcr``.
+    """
+
+    path: str
+    page: int
+    level_size: tuple[int, int]
+    tile_size: tuple[int, int]
+    offsets: np.ndarray = field(repr=False)
+    bytecounts: np.ndarray = field(repr=False)
+    tables: bytes | None = field(repr=False)
+    photometric: str
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(columns, rows) of tiles covering the level (edge tiles run past it)."""
+        return (math.ceil(self.level_size[0] / self.tile_size[0]), math.ceil(self.level_size[1] / self.tile_size[1]))
+
+    @property
+    def colour(self) -> int:
+        """:data:`COLOUR_RGB` or :data:`COLOUR_YCBCR`: the conversion the TIFF photometric asks for."""
+        return COLOUR_RGB if self.photometric == "rgb" else COLOUR_YCBCR
+
+    def tile_window(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
+        """Tiles (c0, r0, c1, r1), half-open, that a ``w × h`` region at read-level px (x, y) overlaps inside the
+        level; c1 <= c0 or r1 <= r0 when the region lies wholly outside the level."""
+        tw, th = self.tile_size
+        width, height = self.level_size
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, width), min(y + h, height)
+        if x1 <= x0 or y1 <= y0:
+            return (0, 0, 0, 0)
+        return (x0 // tw, y0 // th, (x1 - 1) // tw + 1, (y1 - 1) // th + 1)
+
+    def tiles_for_region(self, x: int, y: int, w: int, h: int) -> list[tuple[int, int, int]]:
+        """(tile index, column, row) of every tile a ``w × h`` region at read-level px (x, y) overlaps inside the
+        level, raster order; empty when the region lies wholly outside the level."""
+        c0, r0, c1, r1 = self.tile_window(x, y, w, h)
+        cols = self.grid[0]
+        return [(row * cols + col, col, row) for row in range(r0, r1) for col in range(c0, c1)]
+
+
+def _segments(data: bytes, start: int = 2) -> Iterator[tuple[int, int, int]]:
+    """(marker, start, end) of the marker segments of a JPEG stream from ``start`` (just past SOI) up to and including
+    SOS or EOI; ``end`` is exclusive. Raises ValueError on a malformed header."""
+    pos, size = start, len(data)
+    while pos < size:
+        if data[pos] != 0xFF:
+            raise ValueError(f"JPEG marker expected at byte {pos}, found 0x{data[pos]:02x}")
+        while pos + 1 < size and data[pos + 1] == 0xFF:  # fill bytes
+            pos += 1
+        if pos + 1 >= size:
+            break
+        marker = data[pos + 1]
+        if marker in _STANDALONE or marker in (_SOI, _EOI):
+            yield marker, pos, pos + 2
+            if marker == _EOI:
+                return
+            pos += 2
+            continue
+        if pos + 4 > size:
+            raise ValueError(f"JPEG segment 0x{marker:02x} at byte {pos} is truncated")
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if end > size:
+            raise ValueError(f"JPEG segment 0x{marker:02x} at byte {pos} runs past the end of the data")
+        yield marker, pos, end
+        if marker == _SOS:
+            return
+        pos = end
+    raise ValueError("JPEG stream ends before its scan (no SOS or EOI marker)")
+
+
+def _is_jfif(data: bytes, start: int, end: int) -> bool:
+    return data[start + 4 : start + 9] == b"JFIF\x00"
+
+
+def _adobe_transform(data: bytes, start: int, end: int) -> int | None:
+    """The colour transform byte of an Adobe APP14 segment, or None for another APP14."""
+    if data[start + 4 : start + 9] != b"Adobe" or end - start < 16:
+        return None
+    return data[start + 15]
+
+
+def _adobe_segment(transform: int) -> bytes:
+    """An Adobe APP14 segment: version 100, no flags, ``transform`` (0 = no conversion / RGB, 1 = YCbCr)."""
+    return b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([transform])
+
+
+def jpeg_colour_space(stream: bytes) -> int:
+    """How libjpeg (libjpeg-turbo, as in OpenSlide and torchvision) interprets a 3-component stream by its own
+    markers: JFIF → YCbCr; else Adobe APP14 transform 0 → RGB, other transforms → YCbCr; else component IDs
+    'R','G','B' → RGB; else YCbCr. Returns :data:`COLOUR_RGB` or :data:`COLOUR_YCBCR`."""
+    adobe: int | None = None
+    ids: tuple[int, ...] = ()
+    for marker, start, end in _segments(stream):
+        if marker == _APP0 and _is_jfif(stream, start, end):
+            return COLOUR_YCBCR
+        if marker == _APP14 and adobe is None:
+            adobe = _adobe_transform(stream, start, end)
+        if marker in _SOF_ALL:
+            count = stream[start + 9]
+            ids = tuple(stream[start + 10 + 3 * k] for k in range(count))
+    if adobe is not None:
+        return COLOUR_RGB if adobe == 0 else COLOUR_YCBCR
+    return COLOUR_RGB if ids == (82, 71, 66) else COLOUR_YCBCR
+
+
+def merge_tables(tile: bytes, tables: bytes | None) -> bytes:
+    """A full JPEG stream from an abbreviated tile stream and the level's JPEGTables: the tables' segments (DQT, DHT,
+    …) go right after the tile's SOI; the tables' own SOI and EOI are dropped. Tables defined again in the tile come
+    later and so win, as TIFF requires. Returns ``tile`` unchanged when ``tables`` is None or empty."""
+    if not tile.startswith(b"\xff\xd8"):
+        raise ValueError("JPEG tile does not start with SOI")
+    if not tables:
+        return tile
+    if not tables.startswith(b"\xff\xd8"):
+        raise ValueError("JPEGTables does not start with SOI")
+    body = [tables[start:end] for marker, start, end in _segments(tables) if marker not in (_SOI, _EOI)]
+    return b"\xff\xd8" + b"".join(body) + tile[2:]
+
+
+def tile_stream(tile: bytes, tables: bytes | None, colour: int) -> bytes:
+    """A standalone JPEG stream for one stored tile that decodes to RGB as OpenSlide decodes it.
+
+    Merges ``tables`` (:func:`merge_tables`), then makes the stream's colour interpretation follow ``colour`` (from
+    the TIFF photometric, which libtiff — and so OpenSlide — obeys whatever the stream's markers say): when libjpeg
+    would read the stream otherwise (:func:`jpeg_colour_space`; e.g. Aperio's RGB tiles carry no marker and would be
+    taken as YCbCr), its JFIF/Adobe markers are dropped and an Adobe APP14 with the right transform is put first.
+
+    Raises:
+        ValueError: the tile is not a JPEG stream, or its header is malformed.
+    """
+    stream = merge_tables(tile, tables)
+    if jpeg_colour_space(stream) == colour:
+        return stream
+    kept = []
+    for marker, start, end in _segments(stream):
+        if marker == _SOS:
+            kept.append(stream[start:])
+            break
+        if (marker == _APP0 and _is_jfif(stream, start, end)) or (
+            marker == _APP14 and _adobe_transform(stream, start, end) is not None
+        ):
+            continue
+        kept.append(stream[start:end])
+    transform = 0 if colour == COLOUR_RGB else 1
+    return b"\xff\xd8" + _adobe_segment(transform) + b"".join(kept)
+
+
+def _sof(stream: bytes) -> tuple[int, int, int, int, int]:
+    """(SOF marker, precision, height, width, components) of a full stream."""
+    for marker, start, _end in _segments(stream):
+        if marker in _SOF_ALL:
+            s = stream[start + 4 :]
+            return marker, s[0], int.from_bytes(s[1:3], "big"), int.from_bytes(s[3:5], "big"), s[5]
+    raise ValueError("no SOF marker before the scan")
+
+
+def _compression_name(code: int) -> str:
+    return _COMPRESSION_NAMES.get(code, f"code {code}")
+
+
+def inspect_jpeg_level(path: str | Path, level_size: tuple[int, int], vendor: str | None = None) -> JpegTileLayout:
+    """Find the tiled TIFF page of ``level_size`` (W, H) read-level px in ``path`` and describe its JPEG tiles.
+
+    Args:
+        path: slide file.
+        level_size: the OpenSlide level's size, used to pick the page.
+        vendor: OpenSlide's ``openslide.vendor``; only :data:`SUPPORTED_VENDORS` (plain tile grids) are accepted,
+            None skips that check.
+
+    Raises:
+        UnsupportedLevelError: not a TIFF, another vendor format, no tiled page of that size, not 8-bit 3-sample JPEG
+            (RGB or YCbCr), tile data outside the file, or a first tile whose stream cannot be parsed.
+    """
+    path = Path(path)
+    if vendor is not None and vendor not in SUPPORTED_VENDORS:
+        raise UnsupportedLevelError(f"OpenSlide vendor '{vendor}' is not a plain TIFF tile grid")
+    try:
+        tiff = tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises several types for non-TIFF files
+        raise UnsupportedLevelError(f"not a TIFF file tifffile can parse ({type(exc).__name__})") from None
+    with tiff:
+        page = None
+        for candidate in tiff.pages:
+            if (candidate.imagewidth, candidate.imagelength) == tuple(level_size) and candidate.is_tiled:
+                page = candidate
+                break
+        if page is None:
+            raise UnsupportedLevelError(f"no tiled TIFF page of {level_size[0]}x{level_size[1]} px")
+        if page.compression != 7:
+            raise UnsupportedLevelError(
+                f"tiles are compressed with {_compression_name(int(page.compression))}, not JPEG"
+            )
+        if page.samplesperpixel != 3 or page.planarconfig != 1 or page.bitspersample != 8 or page.imagedepth != 1:
+            raise UnsupportedLevelError(
+                f"JPEG tiles with {page.samplesperpixel} samples, planar config {int(page.planarconfig)}, "
+                f"{page.bitspersample} bits (8-bit interleaved RGB/YCbCr expected)"
+            )
+        photometric = _PHOTOMETRIC.get(int(page.photometric))
+        if photometric is None:
+            raise UnsupportedLevelError(f"JPEG tiles with photometric {int(page.photometric)} (RGB or YCbCr expected)")
+        tile_size = (int(page.tilewidth), int(page.tilelength))
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
+        cols, rows = math.ceil(level_size[0] / tile_size[0]), math.ceil(level_size[1] / tile_size[1])
+        if len(offsets) != cols * rows or len(bytecounts) != len(offsets):
+            raise UnsupportedLevelError(f"{len(offsets)} tile offsets for a {cols}x{rows} tile grid")
+        file_size = os.path.getsize(path)
+        if ((offsets + bytecounts > file_size) & (bytecounts > 0)).any():
+            raise UnsupportedLevelError("tile data runs past the end of the file")
+        tables = bytes(page.jpegtables) if page.jpegtables else None
+        layout = JpegTileLayout(
+            str(path), page.index, tuple(level_size), tile_size, offsets, bytecounts, tables, photometric
+        )  # type: ignore[arg-type]
+        nonempty = np.flatnonzero(bytecounts)
+        if len(nonempty):
+            first = int(nonempty[0])
+            with open(path, "rb") as fh:
+                fh.seek(int(offsets[first]))
+                raw = fh.read(int(bytecounts[first]))
+            try:
+                sof, precision, height, width, components = _sof(tile_stream(raw, tables, layout.colour))
+            except ValueError as exc:
+                raise UnsupportedLevelError(f"first JPEG tile cannot be parsed: {exc}") from None
+            if sof not in _SOF_SUPPORTED or precision != 8 or components != 3:
+                raise UnsupportedLevelError(
+                    f"JPEG process 0x{sof:02x}, {precision}-bit, {components} components (8-bit Huffman, 3 expected)"
+                )
+            if (width, height) != tile_size:
+                raise UnsupportedLevelError(
+                    f"JPEG tiles of {width}x{height} px in a {tile_size[0]}x{tile_size[1]} grid"
+                )
+    return layout
+
+
+class CompressedTiles:
+    """One batch of patches as compressed tiles (what the workers send; the device decodes).
+
+    A plain class on purpose: Lightning moves tensors (also inside dataclasses) to the device, and ``decode_jpeg``
+    wants its input bytes on the CPU, so everything here stays in numpy arrays until :func:`decode_batch`.
+
+    Attributes:
+        data: uint8 concatenation of the batch's unique tile streams (each a standalone JPEG).
+        offsets: (U + 1,) int64 start of each stream in ``data`` (stream u is ``data[offsets[u]:offsets[u + 1]]``).
+        colours: (U,) uint8 :data:`COLOUR_RGB` / :data:`COLOUR_YCBCR` of each stream.
+        labels: (U,) where each stream comes from, for error messages.
+        patch_size: patch side P, read-level px.
+        geometry: (N, 8) int64 per patch: origin x, y; first tile column c0, row r0 of its window; tile width,
+            tile height; level width, height — all read-level px (c0, r0 in tiles).
+        lookup: (N, rows, cols) int64: stream index of each tile of the patch's window, -1 for none (white).
+        owners: (U,) per stream, the patches (indices into N) that use it, for error reporting.
+    """
+
+    def __init__(
+        self,
+        data: np.ndarray,
+        offsets: np.ndarray,
+        colours: np.ndarray,
+        labels: list[str],
+        patch_size: int,
+        geometry: np.ndarray,
+        lookup: np.ndarray,
+        owners: list[list[int]],
+    ) -> None:
+        self.data, self.offsets, self.colours, self.labels = data, offsets, colours, labels
+        self.patch_size, self.geometry, self.lookup, self.owners = patch_size, geometry, lookup, owners
+
+    def __len__(self) -> int:
+        return int(self.geometry.shape[0])
+
+    @property
+    def streams(self) -> list[torch.Tensor]:
+        """The unique tile streams as 1-D uint8 CPU tensors (views into ``data``)."""
+        data = torch.from_numpy(self.data)
+        return [data[int(a) : int(b)] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+
+# Per process, per colour kind: True once nvJPEG was found to agree with libjpeg, False when it did not (that kind is
+# then decoded on the CPU).
+_colour_checked: dict[int, bool] = {}
+
+
+def _decode(streams: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not streams:
+        return []
+    if device.type == "cuda":
+        return decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
+    return decode_jpeg(streams, mode=ImageReadMode.RGB)
+
+
+def colour_mismatch(reference: torch.Tensor, candidate: torch.Tensor) -> float | None:
+    """Mean |Δ| (grey levels) between two decodes of one tile when it exceeds the colour-check tolerance (a decoder
+    applying another colour conversion), else None."""
+    if reference.shape != candidate.shape:
+        return float("inf")
+    diff = (reference.float() - candidate.float().to(reference.device)).abs().mean().item()
+    return diff if diff > _COLOUR_CHECK_TOLERANCE else None
+
+
+def decode_streams(tiles: CompressedTiles, device: torch.device) -> tuple[list[torch.Tensor], list[str]]:
+    """Decode the batch's unique streams to (3, h, w) uint8 RGB tensors on ``device``.
+
+    CUDA: one batched nvJPEG call. The first time each colour kind (RGB-in-JPEG, YCbCr) is met in a process, one
+    tile is also decoded on the CPU; if nvJPEG disagrees on the colour conversion the kind is decoded on the CPU from
+    then on (one warning). A batch that fails to decode is retried stream by stream (on the CPU when the device
+    refuses a stream): a stream no decoder takes becomes a white tile and an error message for the patches using it
+    (the writer then fails that slide only).
+
+    Returns:
+        (decoded tiles, per-stream error messages: empty when decoded).
+    """
+    streams = tiles.streams
+    errors = [""] * len(streams)
+    on_cpu = [device.type != "cuda" or _colour_checked.get(int(c)) is False for c in tiles.colours]
+    decoded: list[torch.Tensor | None] = [None] * len(streams)
+    for cpu in (False, True):
+        indices = [i for i in range(len(streams)) if on_cpu[i] == cpu]
+        target = torch.device("cpu") if cpu else device
+        try:
+            for i, image in zip(indices, _decode([streams[i] for i in indices], target)):
+                decoded[i] = image
+        except RuntimeError:  # find the culprit(s); a stream nvJPEG refuses may still decode on the CPU
+            for i in indices:
+                for attempt in dict.fromkeys((target, torch.device("cpu"))):
+                    try:
+                        decoded[i] = _decode([streams[i]], attempt)[0]
+                        errors[i] = ""
+                        break
+                    except RuntimeError as exc:
+                        errors[i] = f"{tiles.labels[i]}: JPEG tile cannot be decoded: {str(exc).splitlines()[0]}"
+    if device.type == "cuda":
+        _check_device_colours(tiles, streams, decoded, on_cpu)
+    white = torch.full((3, 1, 1), 255, dtype=torch.uint8)
+    return [(white if image is None else image).to(device, non_blocking=True) for image in decoded], errors
+
+
+def _check_device_colours(
+    tiles: CompressedTiles, streams: list[torch.Tensor], decoded: list[torch.Tensor | None], on_cpu: list[bool]
+) -> None:
+    """Compare the device decode of the largest stream of each not-yet-checked colour kind with libjpeg; switch the
+    kind to CPU decoding (for later batches, and this one) when they disagree."""
+    for colour in sorted({int(c) for c in tiles.colours}):
+        if colour in _colour_checked:
+            continue
+        members = [
+            i for i, c in enumerate(tiles.colours) if int(c) == colour and not on_cpu[i] and decoded[i] is not None
+        ]
+        if not members:
+            continue
+        probe = max(members, key=lambda i: int(tiles.offsets[i + 1] - tiles.offsets[i]))
+        try:
+            reference = _decode([streams[probe]], torch.device("cpu"))[0]
+        except RuntimeError:
+            continue  # check on a later batch
+        mismatch = colour_mismatch(reference, decoded[probe])  # type: ignore[arg-type]
+        _colour_checked[colour] = mismatch is None
+        if mismatch is not None:
+            kind = "RGB-in-JPEG" if colour == COLOUR_RGB else "YCbCr"
+            log.warning(
+                "nvJPEG decodes %s tiles unlike libjpeg/OpenSlide (mean |diff| %.1f grey levels on %s); "
+                "decoding those on the CPU",
+                kind,
+                mismatch,
+                tiles.labels[probe],
+            )
+            for i in members:
+                decoded[i] = _decode([streams[i]], torch.device("cpu"))[0]
+
+
+def assemble_patches(decoded: Sequence[torch.Tensor], tiles: CompressedTiles, device: torch.device) -> torch.Tensor:
+    """Cut the batch's patches out of its decoded tiles on ``device``.
+
+    Every output pixel (read-level px ``origin + (px, py)``) is gathered from the tile covering it; pixels past the
+    level's right/bottom edge (and of missing tiles) are white, as OpenSlide reads them. One gather for the whole
+    batch, whatever the overlap or how many tiles a patch straddles.
+
+    Returns:
+        (N, 3, P, P) uint8 RGB in channels_last memory format (what the module converts to anyway).
+    """
+    size = tiles.patch_size
+    count = len(tiles)
+    if count == 0:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
+    geometry = torch.as_tensor(tiles.geometry, device=device)
+    tile_h = int(tiles.geometry[:, 5].max())
+    tile_w = int(tiles.geometry[:, 4].max())
+    # All tiles as (U + 1, tile_h, tile_w, 3) HWC pixels; the last one is white (missing tiles, outside the level).
+    stack = torch.empty((len(decoded) + 1, tile_h, tile_w, 3), dtype=torch.uint8, device=device)
+    stack[-1] = 255
+    for i, image in enumerate(decoded):
+        h, w = image.shape[-2:]
+        if (h, w) != (tile_h, tile_w):  # a tile stored smaller than the grid's tiles: white beyond it
+            image = F.pad(image[:, :tile_h, :tile_w], (0, max(0, tile_w - w), 0, max(0, tile_h - h)), value=255)
+        stack[i] = image.permute(1, 2, 0)
+    blank = len(decoded)
+    rows, cols = tiles.lookup.shape[1:]
+    # One extra row and column of white tiles: where pixels past the level's edge point.
+    lookup = np.full((count, rows + 1, cols + 1), blank, dtype=np.int64)
+    lookup[:, :rows, :cols] = np.where(tiles.lookup < 0, blank, tiles.lookup)
+    base = torch.as_tensor(lookup * (tile_h * tile_w), device=device)
+    steps = torch.arange(size, device=device)
+    ox, oy, c0, r0, tw, th, width, height = (geometry[:, k : k + 1] for k in range(8))
+    ax, ay = ox + steps, oy + steps  # (N, P) absolute read-level px
+    col = torch.where((ax >= 0) & (ax < width), ax // tw - c0, cols)
+    row = torch.where((ay >= 0) & (ay < height), ay // th - r0, rows)
+    per_row = torch.gather(base, 1, row[:, :, None].expand(count, size, cols + 1))  # (N, P, cols + 1)
+    index = torch.gather(per_row, 2, col[:, None, :].expand(count, size, size))  # (N, P, P): first px of the tile
+    index += ((ay % th) * tile_w)[:, :, None]
+    index += (ax % tw)[:, None, :]
+    pixels = stack.view(-1, 3).index_select(0, index.view(-1))
+    return pixels.view(count, size, size, 3).permute(0, 3, 1, 2)
+
+
+def decode_batch(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Replace ``batch["jpeg_tiles"]`` (a :class:`CompressedTiles`) by ``batch["image"]``: (N, 3, P, P) uint8 RGB
+    decoded and assembled on ``device`` (nvJPEG on CUDA, libjpeg-turbo on the CPU otherwise). Patches using a tile
+    that cannot be decoded come back white with ``batch["error"]`` set, as the OpenSlide reader reports them."""
+    device = torch.device(device)
+    tiles: CompressedTiles = batch["jpeg_tiles"]
+    decoded, stream_errors = decode_streams(tiles, device)
+    out = {k: v for k, v in batch.items() if k != "jpeg_tiles"}
+    out["image"] = assemble_patches(decoded, tiles, device)
+    if any(stream_errors):
+        errors = list(out.get("error") or [""] * len(tiles))
+        for message, owners in zip(stream_errors, tiles.owners):
+            for n in owners if message else ():
+                errors[n] = errors[n] or message
+        out["error"] = errors
+    return out
