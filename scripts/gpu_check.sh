@@ -17,8 +17,9 @@ export WSISEG_SHARED_SLIDES=${WSISEG_SHARED_SLIDES:-$PWD/.devdata}
 
 date
 # 1. GPU tests (fp16+compile vs fp32, a real CUDA OOM, GPU predict vs CPU fp32, batch_size=auto)
-timeout 90 python3 -m pytest -q -s -rA -m gpu tests/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-grep -E "fp16 compiled|chunk after|GPU 16-mixed|batch_size=auto|passed|failed|^E " "$OUT/gpu_tests.log" | head -30
+timeout 120 python3 -m pytest -q -s -rA -m gpu tests/test_gpu.py tests/data/test_jpeg_tiles.py -p no:cacheprovider \
+  > "$OUT/gpu_tests.log" 2>&1
+grep -E "fp16 compiled|chunk after|GPU 16-mixed|batch_size=auto|nvjpeg|mean|passed|failed|^E " "$OUT/gpu_tests.log" | head -40
 
 date
 # 2. Benchmark: the users' 31M-parameter U-Net (random weights), 512 px tiles, 16-mixed, channels_last
@@ -31,5 +32,6 @@ bench() {
 }
 bench 100 compiled model.compile=true | tee "$OUT/bench.log"
 slide=/tmp/bench_compiled/bench_slide.tif; [ -f $slide ] || slide=null
+bench 100 gpu_jpeg model.compile=true data.reader=gpu_jpeg bench.slide=$slide | tee -a "$OUT/bench.log"
 bench 40 eager model.compile=false bench.slide=$slide bench.max_tiles=512 bench.naive_tiles=32 | tee -a "$OUT/bench.log"
 date

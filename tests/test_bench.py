@@ -94,3 +94,31 @@ def test_bench_patch_mode_naive_vs_batched(tmp_path: Path) -> None:
     assert report["summary"]["speedup_optimised_vs_naive"] == pytest.approx(ratio, rel=1e-2)
     assert len(list((tmp_path / "run" / "naive").glob("*_heatmap.png"))) == 12
     assert len(list((tmp_path / "run" / "predict").glob("*_heatmap.png"))) == 12
+
+
+def test_bench_gpu_jpeg_reader_is_used_and_timed(tmp_path: Path) -> None:
+    """data.reader=gpu_jpeg on this CPU machine: the read bound includes decoding (on the CPU device here)."""
+    script = Path(sys.executable).parent / "wsiseg-bench"
+    result = subprocess.run(
+        [
+            str(script),
+            "trainer=cpu",
+            "trainer.enable_progress_bar=false",
+            "data.reader=gpu_jpeg",
+            "bench.generated_size=2048",
+            "bench.max_tiles=16",
+            "bench.naive_tiles=4",
+            "bench.model_batches=2",
+            "data.batch_size=4",
+            "data.num_workers=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["settings"]["reader"] == "gpu_jpeg"
+    assert report["settings"]["reader_used"] == "JpegTileDataset"
+    assert report["cases"]["read_bound"]["patches"] == report["settings"]["tiles"] > 0

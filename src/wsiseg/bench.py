@@ -44,6 +44,7 @@ from wsiseg.batch_size import resolve_batch_size
 from wsiseg.cli import user_errors
 from wsiseg.config import config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
+from wsiseg.data.jpeg_tiles import decode_batch
 from wsiseg.data.slide import read_rgb
 from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 from wsiseg.module import SegmentationModule
@@ -282,8 +283,9 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     # 3. read bound: the real DataLoader (workers read + decode), nothing else
     def read_all() -> None:
-        for _batch in datamodule.predict_dataloader():
-            pass
+        for batch in datamodule.predict_dataloader():
+            if "jpeg_tiles" in batch:  # data.reader=gpu_jpeg: decoding + assembly on the device are part of reading
+                decode_batch(batch, device)
 
     results["read_bound"] = _timed("read_bound", device, tiles, read_all)
 
@@ -334,6 +336,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             "patch_size": patch,
             "batch_size": batch_size,
             "num_workers": datamodule.num_workers,
+            "reader": datamodule.reader,
+            "reader_used": type(datamodule.predict_dataloader().dataset).__name__,
             "precision": str(trainer.precision),
             "compile": module.compiled,
             "channels_last": module.channels_last,
