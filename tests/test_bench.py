@@ -9,29 +9,29 @@ from pathlib import Path
 
 import pytest
 
+SMALL_SLIDE_BENCH = [
+    "trainer=cpu",
+    "trainer.enable_progress_bar=false",
+    "bench.generated_size=2048",
+    "bench.model_batches=2",
+    "data.batch_size=4",
+    "data.num_workers=1",
+]
 
-def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
+
+def run_bench(run_dir: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the ``wsiseg-bench`` console script; returns the process and its bench.json."""
     script = Path(sys.executable).parent / "wsiseg-bench"
     result = subprocess.run(
-        [
-            str(script),
-            "trainer=cpu",
-            "trainer.enable_progress_bar=false",
-            "bench.generated_size=2048",
-            "bench.max_tiles=24",
-            "bench.naive_tiles=8",
-            "bench.model_batches=2",
-            "data.batch_size=4",
-            "data.num_workers=1",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((run_dir / "bench.json").read_text())
+
+
+def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
+    result, report = run_bench(tmp_path, *SMALL_SLIDE_BENCH, "bench.max_tiles=24", "bench.naive_tiles=8")
     assert "speedup optimised/naive" in result.stdout
-    report = json.loads((tmp_path / "bench.json").read_text())
     cases = report["cases"]
     assert set(cases) == {"naive", "optimised", "read_bound", "model_bound"}
     tiles = report["settings"]["tiles"]
@@ -67,27 +67,18 @@ def test_bench_patch_mode_naive_vs_batched(tmp_path: Path) -> None:
         for i in range(12):
             region = slide.read_region((150 * i, 200 * i), 0, (256, 256)).convert("RGB")
             Image.fromarray(np.asarray(region)).save(folder / f"p{i:02d}.png")
-    script = Path(sys.executable).parent / "wsiseg-bench"
-    result = subprocess.run(
-        [
-            str(script),
-            "data=patches",
-            f"data.input_dir={folder}",
-            "data.patch_size=256",
-            "data.batch_size=4",
-            "data.num_workers=1",
-            "writer=patches",
-            "writer.write_workers=1",
-            "trainer=cpu",
-            "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _, report = run_bench(
+        tmp_path / "run",
+        "data=patches",
+        f"data.input_dir={folder}",
+        "data.patch_size=256",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "writer=patches",
+        "writer.write_workers=1",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "run" / "bench.json").read_text())
     assert report["mode"] == "patches"
     assert {c["patches"] for c in report["cases"].values()} == {12}
     ratio = report["cases"]["optimised"]["images_per_s"] / report["cases"]["naive"]["images_per_s"]
@@ -98,27 +89,9 @@ def test_bench_patch_mode_naive_vs_batched(tmp_path: Path) -> None:
 
 def test_bench_gpu_jpeg_reader_is_used_and_timed(tmp_path: Path) -> None:
     """data.reader=gpu_jpeg on this CPU machine: the read bound includes decoding (on the CPU device here)."""
-    script = Path(sys.executable).parent / "wsiseg-bench"
-    result = subprocess.run(
-        [
-            str(script),
-            "trainer=cpu",
-            "trainer.enable_progress_bar=false",
-            "data.reader=gpu_jpeg",
-            "bench.generated_size=2048",
-            "bench.max_tiles=16",
-            "bench.naive_tiles=4",
-            "bench.model_batches=2",
-            "data.batch_size=4",
-            "data.num_workers=1",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _, report = run_bench(
+        tmp_path, *SMALL_SLIDE_BENCH, "data.reader=gpu_jpeg", "bench.max_tiles=16", "bench.naive_tiles=4"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "bench.json").read_text())
     assert report["settings"]["reader"] == "gpu_jpeg"
     assert report["settings"]["reader_used"] == "JpegTileDataset"
     assert report["cases"]["read_bound"]["patches"] == report["settings"]["tiles"] > 0
