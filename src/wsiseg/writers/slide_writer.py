@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +129,9 @@ class SlideWriter(BasePredictionWriter):
         self._clock = 0.0
         self._rank, self._world = 0, 1
         self._owned: set[int] | None = None
+        self._blender: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._blender_error: BaseException | None = None
 
     # -- Lightning hooks -----------------------------------------------------------------------------------------
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -203,11 +208,61 @@ class SlideWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         probs = prediction["probs"].float().cpu().numpy()
-        self._channels = probs.shape[1]
         slide_indices = _as_list(prediction["slide_index"])
-        tile_indices = _as_list(prediction["tile_index"])
-        errors = prediction.get("error") or [""] * len(slide_indices)
+        errors = list(prediction.get("error") or [""] * len(slide_indices))
         dataset_indices = list(batch_indices) if batch_indices is not None else [None] * len(slide_indices)
+        self._submit((probs, slide_indices, _as_list(prediction["tile_index"]), errors, dataset_indices))
+
+    # -- blending runs on one background thread so the device is not kept waiting by the host -----------------------
+    def _submit(self, item: tuple[Any, ...]) -> None:
+        self._raise_blender_error()
+        if self._blender is None:
+            self._queue = queue.Queue(maxsize=4)  # bounds host memory: at most 4 batches wait
+            self._blender = threading.Thread(target=self._blend_loop, name="wsiseg-blend", daemon=True)
+            self._blender.start()
+        assert self._queue is not None
+        self._queue.put(item)
+
+    def _blend_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._blender_error is None:
+                try:
+                    self._blend_batch(*item)
+                except BaseException as exc:  # re-raised on the main thread
+                    self._blender_error = exc
+
+    def _drain(self) -> None:
+        """Wait until every submitted batch is blended (and the slides it completed are written)."""
+        if self._blender is not None:
+            assert self._queue is not None
+            self._queue.put(None)
+            self._blender.join()
+            self._blender, self._queue = None, None
+        self._raise_blender_error()
+
+    def _raise_blender_error(self) -> None:
+        if self._blender_error is not None:
+            error, self._blender_error = self._blender_error, None
+            raise error
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._blender is not None and self._queue is not None:
+            self._blender_error = self._blender_error or exception  # stop blending; outputs stay incomplete
+            self._queue.put(None)
+
+    def _blend_batch(
+        self,
+        probs: np.ndarray,
+        slide_indices: list[int],
+        tile_indices: list[int],
+        errors: list[str],
+        dataset_indices: list[int | None],
+    ) -> None:
+        self._channels = probs.shape[1]
         for i, (slide_index, tile_index) in enumerate(zip(slide_indices, tile_indices)):
             if self._owned is not None and dataset_indices[i] is not None and dataset_indices[i] not in self._owned:
                 self._state(slide_index).duplicates += 1
@@ -234,6 +289,7 @@ class SlideWriter(BasePredictionWriter):
             )
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drain()
         if self._world > 1:
             for index in range(len(self._slides)):
                 state = self._state(index)
