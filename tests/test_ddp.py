@@ -78,3 +78,61 @@ def test_two_process_gloo_equals_one_process(tmp_path: Path) -> None:
         assert single_report["tiles_processed"] == report["tiles_processed"]
     leftovers = [p for p in (tmp_path / "two").rglob(".partial-*")]
     assert not leftovers, leftovers
+
+
+def test_a_rank_that_dies_fails_the_run_loudly(tmp_path: Path) -> None:
+    """Kill rank 1 (SIGKILL) mid-run: rank 0 must exit non-zero soon, with no complete-looking outputs."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    slide = write_synthetic_slide(tmp_path / "big.tif", SyntheticSlide(6144, 6144, seed=31, tissue_scale=0.4))
+    run_dir = tmp_path / "run"
+    script = Path(sys.executable).parent / "wsiseg-predict"
+    process = subprocess.Popen(
+        [
+            str(script),
+            "model=demo",
+            f"data.slides={slide}",
+            "data.patch_size=256",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.tissue.enabled=false",
+            "trainer=ddp_cpu",
+            "trainer.enable_progress_bar=false",
+            "trainer.strategy.timeout.minutes=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        rank1 = None
+        deadline = time.time() + 120
+        while rank1 is None and time.time() < deadline and process.poll() is None:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                try:
+                    if any("train_ddp_process_1" in part for part in child.cmdline()):
+                        rank1 = child
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
+        assert rank1 is not None, "rank 1 never started"
+        time.sleep(4)  # let both ranks start predicting
+        assert process.poll() is None, "the run ended before rank 1 could be killed"
+        os.kill(rank1.pid, signal.SIGKILL)
+        started = time.time()
+        _, stderr = process.communicate(timeout=240)
+        waited = time.time() - started
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    print(f"rank 0 exited {process.returncode} after {waited:.1f} s")
+    assert process.returncode != 0
+    assert not (run_dir / "big" / "mask.tif").exists()
+    report = run_dir / "big" / "report.json"
+    assert not report.exists() or json.loads(report.read_text())["status"] != "complete"
