@@ -135,33 +135,23 @@ def _timed(name: str, device: torch.device, patches: int, fn: Any) -> CaseResult
     return result
 
 
-def limit_tiles(datamodule: SlideTileDataModule, max_tiles: int) -> int:
-    """Keep the first ``max_tiles`` tissue tiles over the slides (in order); returns how many remain."""
-    datamodule.setup("predict")
-    remaining = max_tiles
-    for slide in datamodule.slides:
-        slide.origins = slide.origins[: max(0, remaining)]
-        remaining -= len(slide.origins)
-    datamodule._dataset = None
-    datamodule.slides, slides = [], datamodule.slides
-    datamodule.setup("predict")  # rebuild the dataset over the trimmed plans
-    datamodule.slides = slides
-    from wsiseg.data.datasets import SlideTileDataset
-
-    datamodule._dataset = SlideTileDataset(slides)
-    return len(datamodule.dataset)
-
-
 def naive_loop(
-    datamodule: SlideTileDataModule, net: torch.nn.Module, device: torch.device, mean: torch.Tensor, std: torch.Tensor
+    datamodule: SlideTileDataModule,
+    net: torch.nn.Module,
+    device: torch.device,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    limit: int,
 ) -> Iterator[np.ndarray]:
-    """The replaced script: one OpenSlide read, CPU preprocessing, FP32 batch 1, result to the host, per tile."""
+    """The replaced script: one OpenSlide read, CPU preprocessing, FP32 batch 1, result to the host, per tile, for
+    the first ``limit`` tiles."""
     mean_np = mean.view(1, 1, -1).cpu().numpy()
     std_np = std.view(1, 1, -1).cpu().numpy()
     for slide in datamodule.slides:
         handle = openslide.OpenSlide(str(slide.path))
         size = slide.grid.patch_size
-        for x, y in slide.origins:
+        for x, y in slide.origins[: max(0, limit)]:
+            limit -= 1
             rgb = read_rgb(handle, int(x), int(y), slide.level, size, size)
             normalised = (rgb.astype(np.float32) / 255.0 - mean_np) / std_np
             tensor = torch.from_numpy(normalised.transpose(2, 0, 1).copy())[None].to(device)
@@ -249,7 +239,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, callbacks=[])
     device = trainer.strategy.root_device
     datamodule.batch_size = resolve_batch_size(datamodule.batch_size, module, datamodule.patch_size, device, trainer)
-    tiles = limit_tiles(datamodule, bench.max_tiles)
+    tiles = datamodule.keep_first_tiles(bench.max_tiles)
     if tiles == 0:
         raise RuntimeError(f"no tissue tiles in {slide_path}")
     reference = instantiate(cfg.model).net.eval().to(device)  # FP32 eager, default settings: the naive model
@@ -299,17 +289,14 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         lambda: predict_trainer.predict(module, datamodule=datamodule, return_predictions=False),
     )
 
-    # 1. naive: the replaced script's loop
+    # 1. naive: the replaced script's loop, on the first naive_tiles of the same tiles
+    naive_tiles = min(tiles, bench.naive_tiles)
+
     def naive() -> None:
-        for _ in naive_loop(datamodule, reference, device, module.mean, module.std):
+        for _ in naive_loop(datamodule, reference, device, module.mean, module.std, naive_tiles):
             pass
 
-    naive_tiles = min(tiles, bench.naive_tiles)
-    naive_plan = [s.origins for s in datamodule.slides]
-    limit_tiles(datamodule, naive_tiles)
     results["naive"] = _timed("naive", device, naive_tiles, naive)
-    for slide, origins in zip(datamodule.slides, naive_plan):
-        slide.origins = origins
 
     # as many tiles as a batch, so a compiled network sees the shape it was compiled for
     sample = torch.stack([datamodule.dataset[i]["image"] for i in range(min(batch_size, tiles))]).to(device)

@@ -198,6 +198,17 @@ class SlideTileDataModule(pl.LightningDataModule):
             len(self._dataset),
         )
 
+    def keep_first_tiles(self, count: int) -> int:
+        """Keep only the first ``count`` tissue tiles over the slides (slide order, then raster order), e.g. for a
+        benchmark; returns how many are kept."""
+        self.setup("predict")
+        remaining = count
+        for slide in self.slides:
+            slide.origins = slide.origins[: max(0, remaining)]
+            remaining -= len(slide.origins)
+        self._dataset = SlideTileDataset(self.slides)
+        return len(self._dataset)
+
     @property
     def dataset(self) -> SlideTileDataset:
         if self._dataset is None:
