@@ -205,3 +205,34 @@ def test_resume_redoes_slides_when_the_config_changes(tmp_path: Path, good_slide
     assert predict(good_slide, out, [*FAST, "resume=true", "writer.blend=linear"]) == 0
     assert (out / "good" / "report.json").stat().st_mtime_ns != first
     assert json.loads((out / "good" / "report.json").read_text())["blend"] == "linear"
+
+
+def test_ctrl_c_keeps_finished_slides_and_leaves_no_partial_outputs(tmp_path: Path, good_slide: Path) -> None:
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=9))
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            str(SCRIPT),
+            *FAST,
+            f"data.slides=[{good_slide},{second}]",
+            "data.tissue.enabled=false",
+            "data.num_workers=1",
+            "trainer=cpu",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "good" / "report.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "unfinished slide(s) second left without outputs" in output  # Hydra logs to stdout
+    assert json.loads((run_dir / "good" / "report.json").read_text())["status"] == "complete"
+    assert list((run_dir / "second").iterdir()) == []

@@ -250,9 +250,22 @@ class SlideWriter(BasePredictionWriter):
             raise error
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Stop blending and remove this rank's partial stores of unfinished slides (finished slides stay; a re-run
+        with ``resume=true`` redoes the rest)."""
         if self._blender is not None and self._queue is not None:
-            self._blender_error = self._blender_error or exception  # stop blending; outputs stay incomplete
+            self._blender_error = self._blender_error or exception
             self._queue.put(None)
+            self._blender.join(timeout=60)
+        for index, state in self._states.items():
+            if index not in self._finished and state.accumulator is not None:
+                state.accumulator.delete()
+        unfinished = [self._slides[i].name for i in self._states if i not in self._finished]
+        if unfinished and self._rank == 0:
+            log.error(
+                "interrupted (%s): unfinished slide(s) %s left without outputs",
+                type(exception).__name__,
+                ", ".join(unfinished),
+            )
 
     def _blend_batch(
         self,
