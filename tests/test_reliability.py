@@ -42,6 +42,24 @@ def user_error(slides: Path | list[Path], out: Path, overrides: list[str]) -> st
     return str(error)
 
 
+def start_and_wait_for_first_slide(args: list[str], run_dir: Path) -> subprocess.Popen:
+    """Start ``wsiseg-predict`` (own process group, output on stdout) and return once the first slide ("good") is
+    complete and the run is one second into the next one."""
+    process = subprocess.Popen(
+        [str(SCRIPT), *args, f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "good" / "report.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the second slide
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    return process
+
+
 def summary(out: Path) -> dict[str, dict]:
     return {Path(row["slide"]).name: row for row in json.loads((out / "summary.json").read_text())["slides"]}
 
@@ -165,19 +183,9 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path: Path, good_sl
     subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={reference}"], check=True, capture_output=True, timeout=600)
 
     run_dir = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [str(SCRIPT), *args, f"hydra.run.dir={run_dir}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not (run_dir / "good" / "report.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # into the second slide
-    assert process.poll() is None, "the run finished before it could be interrupted"
+    process = start_and_wait_for_first_slide(args, run_dir)
     os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    process.communicate()
     assert not (run_dir / "second" / "report.json").exists()
     assert not (run_dir / "second" / "mask.tif").exists()
     good_report_mtime = (run_dir / "good" / "report.json").stat().st_mtime_ns
@@ -210,27 +218,16 @@ def test_resume_redoes_slides_when_the_config_changes(tmp_path: Path, good_slide
 def test_ctrl_c_keeps_finished_slides_and_leaves_no_partial_outputs(tmp_path: Path, good_slide: Path) -> None:
     second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=9))
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [
-            str(SCRIPT),
-            *FAST,
-            f"data.slides=[{good_slide},{second}]",
-            "data.tissue.enabled=false",
-            "data.num_workers=1",
-            "trainer=cpu",
-            "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={run_dir}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while not (run_dir / "good" / "report.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)
-    assert process.poll() is None, "the run finished before it could be interrupted"
-    process.send_signal(signal.SIGINT)
+    args = [
+        *FAST,
+        f"data.slides=[{good_slide},{second}]",
+        "data.tissue.enabled=false",
+        "data.num_workers=1",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+    ]
+    process = start_and_wait_for_first_slide(args, run_dir)
+    os.killpg(process.pid, signal.SIGINT)  # the whole process group, as Ctrl-C in a terminal does
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 1
     assert "unfinished slide(s) second left without outputs" in output  # Hydra logs to stdout
