@@ -26,13 +26,11 @@ REDUCTIONS = ("max", "channel", "none")
 _INT32_ELEMENTS = 2**31 - 1
 
 
-def x_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format of an NCHW tensor (channels_last or contiguous)."""
-    return (
-        torch.channels_last
-        if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
-        else (torch.contiguous_format)
-    )
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of an NCHW tensor: channels_last or contiguous."""
+    if x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class SegmentationModule(pl.LightningModule):
@@ -209,7 +207,7 @@ class SegmentationModule(pl.LightningModule):
                     self._graph_batch = self._graph_batch or count
                     if count < self._graph_batch:
                         padding = chunk.new_zeros((self._graph_batch - count, *chunk.shape[1:]))
-                        chunk = torch.cat([chunk, padding]).contiguous(memory_format=x_format(chunk))
+                        chunk = torch.cat([chunk, padding]).contiguous(memory_format=_memory_format(chunk))
                 outputs.append(self._call_network(chunk)[:count])
                 start += step
             except torch.OutOfMemoryError:
