@@ -15,7 +15,6 @@ from typing import Any
 import cv2
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -24,6 +23,7 @@ from wsiseg.atomic import atomic_path, write_json_atomic
 from wsiseg.data.grid import BLEND_MODES, blend_window
 from wsiseg.data.patches import PatchFolderDataModule, PatchImage
 from wsiseg.errors import UserInputError
+from wsiseg.writers._batch import as_ints
 from wsiseg.writers.heatmap import LABEL_COLOURS, render_heatmap
 
 __all__ = ["PatchWriter", "outputs_hash", "colour_map", "HEATMAP_SUFFIX", "MASK_SUFFIX"]
@@ -224,8 +224,8 @@ class PatchWriter(BasePredictionWriter):
     ) -> None:
         probs = prediction["probs"].float().cpu().numpy()
         pixels = batch["image"].cpu().numpy() if self.overlay else None
-        image_indices = _as_ints(prediction["image_index"])
-        piece_indices = _as_ints(prediction["piece_index"])
+        image_indices = as_ints(prediction["image_index"])
+        piece_indices = as_ints(prediction["piece_index"])
         errors = prediction.get("error") or [""] * len(image_indices)
         for i, (index, piece_index) in enumerate(zip(image_indices, piece_indices)):
             image = self._images[index]
@@ -421,9 +421,3 @@ def _relative(path: Path, root: Path | None) -> str:
         return path.relative_to(root).as_posix() if root is not None else str(path)
     except ValueError:
         return str(path)
-
-
-def _as_ints(value: Any) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.tolist()]
-    return [int(v) for v in value]

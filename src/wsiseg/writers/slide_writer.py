@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
@@ -25,6 +24,7 @@ from wsiseg.contours import contour_formats, write_contours
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.grid import BLEND_MODES, blend_window
 from wsiseg.errors import UserInputError
+from wsiseg.writers._batch import as_ints
 from wsiseg.writers.heatmap import render_heatmap
 from wsiseg.writers.store import BlendingAccumulator
 from wsiseg.writers.tiff import pyramid_sizes, write_pyramid_tiff
@@ -208,10 +208,10 @@ class SlideWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         probs = prediction["probs"].float().cpu().numpy()
-        slide_indices = _as_list(prediction["slide_index"])
+        slide_indices = as_ints(prediction["slide_index"])
         errors = list(prediction.get("error") or [""] * len(slide_indices))
         dataset_indices = list(batch_indices) if batch_indices is not None else [None] * len(slide_indices)
-        self._submit((probs, slide_indices, _as_list(prediction["tile_index"]), errors, dataset_indices))
+        self._submit((probs, slide_indices, as_ints(prediction["tile_index"]), errors, dataset_indices))
 
     # -- blending runs on one background thread so the device is not kept waiting by the host -----------------------
     def _submit(self, item: tuple[Any, ...]) -> None:
@@ -559,9 +559,3 @@ def _write_rank_meta(state: _SlideState, partial: Path) -> None:
     partial.mkdir(parents=True, exist_ok=True)
     meta = {"tiles": sorted(state.tiles_seen), "error": state.error, "duplicates": state.duplicates}
     (partial / "rank.json").write_text(json.dumps(meta))
-
-
-def _as_list(value: Any) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.tolist()]
-    return [int(v) for v in value]
