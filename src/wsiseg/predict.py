@@ -47,14 +47,18 @@ def run_predict(cfg: DictConfig) -> int:
     datamodule.batch_size = resolve_batch_size(
         datamodule.batch_size, module, datamodule.patch_size, trainer.strategy.root_device, trainer
     )
-    if isinstance(datamodule, SlideTileDataModule):
-        datamodule.setup("predict")
-        if len(datamodule.dataset) == 0:  # no tissue anywhere, or everything resumed: Lightning would run no hooks
-            if trainer.global_rank == 0:
-                writer.write_without_tiles(datamodule)
-            return 0 if all(row["status"] == "complete" for row in writer.results) else 1
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    if isinstance(datamodule, SlideTileDataModule) and _has_no_tiles(datamodule):
+        # No tissue anywhere, or everything resumed: Lightning would run no hooks, so write the outputs directly.
+        if trainer.global_rank == 0:
+            writer.write_without_tiles(datamodule)
+    else:
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return 0 if all(row["status"] == "complete" for row in writer.results) else 1
+
+
+def _has_no_tiles(datamodule: SlideTileDataModule) -> bool:
+    datamodule.setup("predict")  # idempotent: Lightning's own call later reuses the plan
+    return len(datamodule.dataset) == 0
 
 
 @hydra.main(config_path=str(config_dir()), config_name="predict", version_base="1.3")
