@@ -332,7 +332,7 @@ class SlideWriter(BasePredictionWriter):
         return self.output_dir / self._slides[index].name
 
     def _partial_dir(self, index: int, rank: int) -> Path:
-        return self._slide_dir(index) / f".partial-rank{rank}.zarr"
+        return self._slide_dir(index) / f".partial-rank{rank}"
 
     def _state(self, index: int) -> _SlideState:
         state = self._states.get(index)

@@ -1,8 +1,13 @@
 """A chunked, on-disk blending accumulator whose host memory does not grow with slide area.
 
 Tiles are blended as ``sum += w · p`` and ``weight += w`` (output px frame). Chunks live in a small write-back LRU
-cache in memory and spill to a zarr store on disk; chunks no tile touched are never created, so background costs
-nothing. Partial accumulators (one per DDP rank) merge by adding sums and weights.
+cache in memory and spill to disk as one raw ``.npy`` file per chunk (channels sums + the weight plane, float32);
+chunks no tile touched are never created, so background costs nothing. Partial accumulators (one per DDP rank) merge by
+adding sums and weights.
+
+Raw files rather than a zarr array: a spilled chunk is written once and read once, and zarr's per-chunk machinery
+cost ~15 ms per 2 MiB chunk on a busy 2-core machine against ~1 ms for ``np.save``/``np.load`` (5 of the 18 s of a
+397-tile CPU run went into evictions).
 """
 
 from __future__ import annotations
@@ -15,8 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec
 
 __all__ = ["BlendingAccumulator"]
 
@@ -25,7 +28,7 @@ class BlendingAccumulator:
     """Weighted-sum accumulator over a (channels, height, width) output image, chunked on disk.
 
     Args:
-        path: folder for the zarr store (created; removed by :meth:`delete`).
+        path: folder for spilled chunks (created; removed by :meth:`delete`).
         channels: probability channels per pixel.
         size: (W, H) of the output image, output px.
         chunk: chunk side, output px.
@@ -33,7 +36,7 @@ class BlendingAccumulator:
 
     Example::
 
-        acc = BlendingAccumulator(tmp / "acc.zarr", 1, (1000, 800))
+        acc = BlendingAccumulator(tmp / "acc", 1, (1000, 800))
         acc.add(0, 0, probs, window)          # probs (1, h, w), window (h, w)
         for y0, rows, chunks in acc.band_chunks():
             for x0, mean, covered in chunks:  # mean (1, rows, w) float32 weighted mean, touched chunks only
@@ -47,25 +50,7 @@ class BlendingAccumulator:
         self.channels, self.size, self.chunk = channels, tuple(size), chunk
         width, height = self.size
         self.chunk_grid = (math.ceil(height / chunk), math.ceil(width / chunk))
-        compressors = BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
-        self._sum = zarr.create_array(
-            store=str(self.path / "sum"),
-            shape=(channels, height, width),
-            chunks=(channels, chunk, chunk),
-            dtype="float32",
-            fill_value=0.0,
-            compressors=compressors,
-            overwrite=True,
-        )
-        self._weight = zarr.create_array(
-            store=str(self.path / "weight"),
-            shape=(height, width),
-            chunks=(chunk, chunk),
-            dtype="float32",
-            fill_value=0.0,
-            compressors=compressors,
-            overwrite=True,
-        )
+        self.path.mkdir(parents=True, exist_ok=True)
         self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_limit = max(1, cache_bytes // ((channels + 1) * chunk * chunk * 4))
         self.touched: set[tuple[int, int]] = set()
@@ -84,7 +69,7 @@ class BlendingAccumulator:
             return hit
         y0, y1, x0, x1 = self._chunk_bounds(cy, cx)
         if key in self._on_disk:
-            entry = (np.asarray(self._sum[:, y0:y1, x0:x1]), np.asarray(self._weight[y0:y1, x0:x1]))
+            entry = self._load(self.path, cy, cx)
         else:
             entry = (
                 np.zeros((self.channels, y1 - y0, x1 - x0), np.float32),
@@ -96,11 +81,18 @@ class BlendingAccumulator:
             self._evict()
         return entry
 
+    @staticmethod
+    def _chunk_file(folder: Path, cy: int, cx: int) -> Path:
+        return folder / f"{cy}_{cx}.npy"
+
+    def _load(self, folder: Path, cy: int, cx: int) -> tuple[np.ndarray, np.ndarray]:
+        """A spilled chunk: (C, h, w) sums and (h, w) weights."""
+        planes = np.load(self._chunk_file(folder, cy, cx))
+        return planes[: self.channels], planes[self.channels]
+
     def _evict(self) -> None:
         (cy, cx), (sums, weights) = self._cache.popitem(last=False)
-        y0, y1, x0, x1 = self._chunk_bounds(cy, cx)
-        self._sum[:, y0:y1, x0:x1] = sums
-        self._weight[y0:y1, x0:x1] = weights
+        np.save(self._chunk_file(self.path, cy, cx), np.concatenate([sums, weights[None]]), allow_pickle=False)
         self._on_disk.add((cy, cx))
 
     def flush(self) -> None:
@@ -137,13 +129,11 @@ class BlendingAccumulator:
         """Add a flushed accumulator (same geometry, e.g. another DDP rank's) into this one, chunk by chunk."""
         other_path = Path(other_path)
         touched = [tuple(t) for t in json.loads((other_path / "touched.json").read_text())]
-        other_sum = zarr.open_array(str(other_path / "sum"), mode="r")
-        other_weight = zarr.open_array(str(other_path / "weight"), mode="r")
         for cy, cx in touched:
-            y0, y1, x0, x1 = self._chunk_bounds(cy, cx)
             sums, weights = self._get_chunk(cy, cx)
-            sums += np.asarray(other_sum[:, y0:y1, x0:x1])
-            weights += np.asarray(other_weight[y0:y1, x0:x1])
+            other_sums, other_weights = self._load(other_path, cy, cx)
+            sums += other_sums
+            weights += other_weights
 
     # -- read back -----------------------------------------------------------------------------------------------
     def band_chunks(self) -> Iterator[tuple[int, int, list[tuple[int, np.ndarray, np.ndarray]]]]:
@@ -163,11 +153,7 @@ class BlendingAccumulator:
                     continue
                 _, _, x0, x1 = self._chunk_bounds(cy, cx)
                 cached = self._cache.pop((cy, cx), None)
-                if cached is not None:
-                    sums, weights = cached
-                else:
-                    sums = np.asarray(self._sum[:, y0:y1, x0:x1])
-                    weights = np.asarray(self._weight[y0:y1, x0:x1])
+                sums, weights = cached if cached is not None else self._load(self.path, cy, cx)
                 covered = weights > 0
                 mean = np.zeros_like(sums)
                 np.divide(sums, weights[None], out=mean, where=covered[None])

@@ -46,7 +46,13 @@ def downsample_2x(band: np.ndarray, labels: bool) -> np.ndarray:
     return ((total + 2) // 4).astype(np.uint8)
 
 
-ENCODERS = {"zlib": imagecodecs.zlib_encode, "zstd": imagecodecs.zstd_encode}
+def _deflate(data: np.ndarray) -> bytes:
+    # libdeflate writes the same zlib stream as zlib (TIFF compression 8, "Adobe deflate") ~5x faster than zlib at
+    # level 6 for a similar size (level 3 on 256² probability tiles: 0.19 vs 0.92 ms, 12.1 vs 12.1 kB).
+    return imagecodecs.deflate_encode(data, level=3)
+
+
+ENCODERS = {"zlib": _deflate, "zstd": imagecodecs.zstd_encode}
 
 
 _ENCODE_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="wsiseg-tiff")
