@@ -173,3 +173,12 @@ def test_compiled_bf16_on_cpu_matches_fp32_and_compiles_once(demo_checkpoint) ->
     assert float(diff.mean()) <= 0.002, f"mean |dp| {float(diff.mean()):.5f}"
     flipped = ((compiled >= 0.5) != (expected >= 0.5)).float().mean()
     assert float(flipped) <= 0.001
+
+
+@pytest.mark.parametrize(
+    ("device", "tiles", "compiled"), [("cpu", 499, False), ("cpu", 500, True), ("cpu", None, False)]
+)
+def test_compile_auto_on_cpu_only_for_long_runs(device: str, tiles: int | None, compiled: bool) -> None:
+    module = SegmentationModule(ProbeNet(), compile="auto", compile_min_tiles=500)
+    module.prepare(device, planned_tiles=tiles)
+    assert module.compiled is compiled

@@ -243,7 +243,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if tiles == 0:
         raise RuntimeError(f"no tissue tiles in {slide_path}")
     reference = instantiate(cfg.model).net.eval().to(device)  # FP32 eager, default settings: the naive model
-    module.prepare(device.type)
+    module.prepare(device.type, planned_tiles=tiles)
     module.to(device).eval()
     batch_size = datamodule.batch_size
     patch = datamodule.patch_size

@@ -38,7 +38,12 @@ def _default_precision() -> str:
 
 
 def _default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    cores = os.cpu_count() or 2
+    if torch.cuda.is_available():
+        return max(1, min(8, cores - 1))  # the GPU computes; the cores read and decode tiles
+    # On CPU the network's threads use every core: a reader process only competes with them (2 cores: 1 worker was
+    # slower than reading in the main process, 26.1 vs 27.6 patches/s). Workers pay off from 4 cores up.
+    return min(8, cores // 4)
 
 
 def register_resolvers() -> None:

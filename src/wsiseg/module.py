@@ -56,9 +56,11 @@ class SegmentationModule(pl.LightningModule):
         channel_index: channel kept by ``reduction=channel``.
         output_downsample: average-pool factor applied on the device (``writer.output_downsample``).
         channels_last: use the channels_last memory format (faster convolutions on GPU and with oneDNN on CPU).
-        compile: wrap the network in ``torch.compile`` (``auto``: on CUDA only, where it is ~4x faster for the
-            replicate-padded U-Net; on CPU it pays off only for long runs). Falls back to eager with a warning if
-            compilation fails.
+        compile: wrap normalisation + network in ``torch.compile``. ``auto``: always on CUDA (~4x for the
+            replicate-padded U-Net); on CPU when the run has at least ``compile_min_tiles`` tiles (~2x there, but
+            compiling costs 10-20 s cold, a few seconds with inductor's cache warm). Falls back to eager with a warning
+            if compilation fails.
+        compile_min_tiles: tiles a CPU run needs for ``compile=auto`` to compile.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
             limit of the largest activation); bigger batches are split.
         backend: ``torch`` runs ``net``; ``onnxruntime`` runs the exported model at ``onnx_path`` instead (the
@@ -87,6 +89,7 @@ class SegmentationModule(pl.LightningModule):
         output_downsample: int = 1,
         channels_last: bool = True,
         compile: bool | str = "auto",
+        compile_min_tiles: int = 500,
         max_chunk: int | None = None,
         backend: str = "torch",
         onnx_path: str | None = None,
@@ -121,6 +124,7 @@ class SegmentationModule(pl.LightningModule):
         self.activation, self.reduction, self.channel_index = activation, reduction, channel_index
         self.output_downsample = output_downsample
         self.channels_last, self.compile_network = channels_last, compile
+        self.compile_min_tiles = compile_min_tiles
         self.max_chunk = max_chunk
         self._oom_chunk: int | None = None  # chunk size that last fit after an out-of-memory retry
         self._graph_batch: int | None = None  # batch size the compiled graph was built for
@@ -137,11 +141,14 @@ class SegmentationModule(pl.LightningModule):
         return network_stride(self.net)
 
     def setup(self, stage: str) -> None:
-        # setup() runs before the model moves to its device: ask the strategy where it is going.
-        self.prepare(self.trainer.strategy.root_device.type)
+        # setup() runs before the model moves to its device: ask the strategy where it is going. The datamodule is
+        # set up before the module, so the number of tiles is known.
+        tiles = getattr(self.trainer.datamodule, "planned_tiles", None)
+        self.prepare(self.trainer.strategy.root_device.type, planned_tiles=tiles)
 
-    def prepare(self, device_type: str) -> None:
-        """Apply channels_last and (``compile=auto``: on CUDA only) ``torch.compile`` for ``device_type``.
+    def prepare(self, device_type: str, planned_tiles: int | None = None) -> None:
+        """Apply channels_last and ``torch.compile`` (see ``compile``) for ``device_type``; ``planned_tiles`` is the
+        run's tile count, which ``compile=auto`` weighs against ``compile_min_tiles`` on CPU.
 
         What is compiled is :meth:`infer_tiles` — normalisation, network, activation, channel reduction and pooling —
         so the uint8 → float conversion and the layout change fuse into the network's first kernels.
@@ -156,7 +163,15 @@ class SegmentationModule(pl.LightningModule):
         self._set_forward(self.infer_tiles)
         compile_network = self.compile_network
         if compile_network == "auto":
-            compile_network = device_type == "cuda"
+            long_cpu_run = device_type == "cpu" and (planned_tiles or 0) >= self.compile_min_tiles
+            compile_network = device_type == "cuda" or long_cpu_run
+            if device_type == "cpu":
+                log.info(
+                    "model.compile=auto on CPU: %s (%s tiles; threshold model.compile_min_tiles=%d)",
+                    "compiling" if long_cpu_run else "eager",
+                    planned_tiles if planned_tiles is not None else "unknown",
+                    self.compile_min_tiles,
+                )
         self.compiled = False
         if compile_network:
             log.info("compiling the network with torch.compile (takes a while on first use)")

@@ -210,6 +210,11 @@ class SlideTileDataModule(pl.LightningDataModule):
         return len(self._dataset)
 
     @property
+    def planned_tiles(self) -> int:
+        """Tissue tiles this run will process (after setup)."""
+        return len(self.dataset)
+
+    @property
     def dataset(self) -> SlideTileDataset:
         if self._dataset is None:
             raise RuntimeError("SlideTileDataModule.setup() has not run")

@@ -405,6 +405,11 @@ class PatchFolderDataModule(pl.LightningDataModule):
         )
         self._ready = True
 
+    @property
+    def planned_tiles(self) -> int:
+        """Network inputs (pieces) this run will process (after setup)."""
+        return sum(len(image.origins) for i, image in enumerate(self.images) if i not in self.skipped)
+
     def skip_images(self, indices: Iterable[int]) -> None:
         """Leave ``images[i]`` out of the DataLoader (called by the writer's ``setup`` before the loader is built)."""
         self.skipped.update(int(i) for i in indices)
