@@ -11,8 +11,6 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 import tifffile
-import zarr
-from zarr.codecs import BloscCodec
 
 __all__ = ["pyramid_sizes", "downsample_2x", "write_pyramid_tiff"]
 
@@ -98,7 +96,7 @@ def write_pyramid_tiff(
         level0_bands: bands of level 0, each (rows, W) uint8 with rows a multiple of ``2·tile`` except the last,
             top to bottom.
         size: (W, H) of level 0, output px.
-        scratch: folder for the zarr copies of each level (needed to build the next one; removed by the caller).
+        scratch: folder for the on-disk copies of each level (needed to build the next one; removed by the caller).
         mpp: microns per level-0 output px; sets X/YResolution (px per cm) so viewers scale the overlay.
         labels: class labels (nearest downsampling) instead of probabilities (mean).
         tile: TIFF tile side.
@@ -113,40 +111,28 @@ def write_pyramid_tiff(
         raise ValueError(f"writer.compression must be one of {', '.join(ENCODERS)}; got '{compression}'")
     empty = ENCODERS[compression](np.zeros((tile, tile), np.uint8))
     sizes = pyramid_sizes(size, tile)
-    scratch = Path(scratch)
     band_rows = 2 * tile
-    compressors = BloscCodec(cname="lz4", clevel=1)
-    level_arrays = [
-        zarr.create_array(
-            store=str(scratch / f"level{i}"),
-            shape=(h, w),
-            chunks=(band_rows, max(band_rows, min(w, 4096))),
-            dtype="uint8",
-            fill_value=0,
-            compressors=compressors,
-            overwrite=True,
-        )
-        for i, (w, h) in enumerate(sizes)
-    ]
+    levels = [_BandStore(Path(scratch) / f"level{i}", band_rows, w, h) for i, (w, h) in enumerate(sizes)]
 
     def level0_tiles() -> Iterator[np.ndarray]:
         y0 = 0
         for band in level0_bands:
-            if band.any():
-                level_arrays[0][y0 : y0 + band.shape[0], :] = band
+            for start in range(0, band.shape[0], band_rows):  # bands are whole multiples of band_rows but the last
+                levels[0].put((y0 + start) // band_rows, band[start : start + band_rows])
             yield from _encoded_tiles(band, tile, compression, empty)
             y0 += band.shape[0]
 
     def level_tiles(index: int) -> Iterator[np.ndarray]:
-        source, target = level_arrays[index - 1], level_arrays[index]
-        height = sizes[index][1]
-        for y0 in range(0, height, band_rows):
-            src = np.asarray(source[2 * y0 : 2 * (y0 + band_rows), :])
-            if src.any():
-                band = downsample_2x(src, labels)[:, : sizes[index][0]]
-                target[y0 : y0 + band.shape[0], :] = band
-            else:  # background: nothing to compute or store (zarr's fill value is 0)
-                band = np.zeros((min(band_rows, height - y0), sizes[index][0]), np.uint8)
+        source, target = levels[index - 1], levels[index]
+        for k in range(target.count):
+            top, bottom = source.get(2 * k), source.get(2 * k + 1)
+            if top is None and bottom is None:  # background: nothing to compute or store
+                band = np.zeros((target.rows(k), target.width), np.uint8)
+            else:
+                top = source.zeros(2 * k) if top is None else top
+                bottom = source.zeros(2 * k + 1) if bottom is None else bottom
+                band = downsample_2x(np.concatenate([top, bottom]), labels)[:, : target.width]
+                target.put(k, band)
             yield from _encoded_tiles(band, tile, compression, empty)
 
     with tifffile.TiffWriter(path, bigtiff=True) as tiff:
@@ -169,4 +155,38 @@ def write_pyramid_tiff(
                 **options,
             )
     preview = next((i for i in reversed(range(len(sizes))) if max(sizes[i]) >= preview_side), 0)
-    return np.asarray(level_arrays[preview][:, :])
+    return levels[preview].whole()
+
+
+class _BandStore:
+    """One pyramid level kept on disk as bands of ``band_rows`` rows, one raw ``.npy`` file per band that holds any
+    non-zero pixel (background bands are not stored). Written once, read once to build the next level."""
+
+    def __init__(self, folder: Path, band_rows: int, width: int, height: int) -> None:
+        self.folder, self.band_rows, self.width, self.height = folder, band_rows, width, height
+        self.count = math.ceil(height / band_rows)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def rows(self, index: int) -> int:
+        return min(self.band_rows, self.height - index * self.band_rows)
+
+    def _file(self, index: int) -> Path:
+        return self.folder / f"{index}.npy"
+
+    def put(self, index: int, band: np.ndarray) -> None:
+        if band.any():
+            np.save(self._file(index), np.ascontiguousarray(band), allow_pickle=False)
+
+    def get(self, index: int) -> np.ndarray | None:
+        """Band ``index``, or None for a background band (or one past the last)."""
+        path = self._file(index)
+        return np.load(path) if index < self.count and path.exists() else None
+
+    def zeros(self, index: int) -> np.ndarray:
+        """A background band ``index`` (0 rows past the last band)."""
+        return np.zeros((max(0, self.rows(index)), self.width), np.uint8)
+
+    def whole(self) -> np.ndarray:
+        """The level as one (height, width) array (for the small preview level)."""
+        bands = [self.get(i) for i in range(self.count)]
+        return np.concatenate([self.zeros(i) if b is None else b for i, b in enumerate(bands)])
