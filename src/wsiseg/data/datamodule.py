@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,9 @@ class SlideTileDataModule(pl.LightningDataModule):
         reader: ``openslide`` — workers read RGB tiles with OpenSlide; ``gpu_jpeg`` — workers read only the compressed
             JPEG tiles and the module decodes them on its device (falls back to OpenSlide, with one warning, unless
             every slide is JPEG-tiled at its read level; see ``wsiseg.data.jpeg_tiles``).
+        read_threads: threads reading the tiles of one batch concurrently (OpenSlide decodes without holding the
+            GIL). None: every core when ``num_workers`` is 0 (the main process reads between network calls, so the
+            cores are otherwise idle then), 1 with workers (they already read in parallel).
 
     Example::
 
@@ -96,6 +100,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         prefetch_factor: int = 4,
         on_error: str = "skip",
         reader: str = "openslide",
+        read_threads: int | None = None,
     ) -> None:
         super().__init__()
         if on_error not in ("skip", "raise"):
@@ -120,6 +125,9 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.on_error = on_error
+        if read_threads is not None and read_threads < 1:
+            raise UserInputError(f"data.read_threads must be >= 1 or null (automatic), got {read_threads}")
+        self.read_threads = read_threads
         if reader not in ("openslide", "gpu_jpeg"):
             raise UserInputError(f"data.reader must be 'openslide' or 'gpu_jpeg', got '{reader}'")
         self.reader = reader
@@ -189,7 +197,7 @@ class SlideTileDataModule(pl.LightningDataModule):
             raise UserInputError(
                 f"none of the {len(self.slide_paths)} slide(s) in data.slides could be opened; see the errors above"
             )
-        self._dataset = SlideTileDataset(self.slides)
+        self._dataset = SlideTileDataset(self.slides, self._read_threads())
         total = sum(s.tiles_total for s in self.slides)
         log.info(
             "%d slide(s), %d tiles in grid, %d with tissue to process",
@@ -206,8 +214,13 @@ class SlideTileDataModule(pl.LightningDataModule):
         for slide in self.slides:
             slide.origins = slide.origins[: max(0, remaining)]
             remaining -= len(slide.origins)
-        self._dataset = SlideTileDataset(self.slides)
+        self._dataset = SlideTileDataset(self.slides, self._read_threads())
         return len(self._dataset)
+
+    def _read_threads(self) -> int:
+        if self.read_threads is not None:
+            return self.read_threads
+        return max(1, min(8, os.cpu_count() or 1)) if self.num_workers == 0 else 1
 
     @property
     def planned_tiles(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +60,11 @@ class SlideTileDataset(Dataset):
     or why the tile could not be read — the image is then white and the writer fails that slide).
     """
 
-    def __init__(self, slides: list[SlideTiles]) -> None:
+    def __init__(self, slides: list[SlideTiles], read_threads: int = 1) -> None:
         self.slides = slides
+        self.read_threads = read_threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
         counts = [s.tiles_tissue for s in slides]
         self._slide_of = np.repeat(np.arange(len(slides), dtype=np.int64), counts)
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -72,20 +77,35 @@ class SlideTileDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # Handles are per process: workers open their own on first use.
         state = self.__dict__.copy()
-        state["_handles"], state["_broken"] = {}, {}
+        state["_handles"], state["_broken"], state["_pool"], state["_lock"] = {}, {}, None, None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _handle(self, slide_index: int) -> openslide.OpenSlide:
         handle = self._handles.get(slide_index)
         if handle is None:
-            handle = openslide.OpenSlide(str(self.slides[slide_index].path))
-            self._handles[slide_index] = handle
+            with self._lock:  # read threads share one handle per slide (OpenSlide is thread-safe)
+                handle = self._handles.get(slide_index)
+                if handle is None:
+                    handle = openslide.OpenSlide(str(self.slides[slide_index].path))
+                    self._handles[slide_index] = handle
         return handle
 
     def locate(self, index: int) -> tuple[int, int]:
         """(slide_index, tile_index) of flat dataset ``index``."""
         slide_index = int(self._slide_of[index])
         return slide_index, int(index - self._offsets[slide_index])
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch's items (the DataLoader's batched fetch), read on ``read_threads`` threads."""
+        if self.read_threads <= 1 or len(indices) <= 1:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="wsiseg-read")
+        return list(self._pool.map(self.__getitem__, indices))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         slide_index, tile_index = self.locate(index)
