@@ -47,6 +47,11 @@ def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     )
     bound = min(cases["read_bound"]["patches_per_s"], cases["model_bound"]["patches_per_s"])
     assert summary["pipeline_efficiency"] == pytest.approx(cases["optimised"]["patches_per_s"] / bound, rel=1e-2)
+    read, model = cases["read_bound"]["patches_per_s"], cases["model_bound"]["patches_per_s"]
+    serial = read * model / (read + model)
+    assert summary["serial_bound_patches_per_s"] == pytest.approx(serial, rel=1e-2)
+    optimised = cases["optimised"]["patches_per_s"]
+    assert summary["efficiency_vs_serial_bound"] == pytest.approx(optimised / serial, rel=1e-2)
     assert 0.9 <= summary["dice_vs_fp32"] <= 1.0
     assert 0 <= summary["max_abs_prob_diff"] < 0.2
     assert report["settings"]["precision"] == "bf16-mixed"
