@@ -113,26 +113,37 @@ def write_pyramid_tiff(
     sizes = pyramid_sizes(size, tile)
     band_rows = 2 * tile
     levels = [_BandStore(Path(scratch) / f"level{i}", band_rows, w, h) for i, (w, h) in enumerate(sizes)]
+    preview = next((i for i in reversed(range(len(sizes))) if max(sizes[i]) >= preview_side), 0)
 
-    def level0_tiles() -> Iterator[np.ndarray]:
-        y0 = 0
+    def level0_pieces() -> Iterator[np.ndarray]:
         for band in level0_bands:
             for start in range(0, band.shape[0], band_rows):  # bands are whole multiples of band_rows but the last
-                levels[0].put((y0 + start) // band_rows, band[start : start + band_rows])
-            yield from _encoded_tiles(band, tile, compression, empty)
-            y0 += band.shape[0]
+                yield band[start : start + band_rows]
 
-    def level_tiles(index: int) -> Iterator[np.ndarray]:
-        source, target = levels[index - 1], levels[index]
-        for k in range(target.count):
-            top, bottom = source.get(2 * k), source.get(2 * k + 1)
-            if top is None and bottom is None:  # background: nothing to compute or store
-                band = np.zeros((target.rows(k), target.width), np.uint8)
-            else:
-                top = source.zeros(2 * k) if top is None else top
-                bottom = source.zeros(2 * k + 1) if bottom is None else bottom
-                band = downsample_2x(np.concatenate([top, bottom]), labels)[:, : target.width]
-                target.put(k, band)
+    def stored_bands(index: int) -> Iterator[np.ndarray]:
+        store = levels[index]
+        for k in range(store.count):
+            band = store.get(k)
+            yield store.zeros(k) if band is None else band
+
+    def level_tiles(index: int) -> Iterator[bytes]:
+        """Encoded tiles of level ``index``; on the way, each pair of its bands is halved into the next level's
+        store, so every level is read once and level 0 is never stored (unless it is the preview)."""
+        bands = level0_pieces() if index == 0 else stored_bands(index)
+        coarser = levels[index + 1] if index + 1 < len(levels) else None
+        last = levels[index].count - 1
+        pending: np.ndarray | None = None
+        for k, band in enumerate(bands):
+            if index == 0 and preview == 0:
+                levels[0].put(k, band)
+            # Halve before yielding: tifffile stops pulling after the level's last tile, so nothing may follow it.
+            if coarser is not None:
+                pair = [band] if k % 2 == 0 else [pending, band]
+                pending = band if k % 2 == 0 else None
+                if k % 2 == 1 or k == last:
+                    if any(b is not None and b.any() for b in pair):  # background halves to background
+                        coarser.put(k // 2, downsample_2x(np.concatenate(pair), labels)[:, : coarser.width])
+                    pending = None
             yield from _encoded_tiles(band, tile, compression, empty)
 
     with tifffile.TiffWriter(path, bigtiff=True) as tiff:
@@ -143,7 +154,7 @@ def write_pyramid_tiff(
                 pixels_per_cm = 1e4 / (mpp * scale)
                 options = {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
             tiff.write(
-                level0_tiles() if index == 0 else level_tiles(index),
+                level_tiles(index),
                 shape=(h, w),
                 dtype=np.uint8,
                 tile=(tile, tile),
@@ -154,7 +165,6 @@ def write_pyramid_tiff(
                 metadata=None,
                 **options,
             )
-    preview = next((i for i in reversed(range(len(sizes))) if max(sizes[i]) >= preview_side), 0)
     return levels[preview].whole()
 
 
