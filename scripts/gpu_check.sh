@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (the device machine: no network, its own python3 with torch/lightning).
 # Usage there: bash scripts/gpu_check.sh   (wheels for the missing packages in .whl/, a real slide in .devdata/)
-# Figures land in $OUT (or ./gpu_out): gpu_tests.log, bench_compiled.json, bench_eager.json, bench.log.
+# Figures land in $OUT (or ./gpu_out): gpu_tests.log, bench_*.json, bench.log, predict_profile.txt + profile_summary.txt.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,8 +30,19 @@ bench() {
   grep -E -A8 "^case" "$OUT/bench_$2.log" || tail -5 "$OUT/bench_$2.log"
   cp /tmp/bench_$2/bench.json "$OUT/bench_$2.json" 2>/dev/null
 }
-bench 100 compiled model.compile=true | tee "$OUT/bench.log"
+# 24576² generated slide, overlap 256: ~3,600 tissue tiles, so fixed costs (workers, writing the mask) weigh little
+bench 200 compiled model.compile=true bench.generated_size=24576 bench.max_tiles=6000 | tee "$OUT/bench.log"
 slide=/tmp/bench_compiled/bench_slide.tif; [ -f $slide ] || slide=null
-bench 100 gpu_jpeg model.compile=true data.reader=gpu_jpeg bench.slide=$slide | tee -a "$OUT/bench.log"
+bench 120 gpu_jpeg model.compile=true data.reader=gpu_jpeg bench.slide=$slide | tee -a "$OUT/bench.log"
 bench 40 eager model.compile=false bench.slide=$slide bench.max_tiles=512 bench.naive_tiles=32 | tee -a "$OUT/bench.log"
+date
+# 3. Where the end-to-end time goes: py-spy over a whole compiled wsiseg-predict run of the same slide
+if [ -x /tmp/site/bin/py-spy ] && [ -f "$slide" ]; then
+  timeout 150 /tmp/site/bin/py-spy record --subprocesses --format raw -r 100 -o "$OUT/predict_profile.txt" -- \
+    python3 -m wsiseg.predict model=unet_camelyon model.checkpoint=null trainer=gpu model.compile=true \
+    data.slides="[$slide]" data.patch_size=512 data.overlap=256 data.batch_size=32 data.num_workers=15 \
+    trainer.enable_progress_bar=false hydra.run.dir=/tmp/profile_run > "$OUT/profile_run.log" 2>&1
+  grep -E "tiles in" "$OUT/profile_run.log"
+  python3 scripts/profile_summary.py "$OUT/predict_profile.txt" | tee "$OUT/profile_summary.txt" | head -40
+fi
 date
