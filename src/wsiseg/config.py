@@ -46,14 +46,22 @@ def _default_workers() -> int:
     return min(8, cores // 4)
 
 
+def _default_write_workers() -> int:
+    # PNG encoding + heatmap rendering (~20 ms of CPU per 512 px image) overlaps the network on any machine.
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def register_resolvers() -> None:
-    """Register ``${wsiseg.asset:name}``, ``${wsiseg.precision:}`` and ``${wsiseg.workers:}`` (idempotent)."""
+    """Register ``${wsiseg.asset:name}``, ``${wsiseg.precision:}``, ``${wsiseg.workers:}`` and
+    ``${wsiseg.write_workers:}`` (idempotent)."""
     if not OmegaConf.has_resolver("wsiseg.asset"):
         OmegaConf.register_new_resolver("wsiseg.asset", asset_path)
     if not OmegaConf.has_resolver("wsiseg.precision"):
         OmegaConf.register_new_resolver("wsiseg.precision", _default_precision)
     if not OmegaConf.has_resolver("wsiseg.workers"):
         OmegaConf.register_new_resolver("wsiseg.workers", _default_workers)
+    if not OmegaConf.has_resolver("wsiseg.write_workers"):
+        OmegaConf.register_new_resolver("wsiseg.write_workers", _default_write_workers)
 
 
 register_resolvers()
