@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
@@ -24,7 +25,7 @@ from wsiseg.contours import contour_formats, write_contours
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.grid import BLEND_MODES, blend_window
 from wsiseg.errors import UserInputError
-from wsiseg.writers._batch import as_ints
+from wsiseg.writers._batch import as_ints, to_host_async
 from wsiseg.writers.heatmap import render_heatmap
 from wsiseg.writers.store import BlendingAccumulator
 from wsiseg.writers.tiff import pyramid_sizes, write_pyramid_tiff
@@ -207,11 +208,11 @@ class SlideWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        probs = prediction["probs"].float().cpu().numpy()
+        probs, ready = to_host_async(prediction["probs"])
         slide_indices = as_ints(prediction["slide_index"])
         errors = list(prediction.get("error") or [""] * len(slide_indices))
         dataset_indices = list(batch_indices) if batch_indices is not None else [None] * len(slide_indices)
-        self._submit((probs, slide_indices, as_ints(prediction["tile_index"]), errors, dataset_indices))
+        self._submit((probs, ready, slide_indices, as_ints(prediction["tile_index"]), errors, dataset_indices))
 
     # -- blending runs on one background thread so the device is not kept waiting by the host -----------------------
     def _submit(self, item: tuple[Any, ...]) -> None:
@@ -269,12 +270,16 @@ class SlideWriter(BasePredictionWriter):
 
     def _blend_batch(
         self,
-        probs: np.ndarray,
+        host_probs: torch.Tensor,
+        ready: torch.cuda.Event | None,
         slide_indices: list[int],
         tile_indices: list[int],
         errors: list[str],
         dataset_indices: list[int | None],
     ) -> None:
+        if ready is not None:
+            ready.synchronize()  # the device-to-host copy of this batch has landed
+        probs = host_probs.numpy()  # float16 or float32; blending computes in float32
         self._channels = probs.shape[1]
         for i, (slide_index, tile_index) in enumerate(zip(slide_indices, tile_indices)):
             if self._owned is not None and dataset_indices[i] is not None and dataset_indices[i] not in self._owned:
