@@ -1,4 +1,5 @@
-"""Tile datasets: which tiles of which slides, and reading them (one OpenSlide handle per worker, opened lazily)."""
+"""Tile datasets: which tiles of which slides, and reading them (one OpenSlide handle per process, opened lazily and
+shared by the read threads)."""
 
 from __future__ import annotations
 
