@@ -280,16 +280,6 @@ class SegmentationModule(pl.LightningModule):
             )
         return self.run_network(images)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Only the pixels go to the device; tile indices and errors stay on the host, so the writer reads them without
-        waiting for the device (a ``.tolist()`` of a CUDA tensor would synchronise with the running batch)."""
-        if isinstance(batch, dict) and ("image" in batch or "jpeg_tiles" in batch):
-            moved = dict(batch)
-            if "image" in moved:
-                moved["image"] = moved["image"].to(device, non_blocking=True)
-            return moved  # jpeg_tiles: decode_batch moves the compressed bytes itself
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Any]:
         if "jpeg_tiles" in batch:  # data.reader=gpu_jpeg: decode and assemble the tiles on this device
             from wsiseg.data.jpeg_tiles import decode_batch

@@ -233,6 +233,16 @@ class SlideTileDataModule(pl.LightningDataModule):
             raise RuntimeError("SlideTileDataModule.setup() has not run")
         return self._dataset
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Only the pixels go to the device; tile indices and errors stay on the host, so the writer reads them without
+        waiting for the device (a ``.tolist()`` of a CUDA tensor would synchronise with the running batch)."""
+        if isinstance(batch, dict) and ("image" in batch or "jpeg_tiles" in batch):
+            moved = dict(batch)
+            if "image" in moved:
+                moved["image"] = moved["image"].to(device, non_blocking=True)
+            return moved  # jpeg_tiles: decode_batch moves the compressed bytes itself
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def predict_dataloader(self) -> DataLoader:
         if self.reader == "gpu_jpeg":
             from wsiseg.data.jpeg_dataset import jpeg_dataloader

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import shared_slide
+from wsiseg.data.datamodule import SlideTileDataModule
+
+
+def test_only_pixels_go_to_the_device() -> None:
+    """Tile indices and errors stay on the host (the writer reads them without synchronising with the device);
+    the 'meta' device stands in for a GPU."""
+    dm = SlideTileDataModule(str(shared_slide("CMU-1-Small-Region.svs")), patch_size=256, batch_size=4, num_workers=0)
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["image"].device.type == "meta" and moved["image"].shape == batch["image"].shape
+    for key in ("slide_index", "tile_index", "x", "y"):
+        assert moved[key].device.type == "cpu" and torch.equal(moved[key], batch[key])
+    assert moved["error"] == batch["error"]
+    assert batch["image"].device.type == "cpu", "the loader's batch itself is left as it was"
