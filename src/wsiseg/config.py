@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-__all__ = ["config_dir", "asset_path", "register_resolvers"]
+__all__ = ["config_dir", "asset_path", "cpu_precision", "register_resolvers"]
 
 
 def config_dir() -> Path:
@@ -32,9 +32,19 @@ def asset_path(name: str) -> str:
     return str(Path(str(resources.files("wsiseg"))) / "assets" / name)
 
 
+def cpu_precision() -> str:
+    """bf16-mixed where oneDNN runs bfloat16 (AVX-512 or Arm BF16 CPUs), else 32: elsewhere bfloat16 convolutions
+    fall back to slow reference kernels."""
+    try:
+        bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return "bf16-mixed" if bf16 else "32"
+
+
 def _default_precision() -> str:
     # Lightning would turn 16-mixed into bf16-mixed on CPU with a warning; say what each device really runs.
-    return "16-mixed" if torch.cuda.is_available() else "bf16-mixed"
+    return "16-mixed" if torch.cuda.is_available() else cpu_precision()
 
 
 def _default_workers() -> int:
@@ -52,12 +62,14 @@ def _default_write_workers() -> int:
 
 
 def register_resolvers() -> None:
-    """Register ``${wsiseg.asset:name}``, ``${wsiseg.precision:}``, ``${wsiseg.workers:}`` and
-    ``${wsiseg.write_workers:}`` (idempotent)."""
+    """Register ``${wsiseg.asset:name}``, ``${wsiseg.precision:}``, ``${wsiseg.cpu_precision:}``,
+    ``${wsiseg.workers:}`` and ``${wsiseg.write_workers:}`` (idempotent)."""
     if not OmegaConf.has_resolver("wsiseg.asset"):
         OmegaConf.register_new_resolver("wsiseg.asset", asset_path)
     if not OmegaConf.has_resolver("wsiseg.precision"):
         OmegaConf.register_new_resolver("wsiseg.precision", _default_precision)
+    if not OmegaConf.has_resolver("wsiseg.cpu_precision"):
+        OmegaConf.register_new_resolver("wsiseg.cpu_precision", cpu_precision)
     if not OmegaConf.has_resolver("wsiseg.workers"):
         OmegaConf.register_new_resolver("wsiseg.workers", _default_workers)
     if not OmegaConf.has_resolver("wsiseg.write_workers"):
