@@ -120,16 +120,10 @@ def write_pyramid_tiff(
             for start in range(0, band.shape[0], band_rows):  # bands are whole multiples of band_rows but the last
                 yield band[start : start + band_rows]
 
-    def stored_bands(index: int) -> Iterator[np.ndarray]:
-        store = levels[index]
-        for k in range(store.count):
-            band = store.get(k)
-            yield store.zeros(k) if band is None else band
-
     def level_tiles(index: int) -> Iterator[bytes]:
         """Encoded tiles of level ``index``; on the way, each pair of its bands is halved into the next level's
         store, so every level is read once and level 0 is never stored (unless it is the preview)."""
-        bands = level0_pieces() if index == 0 else stored_bands(index)
+        bands = level0_pieces() if index == 0 else map(levels[index].band, range(levels[index].count))
         coarser = levels[index + 1] if index + 1 < len(levels) else None
         last = levels[index].count - 1
         pending: np.ndarray | None = None
@@ -139,11 +133,10 @@ def write_pyramid_tiff(
             # Halve before yielding: tifffile stops pulling after the level's last tile, so nothing may follow it.
             if coarser is not None:
                 pair = [band] if k % 2 == 0 else [pending, band]
-                pending = band if k % 2 == 0 else None
-                if k % 2 == 1 or k == last:
-                    if any(b is not None and b.any() for b in pair):  # background halves to background
-                        coarser.put(k // 2, downsample_2x(np.concatenate(pair), labels)[:, : coarser.width])
-                    pending = None
+                pending = band
+                # a complete pair (or the odd last band); background halves to background: nothing to compute or store
+                if (k % 2 == 1 or k == last) and any(b.any() for b in pair):
+                    coarser.put(k // 2, downsample_2x(np.concatenate(pair), labels)[:, : coarser.width])
             yield from _encoded_tiles(band, tile, compression, empty)
 
     with tifffile.TiffWriter(path, bigtiff=True) as tiff:
@@ -187,16 +180,11 @@ class _BandStore:
         if band.any():
             np.save(self._file(index), np.ascontiguousarray(band), allow_pickle=False)
 
-    def get(self, index: int) -> np.ndarray | None:
-        """Band ``index``, or None for a background band (or one past the last)."""
+    def band(self, index: int) -> np.ndarray:
+        """Band ``index`` as (rows, width) uint8; background bands (never stored) come back as zeros."""
         path = self._file(index)
-        return np.load(path) if index < self.count and path.exists() else None
-
-    def zeros(self, index: int) -> np.ndarray:
-        """A background band ``index`` (0 rows past the last band)."""
-        return np.zeros((max(0, self.rows(index)), self.width), np.uint8)
+        return np.load(path) if path.exists() else np.zeros((self.rows(index), self.width), np.uint8)
 
     def whole(self) -> np.ndarray:
         """The level as one (height, width) array (for the small preview level)."""
-        bands = [self.get(i) for i in range(self.count)]
-        return np.concatenate([self.zeros(i) if b is None else b for i, b in enumerate(bands)])
+        return np.concatenate([self.band(i) for i in range(self.count)])
