@@ -48,16 +48,16 @@ def _default_precision() -> str:
 
 
 def _default_workers() -> int:
-    cores = os.cpu_count() or 2
     if torch.cuda.is_available():
-        return max(1, min(8, cores - 1))  # the GPU computes; the cores read and decode tiles
+        return _spare_cores()  # the GPU computes; the cores read and decode tiles
     # On CPU the network's threads use every core: a reader process only competes with them (2 cores: 1 worker was
     # slower than reading in the main process, 26.1 vs 27.6 patches/s). Workers pay off from 4 cores up.
-    return min(8, cores // 4)
+    return min(8, (os.cpu_count() or 2) // 4)
 
 
-def _default_write_workers() -> int:
-    # PNG encoding + heatmap rendering (~20 ms of CPU per 512 px image) overlaps the network on any machine.
+def _spare_cores() -> int:
+    """Cores but one, 1 to 8: GPU reader workers, and patch-writer threads (PNG encoding + heatmap rendering, ~20 ms
+    of CPU per 512 px image, overlaps the network on any machine)."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
@@ -73,7 +73,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wsiseg.workers"):
         OmegaConf.register_new_resolver("wsiseg.workers", _default_workers)
     if not OmegaConf.has_resolver("wsiseg.write_workers"):
-        OmegaConf.register_new_resolver("wsiseg.write_workers", _default_write_workers)
+        OmegaConf.register_new_resolver("wsiseg.write_workers", _spare_cores)
 
 
 register_resolvers()

@@ -44,5 +44,7 @@ def keep_freed_memory() -> bool:
     if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) != 1 or mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) != 1:
         return False
     _tuned = True
-    log.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB", 32, 256)
+    log.debug(
+        "glibc malloc: mmap threshold %d MiB, trim %d MiB", MMAP_THRESHOLD_BYTES >> 20, TRIM_THRESHOLD_BYTES >> 20
+    )
     return True
