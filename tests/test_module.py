@@ -138,10 +138,15 @@ def test_compiled_bf16_on_cpu_matches_fp32_and_compiles_once(demo_checkpoint) ->
     """CPU path with compile (freezing, fused normalisation) under a real Trainer at bf16-mixed vs the FP32 eager
     network on tiles of a real slide; 5 tiles at batch 2, so the short last batch must reuse the compiled graph.
     Tolerances are bf16's: measured max |Δp| 0.058, mean 0.0005, 0.03 % of mask pixels flipped at 0.5 — the same as
-    eager bf16 autocast on these tiles, so compile and freezing add nothing measurable."""
+    eager bf16 autocast on these tiles, so compile and freezing add nothing measurable.
+
+    Freezing must really take effect: the generated code calls pre-packed oneDNN convolutions with the ReLU fused
+    (``mkldnn._convolution_pointwise``) and no BatchNorm is left (folded into the weights)."""
     import openslide
+    import torch._inductor.config as inductor_config
     from lightning.pytorch import Trainer
     from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
     from torch.utils.data import DataLoader
 
     from tests.conftest import shared_slide
@@ -154,12 +159,15 @@ def test_compiled_bf16_on_cpu_matches_fp32_and_compiles_once(demo_checkpoint) ->
     net = Unet(3, 1, base_width=8)
     module = SegmentationModule(net, checkpoint=str(demo_checkpoint), compile=True, output_dtype="float32")
     loader = DataLoader([{"image": t} for t in images], batch_size=2)
-    torch._dynamo.reset()
     counters.clear()
     trainer = Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
-    batches = trainer.predict(module, loader)
+    with inductor_config.patch(fx_graph_cache=False):  # a cache hit would skip the code generation we inspect
+        batches, codes = run_and_get_code(trainer.predict, module, loader)
     assert module.compiled
     assert counters["stats"]["unique_graphs"] == 1, "the short last batch recompiled the network"
+    code = "\n".join(codes)
+    assert "mkldnn._convolution_pointwise" in code, "freezing did not turn the convolutions into packed oneDNN ones"
+    assert "batch_norm" not in code, "freezing did not fold BatchNorm into the convolutions"
     compiled = torch.cat([b["probs"] for b in batches])
 
     reference = Unet(3, 1, base_width=8)
