@@ -20,6 +20,14 @@ def test_downsample_2x_mean_and_labels() -> None:
     np.testing.assert_array_equal(downsample_2x(band, labels=True), [[0, 10], [100, 7]])
 
 
+@pytest.mark.parametrize("shape", [(512, 1024), (7, 9), (1, 5), (6, 1)])
+def test_downsample_2x_is_the_rounded_mean_of_each_2x2_block(shape: tuple[int, int]) -> None:
+    band = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    padded = np.pad(band, ((0, shape[0] % 2), (0, shape[1] % 2)), mode="edge").astype(np.int64)
+    blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).sum(axis=(1, 3))
+    np.testing.assert_array_equal(downsample_2x(band, labels=False), (blocks + 2) // 4)
+
+
 @pytest.mark.parametrize(("compression", "band_rows"), [("zlib", 256), ("zstd", 256), ("zlib", 512)])
 def test_written_pyramid_reads_back_exactly(tmp_path: Path, compression: str, band_rows: int) -> None:
     rng = np.random.default_rng(3)

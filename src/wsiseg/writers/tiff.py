@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import imagecodecs
 import numpy as np
 import tifffile
@@ -39,9 +40,9 @@ def downsample_2x(band: np.ndarray, labels: bool) -> np.ndarray:
     rows, width = band.shape
     if rows % 2 or width % 2:
         band = np.pad(band, ((0, rows % 2), (0, width % 2)), mode="edge")
-    b = band.astype(np.uint16)
-    total = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
-    return ((total + 2) // 4).astype(np.uint8)
+    # OpenCV's area resize at exactly 1/2 computes (a + b + c + d + 2) >> 2 on uint8: the rounded 2x2 mean, ~5x faster
+    # than the same sum in numpy uint16 (a 512 x 16384 band: 2 vs 10 ms).
+    return cv2.resize(band, (band.shape[1] // 2, band.shape[0] // 2), interpolation=cv2.INTER_AREA)
 
 
 def _deflate(data: np.ndarray) -> bytes:
@@ -56,26 +57,37 @@ ENCODERS = {"zlib": _deflate, "zstd": imagecodecs.zstd_encode}
 _ENCODE_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="wsiseg-tiff")
 
 
-def _encoded_tiles(band: np.ndarray, tile: int, compression: str, empty: bytes) -> Iterator[bytes]:
-    """Compressed tiles of a band, row-major; all-zero (background) tiles reuse one pre-encoded tile. The codecs
-    release the GIL, so a band's tiles are encoded on a small thread pool."""
+def _submit_band(band: np.ndarray, tile: int, compression: str) -> list[Future[bytes] | None]:
+    """Start compressing a band's tiles, row-major, on the encoder pool (the codecs release the GIL); all-zero
+    (background) tiles are not encoded (``None``: the caller writes one pre-encoded empty tile)."""
     encode = ENCODERS[compression]
     rows, width = band.shape
-    blocks: list[np.ndarray | None] = []
+    futures: list[Future[bytes] | None] = []
     for ty in range(0, rows, tile):
         for tx in range(0, width, tile):
             block = band[ty : ty + tile, tx : tx + tile]
             if not block.any():
-                blocks.append(None)
+                futures.append(None)
                 continue
             if block.shape != (tile, tile):
                 padded = np.zeros((tile, tile), np.uint8)
                 padded[: block.shape[0], : block.shape[1]] = block
                 block = padded
-            blocks.append(np.ascontiguousarray(block))
-    encoded = iter(_ENCODE_POOL.map(encode, [b for b in blocks if b is not None]))
-    for block in blocks:
-        yield empty if block is None else next(encoded)
+            futures.append(_ENCODE_POOL.submit(encode, np.ascontiguousarray(block)))
+    return futures
+
+
+def _encoded_tiles(bands: Iterable[np.ndarray], tile: int, compression: str, empty: bytes) -> Iterator[bytes]:
+    """Compressed tiles of consecutive bands, row-major. A band's tiles are submitted before the previous band's are
+    handed on, so producing the next band (blending, halving into the next level) overlaps with the encoding."""
+    pending: list[Future[bytes] | None] | None = None
+    for band in bands:
+        submitted = _submit_band(band, tile, compression)
+        if pending is not None:
+            yield from (empty if f is None else f.result() for f in pending)
+        pending = submitted
+    if pending is not None:
+        yield from (empty if f is None else f.result() for f in pending)
 
 
 def write_pyramid_tiff(
@@ -120,9 +132,9 @@ def write_pyramid_tiff(
             for start in range(0, band.shape[0], band_rows):  # bands are whole multiples of band_rows but the last
                 yield band[start : start + band_rows]
 
-    def level_tiles(index: int) -> Iterator[bytes]:
-        """Encoded tiles of level ``index``; on the way, each pair of its bands is halved into the next level's
-        store, so every level is read once and level 0 is never stored (unless it is the preview)."""
+    def level_bands(index: int) -> Iterator[np.ndarray]:
+        """The bands of level ``index``; on the way, each pair of them is halved into the next level's store, so every
+        level is read once and level 0 is never stored (unless it is the preview)."""
         bands = level0_pieces() if index == 0 else map(levels[index].band, range(levels[index].count))
         coarser = levels[index + 1] if index + 1 < len(levels) else None
         last = levels[index].count - 1
@@ -137,7 +149,7 @@ def write_pyramid_tiff(
                 # a complete pair (or the odd last band); background halves to background: nothing to compute or store
                 if (k % 2 == 1 or k == last) and any(b.any() for b in pair):
                     coarser.put(k // 2, downsample_2x(np.concatenate(pair), labels)[:, : coarser.width])
-            yield from _encoded_tiles(band, tile, compression, empty)
+            yield band
 
     with tifffile.TiffWriter(path, bigtiff=True) as tiff:
         for index, (w, h) in enumerate(sizes):
@@ -147,7 +159,7 @@ def write_pyramid_tiff(
                 pixels_per_cm = 1e4 / (mpp * scale)
                 options = {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
             tiff.write(
-                level_tiles(index),
+                _encoded_tiles(level_bands(index), tile, compression, empty),
                 shape=(h, w),
                 dtype=np.uint8,
                 tile=(tile, tile),
