@@ -46,3 +46,11 @@ def test_rgba_to_rgb_composites_over_white() -> None:
     assert rgb[0, 1].tolist() == [255, 255, 255]
     a = 128 / 255
     assert rgb[0, 2].tolist() == [round(200 * a + 255 * (1 - a)), round(100 * a + 255 * (1 - a)), round(255 * (1 - a))]
+
+
+def test_rgba_to_rgb_of_an_opaque_read_is_its_rgb_planes() -> None:
+    rgba = np.random.default_rng(1).integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgb = rgba_to_rgb(rgba)
+    assert rgb.flags.c_contiguous and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb, rgba[..., :3])
