@@ -61,9 +61,14 @@ def test_probe_mask_equals_direct_read_synthetic(
     assert_matches_rounded(mask, reference_red(synthetic_slide, level, downsample))
 
 
-@pytest.mark.parametrize(("overlap", "blend", "downsample"), [(64, "gaussian", 1), (128, "linear", 4)])
-def test_probe_mask_equals_direct_read_real_svs(tmp_path: Path, overlap: int, blend: str, downsample: int) -> None:
-    # Real Aperio SVS (JPEG tiles of 240 px, 2220 x 2967): tiles straddle the file's own tiles.
+@pytest.mark.parametrize(
+    ("overlap", "blend", "downsample", "blend_thread"), [(64, "gaussian", 1, "auto"), (128, "linear", 4, "true")]
+)
+def test_probe_mask_equals_direct_read_real_svs(
+    tmp_path: Path, overlap: int, blend: str, downsample: int, blend_thread: str
+) -> None:
+    # Real Aperio SVS (JPEG tiles of 240 px, 2220 x 2967): tiles straddle the file's own tiles. blend_thread=true: the
+    # background blending thread that GPU runs use (auto blends between batches on this CPU).
     slide = shared_slide("CMU-1-Small-Region.svs")
     mask = run_probe(
         slide,
@@ -72,6 +77,7 @@ def test_probe_mask_equals_direct_read_real_svs(tmp_path: Path, overlap: int, bl
         f"data.overlap={overlap}",
         f"writer.blend={blend}",
         f"writer.output_downsample={downsample}",
+        f"writer.blend_thread={blend_thread}",
         "model.output_dtype=float32",
     )
     assert_matches_rounded(mask, reference_red(slide, 0, downsample))
