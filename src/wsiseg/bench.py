@@ -53,6 +53,8 @@ __all__ = ["CaseResult", "PeakMemory", "main", "run_bench"]
 
 log = logging.getLogger(__name__)
 
+MODEL_BOUND_TILES = 128  # tiles timed for the model bound when bench.model_batches batches hold fewer
+
 
 @dataclass
 class CaseResult:
@@ -266,7 +268,10 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     model_only(module, trainer, images, 1)
     _sync(device)
     warmup_s = time.perf_counter() - start
-    model_batches = max(2, min(bench.model_batches, -(-tiles // batch_size)))
+    # at least bench.model_batches batches and, for small (CPU) batches, about MODEL_BOUND_TILES tiles, so the bound is
+    # not a sub-second sample; never more tiles than the run has
+    wanted = max(bench.model_batches, -(-MODEL_BOUND_TILES // batch_size))
+    model_batches = max(2, min(wanted, -(-tiles // batch_size)))
     results["model_bound"] = _timed(
         "model_bound", device, model_batches * batch_size, lambda: model_only(module, trainer, images, model_batches)
     )

@@ -25,3 +25,16 @@ def test_label_overlay_colours_only_foreground_labels() -> None:
     np.testing.assert_array_equal(heatmap[4:], thumbnail[4:])
     expected = 0.5 * 100 + 0.5 * LABEL_COLOURS[2].astype(float)
     assert np.abs(heatmap[:4] - expected).max() <= 1.0
+
+
+def test_png_bytes_round_trip_rgb(tmp_path) -> None:
+    from PIL import Image
+
+    from wsiseg.writers.heatmap import png_bytes
+
+    rgb = np.random.default_rng(2).integers(0, 256, (31, 47, 3), dtype=np.uint8)
+    path = tmp_path / "h.png"
+    path.write_bytes(png_bytes(rgb))
+    with Image.open(path) as im:
+        assert im.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(im), rgb)

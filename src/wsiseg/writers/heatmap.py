@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["render_heatmap", "LABEL_COLOURS"]
+__all__ = ["render_heatmap", "png_bytes", "LABEL_COLOURS"]
 
 LABEL_COLOURS = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]],
@@ -39,3 +39,12 @@ def render_heatmap(thumbnail: np.ndarray, mask: np.ndarray, labels: bool = False
     return cv2.blendLinear(
         np.ascontiguousarray(thumbnail), np.ascontiguousarray(colours), np.float32(1.0) - alpha, alpha
     )
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """(h, w, 3) uint8 RGB as PNG, zlib level 1: a 2048² heatmap in ~0.15 s against ~0.3 s at PIL's default level 6,
+    for a file ~4 % larger."""
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RuntimeError("PNG encoding of the heatmap failed")
+    return encoded.tobytes()

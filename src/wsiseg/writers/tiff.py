@@ -62,19 +62,30 @@ def _submit_band(band: np.ndarray, tile: int, compression: str) -> list[Future[b
     (background) tiles are not encoded (``None``: the caller writes one pre-encoded empty tile)."""
     encode = ENCODERS[compression]
     rows, width = band.shape
+    occupied = _occupied_tiles(band, tile)
     futures: list[Future[bytes] | None] = []
     for ty in range(0, rows, tile):
         for tx in range(0, width, tile):
-            block = band[ty : ty + tile, tx : tx + tile]
-            if not block.any():
+            if not occupied[ty // tile, tx // tile]:
                 futures.append(None)
                 continue
+            block = band[ty : ty + tile, tx : tx + tile]
             if block.shape != (tile, tile):
                 padded = np.zeros((tile, tile), np.uint8)
                 padded[: block.shape[0], : block.shape[1]] = block
                 block = padded
             futures.append(_ENCODE_POOL.submit(encode, np.ascontiguousarray(block)))
     return futures
+
+
+def _occupied_tiles(band: np.ndarray, tile: int) -> np.ndarray:
+    """(ceil(rows/tile), ceil(W/tile)) bool: which ``tile × tile`` tiles of a band hold a non-zero pixel, in one pass
+    (a per-tile ``any`` cost ~30 µs a tile)."""
+    rows, width = band.shape
+    grid_h, grid_w = -(-rows // tile), -(-width // tile)
+    if rows != grid_h * tile or width != grid_w * tile:
+        band = np.pad(band, ((0, grid_h * tile - rows), (0, grid_w * tile - width)))
+    return band.reshape(grid_h, tile, grid_w, tile).max(axis=(1, 3)) > 0
 
 
 def _encoded_tiles(bands: Iterable[np.ndarray], tile: int, compression: str, empty: bytes) -> Iterator[bytes]:
