@@ -39,15 +39,17 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=600)
 
 
-def test_two_process_gloo_equals_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("overlap", "blend"), [(64, "gaussian"), (0, "none")])
+def test_two_process_gloo_equals_one_process(tmp_path: Path, overlap: int, blend: str) -> None:
+    """overlap 64: blended partial sums merged across ranks; overlap 0: the uint8 tile mosaics merged."""
     real = shared_slide("CMU-1-Small-Region.svs")
     generated = write_synthetic_slide(tmp_path / "gen.tif", SyntheticSlide(2400, 1800, seed=21))
     common = [
         "model=demo",
         f"data.slides=[{real},{generated}]",
         "data.patch_size=256",
-        "data.overlap=64",
-        "writer.blend=gaussian",
+        f"data.overlap={overlap}",
+        f"writer.blend={blend}",
         "writer.output_downsample=2",
         "data.num_workers=1",
         "trainer.enable_progress_bar=false",

@@ -28,7 +28,7 @@ from wsiseg.data.grid import BLEND_MODES, blend_window
 from wsiseg.errors import UserInputError
 from wsiseg.writers._batch import as_ints, to_host_async
 from wsiseg.writers.heatmap import png_bytes, render_heatmap
-from wsiseg.writers.store import BlendingAccumulator
+from wsiseg.writers.store import BlendingAccumulator, TileMosaic
 from wsiseg.writers.tiff import pyramid_sizes, write_pyramid_tiff
 
 __all__ = ["SlideWriter", "config_hash"]
@@ -362,14 +362,15 @@ class SlideWriter(BasePredictionWriter):
         if state is None:
             slide = self._slides[index]
             self._slide_dir(index).mkdir(parents=True, exist_ok=True)
+            partial, size = self._partial_dir(index, self._rank), slide.grid.output_size
+            accumulator: BlendingAccumulator
+            if slide.grid.overlap == 0 and self._channels == 1:
+                # no two tiles share a pixel: nothing to blend, keep the final uint8 values
+                accumulator = TileMosaic(partial, size, self.chunk, self.cache_bytes)
+            else:
+                accumulator = BlendingAccumulator(partial, self._channels, size, self.chunk, self.cache_bytes)
             state = _SlideState(
-                accumulator=BlendingAccumulator(
-                    self._partial_dir(index, self._rank),
-                    self._channels,
-                    slide.grid.output_size,
-                    self.chunk,
-                    self.cache_bytes,
-                ),
+                accumulator=accumulator,
                 started=self._clock if self._world == 1 else time.perf_counter(),
             )
             self._states[index] = state
@@ -484,7 +485,11 @@ class SlideWriter(BasePredictionWriter):
             for _, rows, chunks in accumulator.band_chunks():
                 band = np.zeros((rows, width), np.uint8)
                 for x0, mean, covered in chunks:
-                    if labels:
+                    if isinstance(accumulator, TileMosaic):
+                        block = mean[0]  # already round(255·p)
+                        positive[0] += int(np.count_nonzero(block >= threshold_u8))
+                    elif labels:
+                        assert covered is not None
                         block = np.where(covered, mean.argmax(axis=0), 0).astype(np.uint8)
                         positive[0] += int(np.count_nonzero(block))
                     else:
