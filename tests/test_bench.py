@@ -31,6 +31,29 @@ def run_bench(run_dir: Path, *overrides: str) -> tuple[subprocess.CompletedProce
     return result, json.loads((run_dir / "bench.json").read_text())
 
 
+def conv_gflop(patch: int) -> float:
+    """2 FLOP per multiply-add of every (transposed) convolution of the demo network on one tile, from hooks."""
+    import torch
+
+    from wsiseg.model import Unet
+
+    net, total = Unet(3, 1, base_width=8).eval(), [0]
+
+    def count(module: torch.nn.Module, _: tuple, out: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.ConvTranspose2d):  # stride == kernel: one tap of every input channel
+            per_output = module.in_channels
+        else:
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        total[0] += 2 * per_output * out.numel()
+
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        net(torch.zeros(1, 3, patch, patch))
+    return total[0] / 1e9
+
+
 def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     result, report = run_bench(tmp_path, *SMALL_SLIDE_BENCH, "bench.max_tiles=24", "bench.naive_tiles=8")
     assert "speedup optimised/naive" in result.stdout
@@ -57,6 +80,14 @@ def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     assert 0.9 <= summary["dice_vs_fp32"] <= 1.0
     assert 0 <= summary["max_abs_prob_diff"] < 0.2
     assert report["settings"]["precision"] == cpu_precision()  # bf16-mixed where oneDNN runs bfloat16, else 32
+    # hardware figures: FLOP per tile against an independent count of the demo net's convolutions, and the ratios
+    patch = report["settings"]["patch_size"]
+    assert summary["network_gflop_per_patch"] == pytest.approx(conv_gflop(patch), rel=1e-3)
+    assert summary["matmul_peak_tflops"] > 0 and summary["matmul_peak_fp32_tflops"] > 0
+    assert summary["model_bound_tflops"] == pytest.approx(model * conv_gflop(patch) / 1e3, rel=1e-2)
+    assert summary["model_bound_fraction_of_peak"] == pytest.approx(
+        summary["model_bound_tflops"] / summary["matmul_peak_tflops"], rel=2e-2
+    )
     # the optimised case ran the real writer
     assert (tmp_path / "predict" / "bench_slide" / "mask.tif").exists()
 

@@ -196,6 +196,65 @@ def precision_agreement(
     }
 
 
+def network_gflop_per_patch(net: torch.nn.Module, patch: int, device: torch.device) -> float:
+    """GFLOP of one ``patch × patch`` tile through ``net`` (FP32, counted by ``torch.utils.flop_counter``: 2 per
+    multiply-add of convolutions and matrix products; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, patch, patch, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Measured dense matrix-multiply throughput on ``device`` in ``dtype`` (TFLOP/s): what this hardware and PyTorch's
+    BLAS reach on large square products, a practical ceiling for the network's convolutions."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or count < 2:
+        a @ b
+        count += 1
+        if count % 4 == 0:
+            _sync(device)
+    _sync(device)
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the network's convolutions run in under a Lightning ``precision``."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    return torch.float16 if precision.startswith("16") else torch.float32
+
+
+def hardware_figures(
+    reference: torch.nn.Module, patch: int, device: torch.device, precision: str, naive_rate: float, model_rate: float
+) -> dict[str, Any]:
+    """FLOP per tile, measured matrix-multiply peaks (the run's compute dtype and FP32) and how much of them the naive
+    network and the model bound use: says whether the network is near the hardware's ceiling."""
+    gflop = network_gflop_per_patch(reference, patch, device)
+    dtype = compute_dtype(precision)
+    peak = matmul_peak_tflops(device, dtype)
+    peak_fp32 = peak if dtype == torch.float32 else matmul_peak_tflops(device, torch.float32)
+    model_tflops, naive_tflops = model_rate * gflop / 1e3, naive_rate * gflop / 1e3
+    return {
+        "network_gflop_per_patch": round(gflop, 3),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "matmul_peak_tflops": round(peak, 3),
+        "matmul_peak_fp32_tflops": round(peak_fp32, 3),
+        "flop_ceiling_patches_per_s": round(peak * 1e3 / gflop, 1) if gflop else None,
+        "model_bound_tflops": round(model_tflops, 3),
+        "model_bound_fraction_of_peak": round(model_tflops / peak, 3),
+        "naive_tflops": round(naive_tflops, 3),
+        "naive_fraction_of_fp32_peak": round(naive_tflops / peak_fp32, 3),
+    }
+
+
 def _ddp_throughput(cfg: DictConfig, slide: Path, ranks: int, out_dir: Path) -> dict[str, Any]:
     """Whole ``wsiseg-predict`` run on ``ranks`` CPU processes (gloo); throughput from wall time."""
     script = Path(sys.executable).parent / "wsiseg-predict"
@@ -322,6 +381,9 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "warmup_first_batch_s": round(warmup_s, 2),
         "precision": str(trainer.precision),
         **agreement,
+        **hardware_figures(
+            reference, patch, device, str(trainer.precision), results["naive"].patches_per_s, model_rate
+        ),
     }
     ddp = [_ddp_throughput(cfg, slide_path, int(r), out_dir / f"ddp{r}") for r in bench.ddp_ranks]
     report = {
@@ -441,6 +503,14 @@ def format_table(report: dict[str, Any]) -> str:
         f"{s['precision']} vs fp32: Dice {s['dice_vs_fp32']:.5f}, max |dp| {s['max_abs_prob_diff']:.4f}, "
         f"mean |dp| {s['mean_abs_prob_diff']:.5f}"
     )
+    if "network_gflop_per_patch" in s:
+        lines.append(
+            f"network {s['network_gflop_per_patch']:.2f} GFLOP/patch; model bound "
+            f"{s['model_bound_tflops']:.3f} TFLOP/s = {s['model_bound_fraction_of_peak']:.0%} of the measured "
+            f"{s['compute_dtype']} matmul peak {s['matmul_peak_tflops']:.3f} TFLOP/s "
+            f"(ceiling {s['flop_ceiling_patches_per_s']} patches/s); naive {s['naive_tflops']:.3f} TFLOP/s = "
+            f"{s['naive_fraction_of_fp32_peak']:.0%} of the fp32 peak {s['matmul_peak_fp32_tflops']:.3f}"
+        )
     for row in report["ddp_cpu"]:
         lines.append(
             f"ddp cpu {row['ranks']} rank(s): {row['patches_per_s']:.2f} patches/s ({row['tiles']} tiles, "
