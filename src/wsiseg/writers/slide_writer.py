@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from wsiseg.data.grid import BLEND_MODES, blend_window
 from wsiseg.errors import UserInputError
 from wsiseg.writers._batch import as_ints, to_host_async
 from wsiseg.writers.heatmap import png_bytes, render_heatmap
-from wsiseg.writers.store import BlendingAccumulator, TileMosaic
+from wsiseg.writers.store import BlendingAccumulator, TileMosaic, probabilities_to_u8
 from wsiseg.writers.tiff import pyramid_sizes, write_pyramid_tiff
 
 __all__ = ["SlideWriter", "config_hash"]
@@ -493,9 +492,7 @@ class SlideWriter(BasePredictionWriter):
                         block = np.where(covered, mean.argmax(axis=0), 0).astype(np.uint8)
                         positive[0] += int(np.count_nonzero(block))
                     else:
-                        # round(255·p) saturated to 0-255: OpenCV in one pass (0.02 vs 0.8 ms a 512² chunk in
-                        # numpy); its |·| is harmless once negative values (logits with activation=none) are 0
-                        block = cv2.convertScaleAbs(np.maximum(mean[0], 0.0, out=mean[0]), alpha=255.0)
+                        block = probabilities_to_u8(mean[0])
                         positive[0] += int(np.count_nonzero(block >= threshold_u8))
                     band[:, x0 : x0 + block.shape[1]] = block
                 yield band

@@ -27,7 +27,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["BlendingAccumulator", "TileMosaic"]
+__all__ = ["BlendingAccumulator", "TileMosaic", "probabilities_to_u8"]
+
+
+def probabilities_to_u8(probs: np.ndarray) -> np.ndarray:
+    """``round(255·p)`` saturated to 0-255 as uint8, for a 2-D float array (float16 is converted). One OpenCV pass
+    (a 512² tile: 0.02 ms against 0.8 ms for numpy's rint/clip/astype); its |·| is harmless once negatives (logits
+    with ``activation=none``) are zeroed."""
+    return cv2.convertScaleAbs(np.maximum(probs.astype(np.float32, copy=False), 0.0), alpha=255.0)
 
 
 class BlendingAccumulator:
@@ -212,9 +219,7 @@ class TileMosaic(BlendingAccumulator):
     _dtype = np.uint8
 
     def _prepare(self, values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # round(255·p) saturated, in one OpenCV pass; its |·| is harmless once negatives (logits) are 0
-        probs = np.maximum(values[0].astype(np.float32), 0.0)
-        return cv2.convertScaleAbs(probs, alpha=255.0)[None], weights
+        return probabilities_to_u8(values[0])[None], weights
 
     def _put(self, planes: np.ndarray, values: np.ndarray, weights: np.ndarray) -> None:
         planes[...] = values
