@@ -28,7 +28,7 @@ bench() {
   timeout "$1" python3 -m wsiseg.bench model=unet_camelyon model.checkpoint=null trainer=gpu \
     data.patch_size=512 data.overlap=256 data.batch_size=32 data.num_workers=15 bench.generated_size=12288 \
     bench.max_tiles=2048 bench.naive_tiles=128 bench.model_batches=32 hydra.run.dir=/tmp/bench_$2 "${@:3}" > "$OUT/bench_$2.log" 2>&1
-  grep -E -A8 "^case" "$OUT/bench_$2.log" || tail -5 "$OUT/bench_$2.log"
+  grep -E -A9 "^case" "$OUT/bench_$2.log" || tail -5 "$OUT/bench_$2.log"
   cp /tmp/bench_$2/bench.json "$OUT/bench_$2.json" 2>/dev/null
 }
 # 24576² generated slide, overlap 256: ~3,600 tissue tiles, so fixed costs (workers, writing the mask) weigh little
