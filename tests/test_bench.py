@@ -77,6 +77,9 @@ def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     assert summary["serial_bound_patches_per_s"] == pytest.approx(serial, rel=1e-2)
     optimised = cases["optimised"]["patches_per_s"]
     assert summary["efficiency_vs_serial_bound"] == pytest.approx(optimised / serial, rel=1e-2)
+    halves = summary["naive_patches_per_s_before_after_optimised"]
+    assert len(halves) == 2 and min(halves) > 0
+    assert min(halves) * 0.99 <= cases["naive"]["patches_per_s"] <= max(halves) * 1.01  # the two halves combined
     assert 0.9 <= summary["dice_vs_fp32"] <= 1.0
     assert 0 <= summary["max_abs_prob_diff"] < 0.2
     assert report["settings"]["precision"] == cpu_precision()  # bf16-mixed where oneDNN runs bfloat16, else 32
@@ -133,3 +136,38 @@ def test_bench_gpu_jpeg_reader_is_used_and_timed(tmp_path: Path) -> None:
     assert report["settings"]["reader"] == "gpu_jpeg"
     assert report["settings"]["reader_used"] == "JpegTileDataset"
     assert report["cases"]["read_bound"]["patches"] == report["settings"]["tiles"] > 0
+
+
+def test_naive_loop_halves_cover_the_same_tiles_across_slides(tmp_path: Path) -> None:
+    """The bench times the naive loop in two halves (before and after the optimised run): the halves must be exactly
+    the first N tiles, split anywhere, including across slides. ProbeNet returns each tile's red channel / 255."""
+    import numpy as np
+    import torch
+
+    from tests.conftest import shared_slide
+    from wsiseg.bench import naive_loop
+    from wsiseg.data.datamodule import SlideTileDataModule
+    from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
+    from wsiseg.model import ProbeNet
+
+    generated = write_synthetic_slide(tmp_path / "g.tif", SyntheticSlide(800, 600, seed=4))
+    slides = [str(generated), str(shared_slide("CMU-1-Small-Region.svs"))]
+    dm = SlideTileDataModule(slides, patch_size=256, batch_size=4, num_workers=0)
+    dm.setup("predict")
+    first_slide_tiles = len(dm.slides[0].origins)
+    total = first_slide_tiles + 3
+    net, device = ProbeNet(gain=0.5, bias=0.5).eval(), torch.device("cpu")
+    mean = std = torch.full((3, 1, 1), 0.5)
+
+    def run(limit: int, skip: int = 0) -> list[np.ndarray]:
+        return list(naive_loop(dm, net, device, mean, std, limit, skip))
+
+    whole = run(total)
+    assert len(whole) == total
+    for split in (1, first_slide_tiles, first_slide_tiles + 1):
+        halves = run(split) + run(total - split, skip=split)
+        assert len(halves) == total
+        for a, b in zip(whole, halves):
+            np.testing.assert_array_equal(a, b)
+    expected_last = dm.dataset[total - 1]["image"][0].float().numpy() / 255  # the 3rd tile of the second slide
+    np.testing.assert_allclose(whole[-1][0], expected_last, atol=1e-6)
