@@ -190,3 +190,27 @@ def test_compile_auto_on_cpu_only_for_long_runs(device: str, tiles: int | None, 
     module = SegmentationModule(ProbeNet(), compile="auto", compile_min_tiles=500)
     module.prepare(device, planned_tiles=tiles)
     assert module.compiled is compiled
+
+
+def test_compiled_graph_is_reused_across_batch_layouts_and_sizes() -> None:
+    """The JPEG-tile reader hands channels_last batches, OpenSlide reads NCHW ones, the last batch of a run is short:
+    none of these may recompile the network (a recompile costs seconds), and the outputs stay the eager ones."""
+    from torch._dynamo.utils import counters
+
+    module = SegmentationModule(ProbeNet(gain=0.5, bias=0.5), compile=True, output_dtype="float32")
+    module.prepare("cpu")
+    eager = SegmentationModule(ProbeNet(gain=0.5, bias=0.5), compile=False, output_dtype="float32")
+    with torch.inference_mode():
+        images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    batches = [
+        images[:2].contiguous(memory_format=torch.channels_last),  # the first call fixes the graph's layout
+        images[1:].contiguous(),  # NCHW
+        images[2:].contiguous(),  # short, NCHW
+        images[:1].contiguous(memory_format=torch.channels_last),  # short, channels_last
+    ]
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.inference_mode():
+        for batch in batches:
+            np.testing.assert_allclose(module(batch).numpy(), eager(batch).numpy(), atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1, "a batch layout or size recompiled the network"

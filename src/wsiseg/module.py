@@ -132,6 +132,7 @@ class SegmentationModule(pl.LightningModule):
         self.max_chunk = max_chunk
         self._oom_chunk: int | None = None  # chunk size that last fit after an out-of-memory retry
         self._graph_batch: int | None = None  # batch size the compiled graph was built for
+        self._graph_layout = torch.contiguous_format  # memory layout of its input
         self.compiled = False
         self._inductor_config: dict[str, Any] = {}  # inductor config patched around compiled calls
         self._set_forward(self.infer_tiles)
@@ -242,6 +243,29 @@ class SegmentationModule(pl.LightningModule):
             self.compiled = False
             return self.infer_tiles(images)
 
+    def _as_compiled(self, chunk: torch.Tensor) -> torch.Tensor:
+        """``chunk`` shaped as the compiled graph was first called with, so it is not recompiled (seconds): a compiled
+        graph is specialised to its batch size, its input's memory layout and the kind of tensor it saw. Short chunks
+        (the last batch of a run) are zero-padded to the first batch size, every chunk takes the first one's layout
+        (NCHW from OpenSlide reads, channels_last from the JPEG-tile reader) and, under inference_mode, is an
+        inference tensor."""
+        count = chunk.shape[0]
+        if self._graph_batch is None:
+            self._graph_batch = count
+            channels_last = chunk.dim() == 4 and not chunk.is_contiguous()
+            channels_last = channels_last and chunk.is_contiguous(memory_format=torch.channels_last)
+            self._graph_layout = torch.channels_last if channels_last else torch.contiguous_format
+        layout = self._graph_layout
+        if count < self._graph_batch or not chunk.is_contiguous(memory_format=layout):
+            padded = torch.zeros(
+                (self._graph_batch, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device
+            ).contiguous(memory_format=layout)
+            padded[:count] = chunk
+            return padded  # a new tensor: an inference tensor under inference_mode
+        if torch.is_inference_mode_enabled() and not chunk.is_inference():
+            return chunk.clone(memory_format=layout)
+        return chunk
+
     def run_network(self, images: torch.Tensor) -> torch.Tensor:
         """:meth:`infer_tiles` on a uint8 batch, in chunks (:meth:`chunk_size`).
 
@@ -256,15 +280,7 @@ class SegmentationModule(pl.LightningModule):
                 chunk = images[start : start + step]
                 count = chunk.shape[0]
                 if self.compiled:
-                    # A compiled graph is specialised to its batch size and to the kind of tensor it saw (inference
-                    # tensor or not): pad short chunks (the last batch of a run) to the size compiled first, and
-                    # hand it inference tensors under inference_mode, instead of recompiling (seconds).
-                    if torch.is_inference_mode_enabled() and not chunk.is_inference():
-                        chunk = chunk.clone()
-                    self._graph_batch = self._graph_batch or count
-                    if count < self._graph_batch:
-                        padding = chunk.new_zeros((self._graph_batch - count, *chunk.shape[1:]))
-                        chunk = torch.cat([chunk, padding])
+                    chunk = self._as_compiled(chunk)
                 outputs.append(self._call_network(chunk)[:count])
                 start += step
             except torch.OutOfMemoryError:
