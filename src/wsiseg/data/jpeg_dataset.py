@@ -212,18 +212,19 @@ _plans: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], list[JpegTileLayou
 )
 
 
-def jpeg_dataloader(datamodule: Any) -> DataLoader | None:
-    """The ``data.reader=gpu_jpeg`` DataLoader for a set-up ``SlideTileDataModule``, or None (after one warning) when
-    some slide is not JPEG-tiled at its read level and OpenSlide must read them all."""
+def jpeg_dataloader(datamodule: Any, quiet: bool = False) -> DataLoader | None:
+    """The ``data.reader=jpeg`` DataLoader for a set-up ``SlideTileDataModule``, or None (after one warning, or one
+    info line when ``quiet``: the reader was chosen automatically) when some slide is not JPEG-tiled at its read level
+    and OpenSlide must read them all."""
     slides = datamodule.dataset.slides
     key = tuple((str(s.path), s.level.level, tuple(s.level.size)) for s in slides)
     plan = _plans.get(datamodule)
     if plan is None or plan[0] != key:
         layouts, problems = plan_layouts(slides)
         if problems:
-            log.warning(
-                "data.reader=gpu_jpeg: %d of %d slide(s) not JPEG-tiled at the read level, reading all with "
-                "OpenSlide (%s)",
+            (log.info if quiet else log.warning)(
+                "data.reader=%s: %d of %d slide(s) not JPEG-tiled at the read level, reading all with OpenSlide (%s)",
+                datamodule.reader,
                 len(problems),
                 len(slides),
                 "; ".join(problems),
