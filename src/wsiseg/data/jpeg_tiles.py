@@ -20,10 +20,12 @@ such reads at a sub-pixel offset, see README "Coordinate frames").
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,7 +377,25 @@ def _decode(streams: list[torch.Tensor], device: torch.device) -> list[torch.Ten
         return []
     if device.type == "cuda":
         return decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
-    return decode_jpeg(streams, mode=ImageReadMode.RGB)
+    # libjpeg-turbo decodes one stream per call and releases the GIL: split the batch over the cores (2 cores, eight
+    # 256² tiles: 1.5 → 0.9 ms); the main process decodes between network calls, when the cores are otherwise idle
+    parts = min(len(streams), _cpu_decode_threads())
+    if parts <= 1:
+        return decode_jpeg(streams, mode=ImageReadMode.RGB)
+    bounds = [len(streams) * k // parts for k in range(parts + 1)]
+    pool = _cpu_decode_pool()
+    futures = [pool.submit(decode_jpeg, streams[a:b], mode=ImageReadMode.RGB) for a, b in zip(bounds[1:], bounds[2:])]
+    decoded = decode_jpeg(streams[: bounds[1]], mode=ImageReadMode.RGB)
+    return [*decoded, *(image for future in futures for image in future.result())]
+
+
+def _cpu_decode_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@functools.cache
+def _cpu_decode_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_cpu_decode_threads() - 1 or 1, thread_name_prefix="wsiseg-jpeg")
 
 
 def colour_mismatch(reference: torch.Tensor, candidate: torch.Tensor) -> float | None:
