@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-__all__ = ["config_dir", "asset_path", "cpu_precision", "register_resolvers"]
+__all__ = ["config_dir", "asset_path", "cpu_precision", "register_resolvers", "usable_cores"]
 
 
 def config_dir() -> Path:
@@ -53,6 +53,12 @@ def _default_workers() -> int:
     # On CPU the network's threads use every core: a reader process only competes with them (2 cores: 1 worker was
     # slower than reading in the main process, 26.1 vs 27.6 patches/s). Workers pay off from 4 cores up.
     return min(8, (os.cpu_count() or 2) // 4)
+
+
+def usable_cores(limit: int = 8) -> int:
+    """This machine's cores, 1 to ``limit``: threads for work the main process spreads over every core (reading a
+    batch's tiles, decoding JPEG tiles, encoding TIFF tiles)."""
+    return max(1, min(limit, os.cpu_count() or 1))
 
 
 def _spare_cores() -> int:

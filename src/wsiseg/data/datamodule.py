@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from wsiseg.config import usable_cores
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
 from wsiseg.data.grid import TileGrid
 from wsiseg.data.slide import choose_level, open_slide
@@ -225,7 +225,7 @@ class SlideTileDataModule(pl.LightningDataModule):
     def _read_threads(self) -> int:
         if self.read_threads is not None:
             return self.read_threads
-        return max(1, min(8, os.cpu_count() or 1)) if self.num_workers == 0 else 1
+        return usable_cores() if self.num_workers == 0 else 1
 
     @property
     def planned_tiles(self) -> int:

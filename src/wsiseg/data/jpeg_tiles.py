@@ -35,6 +35,8 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
+from wsiseg.config import usable_cores
+
 __all__ = [
     "COLOUR_RGB",
     "COLOUR_YCBCR",
@@ -379,7 +381,7 @@ def _decode(streams: list[torch.Tensor], device: torch.device) -> list[torch.Ten
         return decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
     # libjpeg-turbo decodes one stream per call and releases the GIL: split the batch over the cores (2 cores, eight
     # 256² tiles: 1.5 → 0.9 ms); the main process decodes between network calls, when the cores are otherwise idle
-    parts = min(len(streams), _cpu_decode_threads())
+    parts = min(len(streams), usable_cores())
     if parts <= 1:
         return decode_jpeg(streams, mode=ImageReadMode.RGB)
     bounds = [len(streams) * k // parts for k in range(parts + 1)]
@@ -389,13 +391,9 @@ def _decode(streams: list[torch.Tensor], device: torch.device) -> list[torch.Ten
     return [*decoded, *(image for future in futures for image in future.result())]
 
 
-def _cpu_decode_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
 @functools.cache
 def _cpu_decode_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_cpu_decode_threads() - 1 or 1, thread_name_prefix="wsiseg-jpeg")
+    return ThreadPoolExecutor(usable_cores() - 1 or 1, thread_name_prefix="wsiseg-jpeg")
 
 
 def colour_mismatch(reference: torch.Tensor, candidate: torch.Tensor) -> float | None:

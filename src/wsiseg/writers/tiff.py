@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +11,8 @@ import cv2
 import imagecodecs
 import numpy as np
 import tifffile
+
+from wsiseg.config import usable_cores
 
 __all__ = ["pyramid_sizes", "downsample_2x", "write_pyramid_tiff"]
 
@@ -54,7 +55,7 @@ def _deflate(data: np.ndarray) -> bytes:
 ENCODERS = {"zlib": _deflate, "zstd": imagecodecs.zstd_encode}
 
 
-_ENCODE_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="wsiseg-tiff")
+_ENCODE_POOL = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="wsiseg-tiff")
 
 
 def _submit_band(band: np.ndarray, tile: int, compression: str) -> list[Future[bytes] | None]:
