@@ -27,6 +27,15 @@ REDUCTIONS = ("max", "channel", "none")
 _INT32_ELEMENTS = 2**31 - 1
 
 
+def x_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of an NCHW tensor (channels_last or contiguous)."""
+    return (
+        torch.channels_last
+        if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
+        else (torch.contiguous_format)
+    )
+
+
 def compile_options(device_type: str) -> dict[str, Any]:
     """Inductor config for inference on ``device_type``; applied with ``torch._inductor.config.patch`` around every
     call of the compiled function (tracing and compilation happen inside the first call).
@@ -251,10 +260,7 @@ class SegmentationModule(pl.LightningModule):
         inference tensor."""
         count = chunk.shape[0]
         if self._graph_batch is None:
-            self._graph_batch = count
-            channels_last = chunk.dim() == 4 and not chunk.is_contiguous()
-            channels_last = channels_last and chunk.is_contiguous(memory_format=torch.channels_last)
-            self._graph_layout = torch.channels_last if channels_last else torch.contiguous_format
+            self._graph_batch, self._graph_layout = count, x_format(chunk)
         layout = self._graph_layout
         if count < self._graph_batch or not chunk.is_contiguous(memory_format=layout):
             padded = torch.zeros(
