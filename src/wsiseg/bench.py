@@ -396,7 +396,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "pipeline_efficiency": round(optimised / bound, 3),
         "serial_bound_patches_per_s": round(serial_bound, 2),
         "efficiency_vs_serial_bound": round(optimised / serial_bound, 3),
-        "bound": "read" if results["read_bound"].patches_per_s < results["model_bound"].patches_per_s else "model",
+        "bound": "read" if read_rate < model_rate else "model",
         "warmup_first_batch_s": round(warmup_s, 2),
         "naive_patches_per_s_before_after_optimised": naive_halves,
         "precision": str(trainer.precision),
@@ -514,26 +514,23 @@ def format_table(report: dict[str, Any]) -> str:
         f"speedup optimised/naive: {s['speedup_optimised_vs_naive']:.2f}x   pipeline efficiency "
         f"{s['pipeline_efficiency']:.0%} of the {s['bound']} bound   first batch {s['warmup_first_batch_s']} s"
     )
-    if "naive_patches_per_s_before_after_optimised" in s:
-        before, after = s["naive_patches_per_s_before_after_optimised"]
-        lines.append(f"naive in two halves, before / after the optimised run: {before:.2f} / {after:.2f} patches/s")
-    if "serial_bound_patches_per_s" in s:
-        lines.append(
-            f"read and model taking turns: {s['serial_bound_patches_per_s']:.1f} patches/s; optimised is "
-            f"{s['efficiency_vs_serial_bound']:.0%} of that"
-        )
+    before, after = s["naive_patches_per_s_before_after_optimised"]
+    lines.append(f"naive in two halves, before / after the optimised run: {before:.2f} / {after:.2f} patches/s")
+    lines.append(
+        f"read and model taking turns: {s['serial_bound_patches_per_s']:.1f} patches/s; optimised is "
+        f"{s['efficiency_vs_serial_bound']:.0%} of that"
+    )
     lines.append(
         f"{s['precision']} vs fp32: Dice {s['dice_vs_fp32']:.5f}, max |dp| {s['max_abs_prob_diff']:.4f}, "
         f"mean |dp| {s['mean_abs_prob_diff']:.5f}"
     )
-    if "network_gflop_per_patch" in s:
-        lines.append(
-            f"network {s['network_gflop_per_patch']:.2f} GFLOP/patch; model bound "
-            f"{s['model_bound_tflops']:.3f} TFLOP/s = {s['model_bound_fraction_of_peak']:.0%} of the measured "
-            f"{s['compute_dtype']} matmul peak {s['matmul_peak_tflops']:.3f} TFLOP/s "
-            f"(ceiling {s['flop_ceiling_patches_per_s']} patches/s); naive {s['naive_tflops']:.3f} TFLOP/s = "
-            f"{s['naive_fraction_of_fp32_peak']:.0%} of the fp32 peak {s['matmul_peak_fp32_tflops']:.3f}"
-        )
+    lines.append(
+        f"network {s['network_gflop_per_patch']:.2f} GFLOP/patch; model bound "
+        f"{s['model_bound_tflops']:.3f} TFLOP/s = {s['model_bound_fraction_of_peak']:.0%} of the measured "
+        f"{s['compute_dtype']} matmul peak {s['matmul_peak_tflops']:.3f} TFLOP/s "
+        f"(ceiling {s['flop_ceiling_patches_per_s']} patches/s); naive {s['naive_tflops']:.3f} TFLOP/s = "
+        f"{s['naive_fraction_of_fp32_peak']:.0%} of the fp32 peak {s['matmul_peak_fp32_tflops']:.3f}"
+    )
     for row in report["ddp_cpu"]:
         lines.append(
             f"ddp cpu {row['ranks']} rank(s): {row['patches_per_s']:.2f} patches/s ({row['tiles']} tiles, "
