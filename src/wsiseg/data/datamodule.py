@@ -252,8 +252,8 @@ class SlideTileDataModule(pl.LightningDataModule):
     def tile_reader(self) -> str:
         """The reader ``data.reader`` resolves to: ``openslide`` or ``jpeg``."""
         if self.reader == "auto":
-            # measured on 2 CPU cores, 512² tiles: read bound 390 (OpenSlide, 2 threads) vs 670 patches/s (JPEG tiles
-            # decoded by libjpeg-turbo in the main process); GPU decoding (nvJPEG) is not measured yet
+            # measured on 2 CPU cores, 512² tiles: read bound 240-250 (OpenSlide, 2 threads) vs 630-740 patches/s (JPEG
+            # tiles decoded by libjpeg-turbo in the main process); GPU decoding (nvJPEG) is not measured yet
             return "jpeg" if self.num_workers == 0 and not torch.cuda.is_available() else "openslide"
         return "openslide" if self.reader == "openslide" else "jpeg"
 
