@@ -484,15 +484,12 @@ class SlideWriter(BasePredictionWriter):
             for _, rows, chunks in accumulator.band_chunks():
                 band = np.zeros((rows, width), np.uint8)
                 for x0, mean, covered in chunks:
-                    if isinstance(accumulator, TileMosaic):
-                        block = mean[0]  # already round(255·p)
-                        positive[0] += int(np.count_nonzero(block >= threshold_u8))
-                    elif labels:
+                    if labels:
                         assert covered is not None
                         block = np.where(covered, mean.argmax(axis=0), 0).astype(np.uint8)
                         positive[0] += int(np.count_nonzero(block))
-                    else:
-                        block = probabilities_to_u8(mean[0])
+                    else:  # a TileMosaic already holds round(255·p)
+                        block = mean[0] if isinstance(accumulator, TileMosaic) else probabilities_to_u8(mean[0])
                         positive[0] += int(np.count_nonzero(block >= threshold_u8))
                     band[:, x0 : x0 + block.shape[1]] = block
                 yield band
