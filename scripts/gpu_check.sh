@@ -25,7 +25,7 @@ grep -E "fp16 compiled|chunk after|GPU 16-mixed|batch_size=auto|nvjpeg|mean|pass
 date
 # 2. Benchmark: the users' 31M-parameter U-Net (random weights), 512 px tiles, 16-mixed, channels_last
 bench() {
-  timeout "$1" python3 -m wsiseg.bench model=unet_camelyon model.checkpoint=null trainer=gpu \
+  timeout "$1" python3 -m wsiseg.bench model=unet_camelyon model.checkpoint=random trainer=gpu \
     data.patch_size=512 data.overlap=256 data.batch_size=32 data.num_workers=15 bench.generated_size=12288 \
     bench.max_tiles=2048 bench.naive_tiles=128 bench.model_batches=32 hydra.run.dir=/tmp/bench_$2 "${@:3}" > "$OUT/bench_$2.log" 2>&1
   grep -E -A9 "^case" "$OUT/bench_$2.log" || tail -5 "$OUT/bench_$2.log"
@@ -41,7 +41,7 @@ date
 if [ -x /tmp/site/bin/py-spy ] && [ -f "$slide" ]; then
   # main process only (workers are timed by the read bound); --idle shows where the loop waits (data, blend queue)
   timeout 100 /tmp/site/bin/py-spy record --threads --idle --format raw -r 100 -o "$OUT/predict_profile.txt" -- \
-    python3 -m wsiseg.predict model=unet_camelyon model.checkpoint=null trainer=gpu model.compile=true \
+    python3 -m wsiseg.predict model=unet_camelyon model.checkpoint=random trainer=gpu model.compile=true \
     data.slides="[$slide]" data.patch_size=512 data.overlap=256 data.batch_size=32 data.num_workers=15 \
     trainer.enable_progress_bar=false hydra.run.dir=/tmp/profile_run > "$OUT/profile_run.log" 2>&1
   grep -E "tiles in" "$OUT/profile_run.log"

@@ -11,11 +11,21 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from wsiseg.config import config_dir
+from wsiseg.export import run_export
 from wsiseg.model import UNet
 
 CONF = config_dir()
 GROUP_FILES = sorted(p for p in CONF.glob("*/*.yaml"))
 ROOT_FILES = sorted(CONF.glob("*.yaml"))
+
+
+def probe_onnx(folder: Path) -> Path:
+    """``model=probe`` exported by ``wsiseg-export`` (a 1x1 convolution: quick), with its sidecar."""
+    path = folder / "probe.onnx"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="export", overrides=["model=probe", f"export.path={path}", "export.batches=[1]"])
+    run_export(cfg)
+    return path
 
 
 def group_overrides(group: str, option: str, tmp_path: Path, slide: Path, demo: Path) -> list[str]:
@@ -28,6 +38,8 @@ def group_overrides(group: str, option: str, tmp_path: Path, slide: Path, demo: 
             extra += ["model.net.base_width=4", f"model.checkpoint={path}"]
         elif option == "unet_camelyon":
             extra += ["model.net.base_width=8", "model.net.out_ch=1", f"model.checkpoint={demo}"]
+        elif option == "onnx":
+            extra += ["model.net.base_width=8", f"model.onnx_path={probe_onnx(tmp_path)}"]
     if group == "trainer" and not torch.cuda.is_available():
         extra += ["trainer.accelerator=cpu"]  # GPU configs are built for CPU here; their other values stay
         if option in ("gpu", "ddp"):

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import tifffile
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from conftest import shared_slide
@@ -234,6 +236,9 @@ def _unwritable_folder(tmp_path: Path) -> Path:
         (["model=demo", "export.path=/nonexistent/dir/u.onnx"], r"folder '/nonexistent/dir' does not exist"),
         (["model=demo", "export.path=UNWRITABLE/u.onnx"], r"folder '.*' is not writable"),
         (["export.path=x.onnx"], r"model.checkpoint is required"),
+        (["model.checkpoint=null"], r"model.checkpoint is required"),
+        (["model.checkpoint=random"], r"model.checkpoint=random: wsiseg-export refuses untrained weights"),
+        (["model=onnx", "model.onnx_path=x.onnx"], r"model.backend=onnxruntime: wsiseg-export exports a PyTorch"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -319,3 +324,140 @@ def test_real_slide_mask_onnxruntime_equals_torch(tmp_path: Path, demo_onnx: tup
     )
     diff = np.abs(torch_mask.astype(np.int16) - ort_mask.astype(np.int16))
     assert diff.max() <= 1, f"{(diff > 1).sum()} mask pixels differ by more than 1 grey level"
+
+
+# -- the sidecar read back by model.backend=onnxruntime -----------------------------------------------------------
+PREDICT = Path(sys.executable).with_name("wsiseg-predict")
+
+
+def onnx_module(onnx_path: Path, **kwargs: object) -> SegmentationModule:
+    """``SegmentationModule`` on the onnxruntime backend; ``net`` only stands in (its architecture is not used)."""
+    return SegmentationModule(Unet(3, 3, base_width=4), backend="onnxruntime", onnx_path=str(onnx_path), **kwargs)
+
+
+def copied_export(demo_onnx: tuple[Path, str], folder: Path) -> tuple[Path, dict]:
+    """A copy of the demo export (file and sidecar) in ``folder`` to edit; returns (onnx path, sidecar dict)."""
+    path = folder / "copy.onnx"
+    path.write_bytes(demo_onnx[0].read_bytes())
+    side = json.loads(sidecar_path(demo_onnx[0]).read_text())
+    sidecar_path(path).write_text(json.dumps(side))
+    return path, side
+
+
+@pytest.fixture(scope="module")
+def zero_one_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo network exported with mean 0 / std 1 (not the model configs' 0.5 / 0.5), one verification size."""
+    path = tmp_path_factory.mktemp("export01") / "demo01.onnx"
+    overrides = ["model=demo", "model.mean=[0.0,0.0,0.0]", "model.std=[1.0,1.0,1.0]", f"export.path={path}"]
+    run_export(compose_cfg("export", [*overrides, "export.sizes=[[64,64]]", "export.batches=[1]"]))
+    return path
+
+
+def test_sidecar_claiming_other_channels_than_the_file_is_refused(demo_onnx: tuple[Path, str], tmp_path: Path) -> None:
+    path, side = copied_export(demo_onnx, tmp_path)
+    side["output"]["channels"] = 3  # the demo network has one output channel
+    sidecar_path(path).write_text(json.dumps(side))
+    with pytest.raises(UserInputError, match=r"outputs 1 channel\(s\) but .*copy\.onnx\.json says 3") as info:
+        onnx_module(path)
+    assert "\n" not in str(info.value)
+
+
+def test_channel_index_beyond_the_sidecar_channels_is_refused(demo_onnx: tuple[Path, str]) -> None:
+    with pytest.raises(UserInputError, match=r"model.channel_index=1 but .*demo\.onnx' outputs 1 channel") as info:
+        onnx_module(demo_onnx[0], reduction="channel", channel_index=1)
+    message = str(info.value)
+    assert "\n" not in message and str(sidecar_path(demo_onnx[0])) in message
+    # the same through the config group: the sidecar's channel count, not model.net.out_ch=3, decides
+    cfg = compose_cfg(
+        "predict", ["model=onnx", f"model.onnx_path={demo_onnx[0]}", "model.reduction=channel", "model.channel_index=2"]
+    )
+    with pytest.raises(Exception, match=r"model.channel_index=2 but"):  # Hydra wraps the UserInputError
+        instantiate(cfg.model)
+
+
+def test_config_normalisation_differing_from_the_sidecar_is_refused(zero_one_onnx: Path) -> None:
+    with pytest.raises(UserInputError) as info:
+        onnx_module(zero_one_onnx, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"model.mean=[0.5, 0.5, 0.5] but {sidecar_path(zero_one_onnx)} says [0.0, 0.0, 0.0]")
+    with pytest.raises(UserInputError, match=r"model.activation=sigmoid but .*demo01\.onnx\.json says none"):
+        onnx_module(zero_one_onnx, activation="sigmoid")
+    # unet_camelyon's 0.5 / 0.5 meets a 0 / 1 export: refused, not silently run with the wrong normalisation
+    cfg = compose_cfg("predict", ["model=demo", "model.backend=onnxruntime", f"model.onnx_path={zero_one_onnx}"])
+    with pytest.raises(Exception, match=r"model.mean=\[0.5, 0.5, 0.5\] but .*demo01\.onnx\.json"):
+        instantiate(cfg.model)
+
+
+def test_sidecar_normalisation_is_used_and_matches_torch(zero_one_onnx: Path, demo_checkpoint: Path) -> None:
+    """``model=onnx`` repeats nothing: mean/std/activation come from the sidecar, and the outputs on uint8 tiles equal
+    the torch module's with the same normalisation."""
+    cfg = compose_cfg("predict", ["model=onnx", f"model.onnx_path={zero_one_onnx}", "model.output_dtype=float32"])
+    assert cfg.model.mean is None and cfg.model.checkpoint is None
+    module = instantiate(cfg.model)
+    assert module.mean.flatten().tolist() == [0.0, 0.0, 0.0] and module.std.flatten().tolist() == [1.0, 1.0, 1.0]
+    assert module.activation == "none" and module.stride == 16
+    assert module.weights == str(zero_one_onnx) and isinstance(module.net, OnnxRuntimeNet)
+    reference = SegmentationModule(
+        Unet(3, 1, base_width=8),
+        checkpoint=str(demo_checkpoint),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        output_dtype="float32",
+    )
+    images = torch.randint(0, 256, (2, 3, 64, 96), generator=torch.Generator().manual_seed(11), dtype=torch.uint8)
+    with torch.no_grad():
+        got = module.predict_step({"image": images})["probs"]
+        expected = reference.predict_step({"image": images})["probs"]
+        half = SegmentationModule(Unet(3, 1, base_width=8), checkpoint=str(demo_checkpoint), output_dtype="float32")
+        other = half.predict_step({"image": images})["probs"]
+    assert (got - expected).abs().max() <= 1e-4
+    assert (other - expected).abs().max() > 1e-2, "the normalisation matters, so using the sidecar's is what matched"
+
+
+def test_missing_sidecar_warns_and_needs_explicit_normalisation(
+    demo_onnx: tuple[Path, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, _ = copied_export(demo_onnx, tmp_path)
+    sidecar_path(path).unlink()
+    with pytest.raises(UserInputError, match=r"has no sidecar copy\.onnx\.json to take model.mean, model.std, mod"):
+        onnx_module(path)
+    with caplog.at_level("WARNING", logger="wsiseg.export"):
+        module = onnx_module(path, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), activation="none")
+    assert any("unchecked" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert module.stride == 16  # from the configured net without a sidecar
+    with pytest.raises(UserInputError, match=r"model.channel_index=1 but .*copy\.onnx' outputs 1 channel"):
+        onnx_module(path, mean=(0.5,) * 3, std=(0.5,) * 3, activation="none", reduction="channel", channel_index=1)
+
+
+def test_probe_exports_without_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "probe.onnx"
+    side = run_export(compose_cfg("export", ["model=probe", f"export.path={path}", "export.batches=[1]"]))
+    assert side["checkpoint"] is None and side["output"]["channels"] == 1
+    assert side["input"]["height_width_multiple_of"] == 1
+
+
+def test_cli_predict_with_model_onnx_needs_no_checkpoint(demo_onnx: tuple[Path, str], tmp_path: Path) -> None:
+    """The README's deploy line, as a user types it: ``model=onnx model.onnx_path=...`` and no model.checkpoint."""
+    slide = shared_slide("CMU-1-Small-Region.svs")
+    result = subprocess.run(
+        [
+            str(PREDICT),
+            "model=onnx",
+            f"model.onnx_path={demo_onnx[0]}",
+            f"data.slides={slide}",
+            "data.patch_size=256",
+            "data.num_workers=0",
+            "trainer=cpu",
+            "trainer.precision=32",
+            "trainer.enable_progress_bar=false",
+            "writer.output_downsample=4",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report,) = tmp_path.glob("*/report.json")
+    assert json.loads(report.read_text())["status"] == "complete"

@@ -46,7 +46,7 @@ def test_fp16_compiled_channels_last_matches_fp32_reference() -> None:
     tiles = real_tiles(8, 512).to(device)
     reference = Unet(3, 3).to(device).eval()
     reference.load_state_dict(net.state_dict())
-    module = SegmentationModule(net, compile=True, output_dtype="float32").to(device)
+    module = SegmentationModule(net, checkpoint="random", compile=True, output_dtype="float32").to(device)
     module.prepare("cuda")
     assert module.compiled
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
@@ -66,7 +66,9 @@ def test_fp16_compiled_channels_last_matches_fp32_reference() -> None:
 def test_real_cuda_out_of_memory_halves_the_chunk() -> None:
     """Fill the GPU so that 48 tiles of 512 px cannot fit, then predict: the module halves until it fits."""
     device = torch.device("cuda")
-    module = SegmentationModule(users_network(), compile=False, max_chunk=48, output_dtype="float32").to(device)
+    module = SegmentationModule(
+        users_network(), checkpoint="random", compile=False, max_chunk=48, output_dtype="float32"
+    ).to(device)
     tiles = real_tiles(48, 512).to(device)
     torch.cuda.empty_cache()  # blocks cached by earlier tests are free to PyTorch but not counted by the driver
     free, _ = torch.cuda.mem_get_info(device)
@@ -105,7 +107,7 @@ def test_batch_size_auto_probes_gpu_memory() -> None:
     from wsiseg.batch_size import resolve_batch_size
 
     trainer = Trainer(accelerator="gpu", devices=1, precision="16-mixed", logger=False)
-    module = SegmentationModule(users_network(), compile=False)
+    module = SegmentationModule(users_network(), checkpoint="random", compile=False)
     found = resolve_batch_size("auto", module, 512, torch.device("cuda"), trainer)
     print(f"batch_size=auto -> {found} tiles of 512 px")
     assert found >= 8

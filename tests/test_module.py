@@ -13,7 +13,7 @@ from wsiseg.module import SegmentationModule
 def test_predict_step_normalises_on_device_and_reduces_channels() -> None:
     torch.manual_seed(0)
     net = Unet(3, 3, base_width=4).eval()
-    module = SegmentationModule(net, output_dtype="float32")
+    module = SegmentationModule(net, checkpoint="random", output_dtype="float32")
     images = torch.randint(0, 256, (3, 3, 32, 48), dtype=torch.uint8)
     out = module.predict_step({"image": images, "slide_index": torch.tensor([0, 0, 1])})
     with torch.no_grad():
@@ -36,6 +36,7 @@ def test_output_downsample_pools_on_device() -> None:
 def test_softmax_channel_reduction_and_labels() -> None:
     class Fixed(nn.Module):
         stride = 1
+        fixed_weights = True  # no parameters: nothing to load
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.stack([x[:, 0], 2 * x[:, 0], torch.zeros_like(x[:, 0])], dim=1)
@@ -55,13 +56,15 @@ def test_chunking_matches_single_call() -> None:
     torch.manual_seed(1)
     net = Unet(3, 1, base_width=4).eval()
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    whole = SegmentationModule(net, output_dtype="float32").predict_step({"image": images})["probs"]
-    split = SegmentationModule(net, output_dtype="float32", max_chunk=2).predict_step({"image": images})["probs"]
-    torch.testing.assert_close(whole, split, atol=1e-6, rtol=0)
+    whole = SegmentationModule(net, checkpoint="random", output_dtype="float32").predict_step({"image": images})
+    split = SegmentationModule(net, checkpoint="random", output_dtype="float32", max_chunk=2).predict_step(
+        {"image": images}
+    )
+    torch.testing.assert_close(whole["probs"], split["probs"], atol=1e-6, rtol=0)
 
 
 def test_chunk_size_respects_32_bit_index_limit() -> None:
-    module = SegmentationModule(Unet(3, 3))  # base width 64
+    module = SegmentationModule(Unet(3, 3), checkpoint="random")  # base width 64
     batch = torch.zeros(128, 3, 512, 512, dtype=torch.uint8)
     chunk = module.chunk_size(batch)
     assert chunk < 64, "a batch of 64 at 512^2 overflows 32-bit indexing in F.pad"
@@ -72,6 +75,7 @@ class OomAbove(nn.Module):
     """Raises the CUDA out-of-memory error for batches larger than ``limit`` (the error a real GPU raises)."""
 
     stride = 1
+    fixed_weights = True  # the ProbeNet inside sets its own weights
 
     def __init__(self, limit: int) -> None:
         super().__init__()
@@ -111,7 +115,7 @@ def test_bad_options_fail_with_the_option_name() -> None:
     with pytest.raises(UserInputError, match="model.reduction"):
         SegmentationModule(ProbeNet(), reduction="mean")
     with pytest.raises(UserInputError, match="data.patch_size"):
-        SegmentationModule(Unet(3, 1, base_width=4))(torch.zeros(1, 3, 24, 24, dtype=torch.uint8))
+        SegmentationModule(Unet(3, 1, base_width=4), checkpoint="random")(torch.zeros(1, 3, 24, 24, dtype=torch.uint8))
 
 
 def test_compiled_network_pads_short_batches_instead_of_recompiling() -> None:
@@ -119,6 +123,7 @@ def test_compiled_network_pads_short_batches_instead_of_recompiling() -> None:
 
     class Counting(nn.Module):
         stride = 1
+        fixed_weights = True  # no parameters: nothing to load
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             calls.append(x.shape[0])

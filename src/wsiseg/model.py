@@ -24,7 +24,10 @@ from torch import nn
 
 from wsiseg.errors import UserInputError
 
-__all__ = ["Unet", "UNet", "load_checkpoint", "network_stride", "ProbeNet"]
+__all__ = ["Unet", "UNet", "load_checkpoint", "network_stride", "has_fixed_weights", "ProbeNet", "RANDOM_WEIGHTS"]
+
+# model.checkpoint=random: keep the network's initial (untrained) weights, on purpose and loudly (benchmarks only)
+RANDOM_WEIGHTS = "random"
 
 
 class DoubleConv(nn.Module):
@@ -199,9 +202,13 @@ class ProbeNet(nn.Module):
 
     With the module's normalisation ``(x/255 - mean)/std`` and ``gain = std``, ``bias = mean`` it returns the input
     pixels / 255, so a stitched mask can be compared pixel-exactly with a direct OpenSlide read.
+
+    Its weights are set by the constructor, so it declares ``fixed_weights = True``: ``SegmentationModule`` and
+    ``wsiseg-export`` accept it without a checkpoint (``model.checkpoint=null``, as ``model=probe`` has).
     """
 
     stride = 1
+    fixed_weights = True
 
     def __init__(self, channel: int = 0, gain: float = 1.0, bias: float = 0.0) -> None:
         super().__init__()
@@ -218,6 +225,14 @@ class ProbeNet(nn.Module):
 def network_stride(net: nn.Module) -> int:
     """Spatial stride (input px per bottleneck px) the network needs its input size to be a multiple of."""
     return int(getattr(net, "stride", 1))
+
+
+def has_fixed_weights(net: nn.Module | type[nn.Module]) -> bool:
+    """Whether the network (or network class) sets its weights itself and so needs no checkpoint.
+
+    A network opts in with the class attribute ``fixed_weights = True`` (``ProbeNet``); every other network needs
+    ``model.checkpoint`` (or the explicit ``model.checkpoint=random``)."""
+    return bool(getattr(net, "fixed_weights", False))
 
 
 _PREFIXES = ("module.", "model.", "net.", "_orig_mod.")

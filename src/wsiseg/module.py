@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,14 +14,19 @@ from torch import nn
 
 from wsiseg.errors import UserInputError
 from wsiseg.malloc import keep_freed_memory
-from wsiseg.model import load_checkpoint, network_stride
+from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, load_checkpoint, network_stride
 
-__all__ = ["SegmentationModule", "ACTIVATIONS", "REDUCTIONS"]
+__all__ = ["SegmentationModule", "ACTIVATIONS", "REDUCTIONS", "RANDOM_WEIGHTS", "FIXED_WEIGHTS"]
 
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 REDUCTIONS = ("max", "channel", "none")
+FIXED_WEIGHTS = "fixed"  # SegmentationModule.weights of a network that sets its own weights (ProbeNet)
+_NO_CHECKPOINT = (
+    "model.checkpoint is required: pass model.checkpoint=/path/to/weights.pth, or model.checkpoint=random to run "
+    "untrained weights (benchmarks only)"
+)
 
 # F.pad / cat kernels index activations with 32-bit math in eager mode; a batch whose largest activation reaches
 # 2**31 elements fails with "input tensor must fit into 32-bit index math".
@@ -57,13 +63,28 @@ class SegmentationModule(pl.LightningModule):
     applies ``activation``, reduces the channels with ``reduction``, average-pools by ``output_downsample`` on the
     device and returns float16 (or float32) maps of shape (N, C', H/d, W/d).
 
+    Weights are never random by accident. ``checkpoint`` is a file loaded strictly into ``net``; ``"random"`` keeps
+    ``net``'s initial weights and logs a warning that the masks are meaningless (benchmarks); None or empty is refused
+    with a UserInputError, except for a network that declares ``fixed_weights = True`` (``ProbeNet``) and under
+    ``backend="onnxruntime"``, where the ONNX file holds the weights and ``checkpoint`` is not used.
+    :attr:`weights` records which: the absolute checkpoint or ONNX path, ``"random"`` or ``"fixed"``.
+
+    With ``backend="onnxruntime"`` the ``<onnx_path>.json`` sidecar written by ``wsiseg-export`` is the source of
+    truth (:func:`wsiseg.export.onnx_backend`): ``mean``/``std``/``activation`` left None take the sidecar's values,
+    values equal to the sidecar's are accepted and different ones are refused; the stride is the sidecar's; the file's
+    real output channel count must match the sidecar's, and ``reduction="channel"`` needs ``channel_index`` below
+    it. ``net``'s architecture is not used then (only its stride, when there is no sidecar). Without a sidecar a
+    warning says mean/std/activation come from the config unchecked, and they must be given.
+
     Args:
         net: the network (``wsiseg.model.Unet`` for the users' checkpoints).
-        checkpoint: weights to load into ``net`` (None keeps its initial weights).
-        mean: per-channel mean on the /255 scale (0.5 for the users' network).
-        std: per-channel std on the /255 scale (0.5 for the users' network).
+        checkpoint: weights to load into ``net``: a file path, or ``"random"`` for the initial weights (see above).
+        mean: per-channel mean on the /255 scale (0.5 for the users' network). None: the ONNX sidecar's under
+            ``backend="onnxruntime"``, else 0.5.
+        std: per-channel std on the /255 scale (0.5 for the users' network). None: as for ``mean``.
         activation: ``none`` when the network already outputs probabilities (sigmoid inside ``forward``),
-            ``sigmoid`` or ``softmax`` for logits.
+            ``sigmoid`` or ``softmax`` for logits. None: the ONNX sidecar's under ``backend="onnxruntime"``, else
+            ``none``.
         reduction: ``max`` — one tumour probability = max over channels; ``channel`` — keep ``channel_index``;
             ``none`` — keep all channels (the writer stores class labels = argmax).
         channel_index: channel kept by ``reduction=channel``.
@@ -77,14 +98,14 @@ class SegmentationModule(pl.LightningModule):
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
             limit of the largest activation); bigger batches are split.
         backend: ``torch`` runs ``net``; ``onnxruntime`` runs the exported model at ``onnx_path`` instead (the
-            normalisation, activation, reduction and pooling around it stay the same).
+            normalisation, activation, reduction and pooling around it stay the same; settings from its sidecar).
         onnx_path: ONNX file for ``backend=onnxruntime`` (from ``wsiseg-export``).
         output_dtype: dtype of the maps sent back to the host (float16 halves the transfer; float32 is exact).
 
     Example::
 
         >>> from wsiseg.model import Unet
-        >>> module = SegmentationModule(Unet(3, 3, base_width=8))
+        >>> module = SegmentationModule(Unet(3, 3, base_width=8), checkpoint="random")
         >>> out = module.predict_step({"image": torch.zeros(2, 3, 64, 64, dtype=torch.uint8)}, 0)
         >>> out["probs"].shape
         torch.Size([2, 1, 64, 64])
@@ -94,9 +115,9 @@ class SegmentationModule(pl.LightningModule):
         self,
         net: nn.Module,
         checkpoint: str | None = None,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
-        activation: str = "none",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        activation: str | None = None,
         reduction: str = "max",
         channel_index: int = 0,
         output_downsample: int = 1,
@@ -114,24 +135,37 @@ class SegmentationModule(pl.LightningModule):
         self.output_dtype = getattr(torch, output_dtype)
         if backend not in ("torch", "onnxruntime"):
             raise UserInputError(f"model.backend must be 'torch' or 'onnxruntime', got '{backend}'")
-        if backend == "onnxruntime":
-            if not onnx_path:
-                raise UserInputError("model.backend=onnxruntime needs model.onnx_path=<file exported by wsiseg-export>")
-            from wsiseg.export import OnnxRuntimeNet
-
-            net = OnnxRuntimeNet(onnx_path, stride=network_stride(net))
-            checkpoint, channels_last, compile = None, False, False
-        self.backend = backend
-        if activation not in ACTIVATIONS:
+        if activation is not None and activation not in ACTIVATIONS:
             raise UserInputError(f"model.activation must be one of {', '.join(ACTIVATIONS)}; got '{activation}'")
         if reduction not in REDUCTIONS:
             raise UserInputError(f"model.reduction must be one of {', '.join(REDUCTIONS)}; got '{reduction}'")
         if output_downsample < 1:
             raise UserInputError(f"writer.output_downsample must be >= 1, got {output_downsample}")
-        if checkpoint:
-            load_checkpoint(net, checkpoint)
+        if backend == "onnxruntime":
+            if not onnx_path:
+                raise UserInputError("model.backend=onnxruntime needs model.onnx_path=<file exported by wsiseg-export>")
+            from wsiseg.export import onnx_backend
+
+            onnx = onnx_backend(
+                onnx_path,
+                mean=mean,
+                std=std,
+                activation=activation,
+                reduction=reduction,
+                channel_index=channel_index,
+                stride=network_stride(net),
+            )
+            net, mean, std, activation = onnx.net, onnx.mean, onnx.std, onnx.activation
+            self.weights = str(onnx.net.path)
+            checkpoint, channels_last, compile = None, False, False
+        else:
+            self.weights = self._load_weights(net, checkpoint)
+        self.backend = backend
         self.net = net.eval()
         self.checkpoint = checkpoint
+        mean = (0.5, 0.5, 0.5) if mean is None else mean
+        std = (0.5, 0.5, 0.5) if std is None else std
+        activation = "none" if activation is None else activation
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.activation, self.reduction, self.channel_index = activation, reduction, channel_index
@@ -145,6 +179,25 @@ class SegmentationModule(pl.LightningModule):
         self.compiled = False
         self._inductor_config: dict[str, Any] = {}  # inductor config patched around compiled calls
         self._set_forward(self.infer_tiles)
+
+    @staticmethod
+    def _load_weights(net: nn.Module, checkpoint: str | None) -> str:
+        """Load ``checkpoint`` into ``net`` (or keep its weights, see the class docstring); returns :attr:`weights`."""
+        if checkpoint in (None, ""):
+            if has_fixed_weights(net):
+                return FIXED_WEIGHTS
+            raise UserInputError(_NO_CHECKPOINT)
+        if checkpoint == RANDOM_WEIGHTS:
+            if has_fixed_weights(net):
+                return FIXED_WEIGHTS
+            log.warning(
+                "model.checkpoint=random: %s runs with untrained random weights, so the masks are meaningless "
+                "(benchmarks only)",
+                type(net).__name__,
+            )
+            return RANDOM_WEIGHTS
+        load_checkpoint(net, checkpoint)
+        return str(Path(checkpoint).expanduser().absolute())
 
     def _set_forward(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         # Bypass nn.Module.__setattr__ so the (possibly compiled) alias is not registered as a second submodule.
