@@ -64,8 +64,12 @@ class SlideTileDataModule(pl.LightningDataModule):
 
     Args:
         slides: slide paths or globs (``data.slides``).
-        level: pyramid level to read (0 = full resolution); None with ``mpp`` set picks the closest level.
-        mpp: target microns per pixel, used when ``level`` is None.
+        level: pyramid level to read (0 = full resolution), never resampled; None with ``mpp`` set plans the read
+            level from ``mpp`` (see :func:`wsiseg.data.slide.choose_level`).
+        mpp: target microns per read-level px, used when ``level`` is None: the coarsest level at least that fine is
+            read, as is when its mpp is within ``mpp_tolerance`` of the target, else area-resampled to exactly ``mpp``.
+        mpp_tolerance: relative difference (0.05 = 5 %) between a level's mpp and ``mpp`` within which the level is
+            used without resampling; ``0 <= mpp_tolerance < 1``.
         patch_size: tile side, read-level px; a multiple of the network's stride.
         overlap: overlap between neighbouring tiles, read-level px, ``0 <= overlap < patch_size``.
         output_downsample: read-level px per mask px (``writer.output_downsample``).
@@ -95,6 +99,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         slides: str | Sequence[str],
         level: int | None = 0,
         mpp: float | None = None,
+        mpp_tolerance: float = 0.05,
         patch_size: int = 512,
         overlap: int = 0,
         output_downsample: int = 1,
@@ -124,7 +129,9 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.slide_paths = expand_slide_paths(slides)
         if not self.slide_paths:
             raise UserInputError("data.slides is empty: pass data.slides=/path/to/slide.svs or a glob")
-        self.level, self.mpp = level, mpp
+        if not 0 <= mpp_tolerance < 1:
+            raise UserInputError(f"data.mpp_tolerance must be in [0, 1) (0.05 = 5 %), got {mpp_tolerance}")
+        self.level, self.mpp, self.mpp_tolerance = level, mpp, mpp_tolerance
         self.patch_size, self.overlap, self.output_downsample = patch_size, overlap, output_downsample
         self.tissue = tissue if isinstance(tissue, TissueOptions) else TissueOptions(**dict(tissue or {}))
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -147,7 +154,17 @@ class SlideTileDataModule(pl.LightningDataModule):
         """Open one slide and plan its tiles (level, grid, tissue). Raises UserInputError for unusable slides."""
         slide = open_slide(path)
         try:
-            level = choose_level(slide, self.level, self.mpp, str(path))
+            level = choose_level(slide, self.level, self.mpp, str(path), self.mpp_tolerance)
+            if level.resampled:
+                log.info(
+                    "slide '%s': data.mpp=%g reads level %d (%.4g um/px) area-resampled by %.6g to %dx%d px",
+                    path,
+                    self.mpp,
+                    level.level,
+                    level.mpp / level.scale,
+                    level.scale,
+                    *level.size,
+                )
             grid = TileGrid(level.size, self.patch_size, self.overlap, self.output_downsample)
             origins = grid.origins()
             try:

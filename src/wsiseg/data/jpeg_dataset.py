@@ -189,7 +189,8 @@ def collate_jpeg_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plan_layouts(slides: Sequence[SlideTiles]) -> tuple[list[JpegTileLayout] | None, list[str]]:
-    """Each slide's JPEG tile layout at its read level, or (None, reasons) when any slide has none.
+    """Each slide's JPEG tile layout at its read level, or (None, reasons) when any slide has none (a slide resampled to
+    ``data.mpp`` has none: its tiles are not the file's pixels).
 
     Returns:
         (layouts in slide order or None, one ``'<file name>: <reason>'`` per slide that cannot be read this way).
@@ -197,6 +198,10 @@ def plan_layouts(slides: Sequence[SlideTiles]) -> tuple[list[JpegTileLayout] | N
     layouts: list[JpegTileLayout] = []
     problems: list[str] = []
     for slide in slides:
+        if slide.level.resampled:
+            # the network sees area-resampled pixels, which no file tile holds
+            problems.append(f"{slide.path.name}: resampled to data.mpp from level {slide.level.level}")
+            continue
         try:
             vendor = slide.properties.get("openslide.vendor")
             layouts.append(inspect_jpeg_level(slide.path, slide.level.size, vendor))
