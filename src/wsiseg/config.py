@@ -33,13 +33,14 @@ def asset_path(name: str) -> str:
 
 
 def cpu_precision() -> str:
-    """bf16-mixed where oneDNN runs bfloat16 (AVX-512 or Arm BF16 CPUs), else 32: elsewhere bfloat16 convolutions
-    fall back to slow reference kernels."""
+    """The Lightning precision CPU runs use: ``bf16-mixed`` where oneDNN runs bfloat16 (AVX-512 or Arm BF16 CPUs),
+    else ``32-true`` (elsewhere bfloat16 convolutions fall back to slow reference kernels). Spelled as Lightning
+    reports ``trainer.precision``, so the config, the report and the trainer agree."""
     try:
         bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         bf16 = False
-    return "bf16-mixed" if bf16 else "32"
+    return "bf16-mixed" if bf16 else "32-true"
 
 
 def _default_precision() -> str:
