@@ -165,6 +165,7 @@ class DominantColour(torch.nn.Module):
     """Three classes = the dominant RGB channel (a fixed 1x1 convolution), for checking the label path."""
 
     stride = 1
+    fixed_weights = True  # set in __init__: no checkpoint to load
 
     def __init__(self, **_: object) -> None:
         super().__init__()

@@ -229,7 +229,24 @@ def test_ctrl_c_keeps_finished_slides_and_leaves_no_partial_outputs(tmp_path: Pa
     process = start_and_wait_for_first_slide(args, run_dir)
     os.killpg(process.pid, signal.SIGINT)  # the whole process group, as Ctrl-C in a terminal does
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 1
+    assert process.returncode == 130  # 128 + SIGINT, as a shell reports an interrupted command
     assert "unfinished slide(s) second left without outputs" in output  # Hydra logs to stdout
+    assert "interrupted; completed slides are kept, re-run the same command with resume=true to finish" in output
     assert json.loads((run_dir / "good" / "report.json").read_text())["status"] == "complete"
     assert list((run_dir / "second").iterdir()) == []
+    rows = summary(run_dir)  # summary.json describes the interrupted run
+    assert rows["good.tif"]["status"] == "complete"
+    assert rows["second.tif"]["status"] == "interrupted" and "interrupted" in rows["second.tif"]["reason"]
+
+
+def test_resume_with_one_complete_and_one_unreadable_slide(tmp_path: Path, good_slide: Path) -> None:
+    """Nothing left to compute is not 'none could be opened': exit status 1 (a slide skipped) and a summary.json that
+    lists both the kept slide and the unreadable one."""
+    out = tmp_path / "out"
+    assert predict(good_slide, out, FAST) == 0
+    (out / "summary.json").unlink()
+    gone = tmp_path / "gone.svs"
+    assert predict([good_slide, gone], out, [*FAST, "resume=true"]) == 1
+    rows = summary(out)
+    assert rows["good.tif"]["status"] == "complete" and rows["good.tif"]["reason"].startswith("resumed")
+    assert rows["gone.svs"]["status"] == "skipped" and "does not exist" in rows["gone.svs"]["reason"]

@@ -1,17 +1,30 @@
-"""Shared plumbing for the Hydra entry points: user errors become one line and a non-zero exit status."""
+"""Shared plumbing for the Hydra entry points: user errors become one line and exit status 2, an interrupt says how to
+finish the run, ``--version`` names wsiseg, and log lines do not tear the progress bar."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from wsiseg.errors import UserInputError
 
-__all__ = ["user_errors", "find_user_error", "quiet_library_noise"]
+__all__ = [
+    "user_errors",
+    "find_user_error",
+    "quiet_library_noise",
+    "exit_if_version_asked",
+    "discard_unused_run_dir",
+    "ProgressBarSafeHandler",
+]
+
+# Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 class _DropTips(logging.Filter):
@@ -19,27 +32,103 @@ class _DropTips(logging.Filter):
         return "Tip:" not in str(record.msg)
 
 
+class ProgressBarSafeHandler(logging.StreamHandler):
+    """A console handler that prints through ``tqdm.write``: a log line lands above the progress bar instead of being
+    glued onto it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def _route_console_logs_around_progress_bar() -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr):
+            safe = ProgressBarSafeHandler(handler.stream)
+            safe.setLevel(handler.level)
+            safe.setFormatter(handler.formatter)
+            for log_filter in handler.filters:
+                safe.addFilter(log_filter)
+            root.removeHandler(handler)
+            root.addHandler(safe)
+
+
 def quiet_library_noise() -> None:
-    """Silence messages that say nothing about the user's run: Lightning's advertising tip and a deprecation
-    warning Lightning itself triggers in torch's pytree module."""
+    """Silence messages that say nothing about the user's run (Lightning's advertising tip, a deprecation warning
+    Lightning itself triggers in torch's pytree module) and keep log lines off the progress bar's line."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
+    _route_console_logs_around_progress_bar()
+
+
+def exit_if_version_asked(command: str) -> None:
+    """``<command> --version`` prints wsiseg's version and those of the libraries it runs on, then exits 0 (Hydra's
+    own ``--version`` would print Hydra's)."""
+    if "--version" not in sys.argv[1:]:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    import wsiseg
+
+    parts = [f"torch {torch.__version__}"]  # with its build tag (+cpu, +cu130): which wheel is installed
+    for package in ("lightning", "hydra-core", "openslide-python"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} missing")
+    print(f"{command} (wsiseg) {wsiseg.__version__}; {', '.join(parts)}")
+    sys.exit(0)
 
 
 def find_user_error(exc: BaseException) -> UserInputError | None:
-    """The UserInputError behind ``exc`` (Hydra wraps constructor errors in InstantiationException), if any."""
+    """The UserInputError behind ``exc`` (Hydra wraps constructor errors in InstantiationException), if any.
+
+    Lightning's ``MisconfigurationException`` (a trainer option this machine cannot honour, e.g. more devices than it
+    has) counts as one too: its first line is kept, prefixed with ``trainer:``.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, UserInputError):
             return seen
+        if isinstance(seen, MisconfigurationException):
+            first = str(seen).strip().splitlines()[0] if str(seen).strip() else type(seen).__name__
+            return UserInputError(f"trainer: {first}")
         seen = seen.__cause__ or seen.__context__
     return None
 
 
+def discard_unused_run_dir(run_dir: Path) -> None:
+    """Remove ``run_dir`` when it holds nothing but what Hydra put there on start-up (``.hydra/`` and the job's
+    ``.log``): a run refused before it wrote anything leaves no folder behind. Parent folders left empty by that (the
+    default ``outputs/<date>/<time>`` layout) go too, up to the current directory."""
+    if not run_dir.is_dir():
+        return
+    entries = list(run_dir.iterdir())
+    if any(not (e.name == ".hydra" or (e.is_file() and e.suffix == ".log")) for e in entries):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    parent = run_dir.resolve().parent
+    while parent != cwd and cwd in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
 @contextmanager
-def user_errors(command: str) -> Iterator[None]:
-    """Print user errors as ``<command>: error: <message>`` and exit with status 2.
+def user_errors(command: str, run_dir: Path | None = None) -> Iterator[None]:
+    """Print user errors as ``<command>: error: <message>`` and exit with status 2; on Ctrl-C say how to finish the
+    run and exit with status 130. ``run_dir`` (Hydra's run folder) is removed after a user error when nothing was
+    written into it.
 
     ``HYDRA_FULL_ERROR=1`` or ``WSISEG_DEBUG=1`` re-raises with the full traceback instead.
     """
@@ -47,11 +136,17 @@ def user_errors(command: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        print(f"{command}: interrupted; completed slides are kept, re-run with resume=true to finish", file=sys.stderr)
-        sys.exit(130)
+        print(
+            f"{command}: interrupted; completed slides are kept, re-run the same command with resume=true to finish",
+            file=sys.stderr,
+        )
+        sys.exit(INTERRUPTED)
     except Exception as exc:
         user_error = find_user_error(exc)
         if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("WSISEG_DEBUG") == "1":
             raise
+        if run_dir is not None:
+            logging.shutdown()  # closes Hydra's log file before its folder goes
+            discard_unused_run_dir(run_dir)
         print(f"{command}: error: {user_error}", file=sys.stderr)
         sys.exit(2)

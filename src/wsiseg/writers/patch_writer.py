@@ -99,6 +99,7 @@ class PatchWriter(BasePredictionWriter):
         overwrite: recompute inputs whose outputs are already complete.
         write_workers: threads encoding and writing PNGs (0 writes on the main thread).
         run_config: the composed config (set by the entry point); part of the outputs' hash and stored in the report.
+        provenance: what produced the outputs (versions, the weights and their SHA-256), stored in the report.
 
     Example::
 
@@ -119,8 +120,10 @@ class PatchWriter(BasePredictionWriter):
         overwrite: bool = False,
         write_workers: int = 2,
         run_config: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
+        self.provenance = dict(provenance or {})
         if blend not in BLEND_MODES:
             raise UserInputError(f"writer.blend must be one of {', '.join(BLEND_MODES)}; got '{blend}'")
         if output_downsample != 1:
@@ -397,6 +400,7 @@ class PatchWriter(BasePredictionWriter):
             "batch_size": None if datamodule is None else datamodule.batch_size,
             "mask": self.mask,
             "config_hash": self._hash,
+            "provenance": self.provenance,
             "config": self.run_config,
             "results": self.results,
         }

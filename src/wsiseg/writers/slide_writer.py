@@ -28,7 +28,7 @@ from wsiseg.errors import UserInputError
 from wsiseg.writers._batch import as_ints, to_host_async
 from wsiseg.writers.heatmap import png_bytes, render_heatmap
 from wsiseg.writers.store import BlendingAccumulator, TileMosaic, probabilities_to_u8
-from wsiseg.writers.tiff import pyramid_sizes, write_pyramid_tiff
+from wsiseg.writers.tiff import ENCODERS, pyramid_sizes, write_pyramid_tiff
 
 __all__ = ["SlideWriter", "config_hash"]
 
@@ -86,6 +86,7 @@ class SlideWriter(BasePredictionWriter):
         blend_thread: blend on a background thread (``true``) or between batches on the main thread (``false``);
             ``auto``: a thread on GPUs (the host blends while the device runs), none on CPUs (the network's threads
             already use every core).
+        provenance: what produced the outputs (versions, the weights and their SHA-256), copied into each report.
 
     Example::
 
@@ -110,23 +111,37 @@ class SlideWriter(BasePredictionWriter):
         contours: str | list[str] | None = None,
         min_area_um2: float = 0.0,
         blend_thread: bool | str = "auto",
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         if blend_thread not in ("auto", True, False):
-            raise ValueError(f"writer.blend_thread must be auto, true or false; got '{blend_thread}'")
+            raise UserInputError(f"writer.blend_thread must be auto, true or false; got '{blend_thread}'")
         self.blend_thread = blend_thread
         if blend not in BLEND_MODES:
-            raise ValueError(f"writer.blend must be one of {', '.join(BLEND_MODES)}; got '{blend}'")
+            raise UserInputError(f"writer.blend must be one of {', '.join(BLEND_MODES)}; got '{blend}'")
         if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"writer.threshold must be in (0, 1], got {threshold}")
+            raise UserInputError(f"writer.threshold must be in (0, 1], got {threshold}")
+        if compression not in ENCODERS:
+            raise UserInputError(
+                f"writer.compression must be one of {', '.join(ENCODERS)} (lossless TIFF codecs OpenSlide reads); "
+                f"got '{compression}'"
+            )
+        if isinstance(tiff_tile, bool) or not isinstance(tiff_tile, int) or tiff_tile < 16 or tiff_tile % 16:
+            raise UserInputError(
+                f"writer.tiff_tile must be a positive multiple of 16 (the TIFF tile rule), e.g. 256; got {tiff_tile}"
+            )
         if chunk % (2 * tiff_tile):
-            raise ValueError(f"writer.chunk ({chunk}) must be a multiple of 2 x writer.tiff_tile ({tiff_tile})")
+            raise UserInputError(
+                f"writer.chunk ({chunk}) must be a multiple of 2 x writer.tiff_tile ({tiff_tile}), e.g. "
+                f"{2 * tiff_tile * max(1, round(chunk / (2 * tiff_tile)))}"
+            )
         self.output_dir = Path(output_dir)
         _check_writable(self.output_dir)
         self.blend, self.output_downsample, self.sigma_scale = blend, output_downsample, sigma_scale
         self.threshold, self.chunk, self.cache_bytes = threshold, chunk, cache_mb << 20
         self.tiff_tile, self.compression, self.heatmap_max_side = tiff_tile, compression, heatmap_max_side
         self.run_config = run_config
+        self.provenance = dict(provenance or {})
         self.contours, self.min_area_um2 = contour_formats(contours), float(min_area_um2)
         self.results: list[dict[str, Any]] = []
         self._slides: list[SlideTiles] = []
@@ -134,7 +149,8 @@ class SlideWriter(BasePredictionWriter):
         self._finished: set[int] = set()
         self._windows: dict[int, np.ndarray] = {}
         self._channels = 1
-        self._clock = 0.0
+        self._batch_clock = 0.0  # when the batch now arriving started: the end of the previous one
+        self._batch_size_used = 0
         self._rank, self._world = 0, 1
         self._owned: set[int] | None = None
         self._blender: threading.Thread | None = None
@@ -164,7 +180,7 @@ class SlideWriter(BasePredictionWriter):
         self._slides = list(datamodule.slides)
         self._rank, self._world = rank, world
         self._states, self._finished, self.results = {}, set(), []
-        self._clock = time.perf_counter()
+        self._batch_clock = time.perf_counter()
         for path, reason in getattr(datamodule, "failed", []):
             self.results.append({"slide": str(path), "status": "skipped", "tiles": 0, "seconds": 0.0, "reason": reason})
         for path, name in getattr(datamodule, "resumed", []):
@@ -225,7 +241,10 @@ class SlideWriter(BasePredictionWriter):
         slide_indices = as_ints(prediction["slide_index"])
         errors = list(prediction.get("error") or [""] * len(slide_indices))
         dataset_indices = list(batch_indices) if batch_indices is not None else [None] * len(slide_indices)
-        item = (probs, ready, slide_indices, as_ints(prediction["tile_index"]), errors, dataset_indices)
+        self._batch_size_used = max(self._batch_size_used, len(slide_indices))
+        # A slide's clock starts with the batch holding its first tile (read and computed before it reaches here).
+        started, self._batch_clock = self._batch_clock, time.perf_counter()
+        item = (probs, ready, slide_indices, as_ints(prediction["tile_index"]), errors, dataset_indices, started)
         if self._blend_inline:
             self._blend_batch(*item)
         else:
@@ -284,6 +303,14 @@ class SlideWriter(BasePredictionWriter):
                 type(exception).__name__,
                 ", ".join(unfinished),
             )
+        if self._rank == 0:
+            # summary.json describes this run even when it stops early: finished slides as they ended, the rest not
+            reason = f"interrupted ({type(exception).__name__}) before this slide was written"
+            for index, slide in enumerate(self._slides):
+                if index not in self._finished:
+                    row = {"slide": str(slide.path), "name": slide.name, "status": "interrupted", "tiles": 0}
+                    self.results.append({**row, "seconds": 0.0, "reason": reason})
+            self._write_summary()
 
     def _blend_batch(
         self,
@@ -293,6 +320,7 @@ class SlideWriter(BasePredictionWriter):
         tile_indices: list[int],
         errors: list[str],
         dataset_indices: list[int | None],
+        batch_started: float,
     ) -> None:
         if ready is not None:
             ready.synchronize()  # the device-to-host copy of this batch has landed
@@ -300,14 +328,14 @@ class SlideWriter(BasePredictionWriter):
         self._channels = probs.shape[1]
         for i, (slide_index, tile_index) in enumerate(zip(slide_indices, tile_indices)):
             if self._owned is not None and dataset_indices[i] is not None and dataset_indices[i] not in self._owned:
-                self._state(slide_index).duplicates += 1
+                self._state(slide_index, batch_started).duplicates += 1
                 continue
             if self._world == 1:
                 # Tiles arrive in slide order: every earlier slide is complete.
                 for earlier in range(slide_index):
                     if earlier not in self._finished:
                         self._finish(earlier)
-            state = self._state(slide_index)
+            state = self._state(slide_index, batch_started)
             if errors[i]:
                 state.error = state.error or errors[i]
                 continue
@@ -356,7 +384,7 @@ class SlideWriter(BasePredictionWriter):
     def _partial_dir(self, index: int, rank: int) -> Path:
         return self._slide_dir(index) / f".partial-rank{rank}"
 
-    def _state(self, index: int) -> _SlideState:
+    def _state(self, index: int, started: float | None = None) -> _SlideState:
         state = self._states.get(index)
         if state is None:
             slide = self._slides[index]
@@ -370,7 +398,7 @@ class SlideWriter(BasePredictionWriter):
                 accumulator = BlendingAccumulator(partial, self._channels, size, self.chunk, self.cache_bytes)
             state = _SlideState(
                 accumulator=accumulator,
-                started=self._clock if self._world == 1 else time.perf_counter(),
+                started=self._batch_clock if started is None else started,
             )
             self._states[index] = state
         return state
@@ -416,9 +444,7 @@ class SlideWriter(BasePredictionWriter):
         finally:
             accumulator.delete()
             shutil.rmtree(out_dir / ".scratch", ignore_errors=True)
-        now = time.perf_counter()
-        seconds = max(now - state.started, 1e-9)
-        self._clock = now
+        seconds = max(time.perf_counter() - state.started, 1e-9)
         report["wall_time_s"] = round(seconds, 3)
         report["patches_per_s"] = round(len(state.tiles_seen) / seconds, 2)
         write_json_atomic(out_dir / "report.json", report)
@@ -434,7 +460,9 @@ class SlideWriter(BasePredictionWriter):
         )
         if report["status"] == "complete":
             log.info(
-                "slide %s: %d tiles in %.1f s (%.1f patches/s) -> %s",
+                "slide %d/%d %s: %d tiles in %.1f s (%.1f patches/s) -> %s",
+                index + 1,
+                len(self._slides),
                 slide.name,
                 len(state.tiles_seen),
                 seconds,
@@ -454,6 +482,10 @@ class SlideWriter(BasePredictionWriter):
             "level_size": list(slide.level.size),
             "mpp_level0": None if slide.level.mpp is None else slide.level.mpp / slide.level.downsample,
             "mpp_read_level": slide.level.mpp,
+            "resampled": slide.level.resampled,
+            "read_scale": slide.level.scale,
+            "source_downsample": slide.level.source_downsample,
+            "source_level_size": list(slide.level.source_size),
             "output_downsample": self.output_downsample,
             "output_size": list(slide.grid.output_size),
             "output_mpp": output_mpp,
@@ -467,7 +499,9 @@ class SlideWriter(BasePredictionWriter):
             "tissue_fraction": round(slide.tissue_fraction, 6),
             "world_size": self._world,
             "tiles_per_rank": state.tiles_per_rank or [len(state.tiles_seen)],
+            "batch_size": self._batch_size_used or None,
             "config_hash": config_hash(self.run_config),
+            "provenance": self.provenance,
             "config": self.run_config,
         }
 

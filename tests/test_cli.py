@@ -1,0 +1,145 @@
+"""The console entry point as a new user meets it: one line and exit status 2 for every mistake, no folder left behind,
+``--help``/``--version`` that speak of wsiseg, honest per-slide figures and provenance in the report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import predict
+from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
+
+SCRIPT = Path(sys.executable).parent / "wsiseg-predict"
+QUICK = ["data.patch_size=256", "writer.output_downsample=4", "trainer=cpu", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_slide(tmp_path_factory.mktemp("cli") / "small.tif", SyntheticSlide(1024, 768, seed=11))
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``wsiseg-predict ARGS`` in ``cwd`` with Hydra's default run folder (``outputs/<date>/<time>`` under ``cwd``)."""
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+USER_ERRORS = {
+    "missing checkpoint": (["data.slides={slide}"], "wsiseg-predict: error: model.checkpoint is required: pass"),
+    "missing slides": (["model=demo"], "wsiseg-predict: error: data.slides is required: pass data.slides="),
+    "both missing": ([], "wsiseg-predict: error: required options missing: data.slides, model.checkpoint;"),
+    "null checkpoint": (["data.slides={slide}", "model.checkpoint=null"], "model.checkpoint"),
+    "unknown blend": (
+        ["model=demo", "data.slides={slide}", "writer.blend=cubic"],
+        "wsiseg-predict: error: writer.blend must be one of none, linear, gaussian; got 'cubic'",
+    ),
+    "unknown compression": (
+        ["model=demo", "data.slides={slide}", "writer.compression=lzw"],
+        "wsiseg-predict: error: writer.compression must be one of zlib, zstd",
+    ),
+    "tiff tile": (
+        ["model=demo", "data.slides={slide}", "writer.tiff_tile=100"],
+        "wsiseg-predict: error: writer.tiff_tile must be a positive multiple of 16",
+    ),
+    "gpu trainer without a gpu": (
+        ["model=demo", "data.slides={slide}", "trainer=gpu"],
+        "wsiseg-predict: error: trainer.accelerator=gpu but no CUDA GPU is visible",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_user_errors_are_one_line_exit_2_and_leave_no_run_folder(tmp_path: Path, small_slide: Path, case: str) -> None:
+    overrides, expected = USER_ERRORS[case]
+    if case == "gpu trainer without a gpu" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: trainer=gpu is valid here")
+    result = run_cli(tmp_path, *QUICK, *(o.format(slide=small_slide) for o in overrides))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("wsiseg-predict: error: ") and expected in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == [], "a refused run left a folder behind"
+
+
+def test_a_refused_run_keeps_an_existing_run_folder(tmp_path: Path, small_slide: Path) -> None:
+    run_dir = tmp_path / "night1"
+    (run_dir / "other").mkdir(parents=True)
+    result = run_cli(
+        tmp_path, "model=demo", f"data.slides={small_slide}", "writer.blend=cubic", f"hydra.run.dir={run_dir}"
+    )
+    assert result.returncode == 2
+    assert (run_dir / "other").is_dir(), "a folder with earlier contents must survive a refused run"
+
+
+def test_help_names_required_keys_and_version_names_wsiseg(tmp_path: Path) -> None:
+    helped = run_cli(tmp_path, "--help")
+    assert helped.returncode == 0
+    assert "data.slides=PATH" in helped.stdout and "model.checkpoint=PATH" in helped.stdout
+    assert "wsiseg-predict model=demo data.slides=slide.svs" in helped.stdout
+    assert "model: " in helped.stdout and "unet_camelyon" in helped.stdout  # the config groups are listed
+    version = run_cli(tmp_path, "--version")
+    assert version.returncode == 0
+    import wsiseg
+
+    assert version.stdout.startswith(f"wsiseg-predict (wsiseg) {wsiseg.__version__}; torch {torch.__version__}")
+    assert "Hydra" not in version.stdout
+
+
+def test_slides_sharing_a_batch_are_each_timed_with_it(tmp_path: Path) -> None:
+    """Both slides' tiles arrive in one batch: each slide's time includes reading and computing that batch (the second
+    slide used to be timed from the first one's write only, ~0.0 s)."""
+    first = write_synthetic_slide(tmp_path / "first.tif", SyntheticSlide(768, 512, seed=3))
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(768, 512, seed=4))
+    out = tmp_path / "out"
+    overrides = ["model=demo", "data.patch_size=256", "data.tissue.enabled=false", "data.batch_size=64"]
+    assert predict([first, second], out, overrides) == 0
+    reports = [json.loads((out / name / "report.json").read_text()) for name in ("first", "second")]
+    assert [r["tiles_processed"] for r in reports] == [6, 6]
+    # The shared batch runs before either slide is written, so the second slide (written after the first) takes
+    # at least as long as the first.
+    assert reports[1]["wall_time_s"] >= reports[0]["wall_time_s"] > 0
+
+
+def test_report_records_the_batch_size_used_and_provenance(tmp_path: Path, small_slide: Path, demo_checkpoint) -> None:
+    out = tmp_path / "out"
+    assert predict(small_slide, out, ["model=demo", "data.patch_size=256", "data.batch_size=auto"]) == 0
+    report = json.loads((out / "small" / "report.json").read_text())
+    assert report["config"]["data"]["batch_size"] == "auto"
+    assert report["batch_size"] == 2  # what auto resolves to on a CPU
+    provenance = report["provenance"]
+    assert provenance["weights"] == str(demo_checkpoint)
+    assert provenance["weights_sha256"] == hashlib.sha256(demo_checkpoint.read_bytes()).hexdigest()
+    import lightning
+
+    import wsiseg
+
+    assert provenance["wsiseg_version"] == wsiseg.__version__
+    assert provenance["torch_version"] == torch.__version__
+    assert provenance["lightning_version"] == lightning.__version__
+
+
+def test_log_lines_print_above_the_progress_bar() -> None:
+    """A log line while the bar is drawn lands on a line of its own, then the bar is redrawn (a plain StreamHandler
+    glued the line onto the bar)."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from wsiseg.cli import ProgressBarSafeHandler
+
+    stream = io.StringIO()
+    bar = tqdm(total=10, file=stream, desc="Predicting", ascii=True, mininterval=0)
+    bar.update(3)
+    handler = ProgressBarSafeHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.emit(logging.LogRecord("wsiseg", logging.INFO, __file__, 1, "slide 1/2 a: done", None, None))
+    bar.close()
+    line = next(part for part in stream.getvalue().split("\n") if "slide 1/2 a: done" in part)
+    assert line.split("\r")[-1] == "slide 1/2 a: done", repr(line)
