@@ -118,7 +118,7 @@ def test_too_fine_mpp_skips_only_that_slide(pyramid_slide: Path, synthetic_slide
         "set data.mpp >= 0.4762 or raise data.mpp_tolerance"
     )
     layouts, problems = plan_layouts(dm.slides)
-    assert layouts is None and problems == ["pyr.tif: resampled to data.mpp from level 0"]
+    assert layouts == [None] and problems == ["pyr.tif: resampled to data.mpp from level 0"]
 
 
 def test_mpp_tolerance_is_validated() -> None:

@@ -376,9 +376,15 @@ def test_fallback_when_a_slide_is_not_jpeg_tiled(
     assert len(warnings) == 1, warnings
     assert (
         "1 of 2 slide(s)" in warnings[0]
+        and "OpenSlide reads those" in warnings[0]
         and "openslide-python__boxes.tiff: tiles are compressed with deflate" in (warnings[0])
     )
-    assert decoded_batches == []  # OpenSlide read everything
+    # the reader is chosen per slide: CMU's patches still come from its JPEG tiles, boxes.tiff's from OpenSlide (a
+    # batch holding both is assembled row by row)
+    reports = {s.name: json.loads((tmp_path / "jpeg" / s.stem / "report.json").read_text()) for s in slides}
+    tiles = {name: report["tiles_processed"] for name, report in reports.items()}
+    assert sum(decoded_batches) == tiles[CMU] > 0
+    assert tiles[CMU] % 16 and tiles["openslide-python__boxes.tiff"] > 0, "no batch (16 tiles) mixes the two slides"
     reference = _run(slides, tmp_path / "openslide", "openslide", overrides)
     for name in jpeg:
         np.testing.assert_array_equal(jpeg[name], reference[name])

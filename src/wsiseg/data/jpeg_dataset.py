@@ -2,8 +2,9 @@
 them in batches on its device (:func:`wsiseg.data.jpeg_tiles.decode_batch`).
 
 Slides are planned exactly as for the OpenSlide reader (same tiles, same order, same dataset indices); only reading
-differs. When any slide is not JPEG-tiled at its read level (other compressions, JPEG 2000, vendor formats), the whole
-run reads with OpenSlide, after one warning naming the slides and why.
+differs. The reader is chosen per slide: a slide that is not JPEG-tiled at its read level (other compressions, JPEG
+2000, vendor formats, or resampled to ``data.mpp``) is read with OpenSlide, after one line naming the slides and why,
+while the others keep their JPEG tiles; a batch that mixes both is assembled by :func:`decode_batch`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from wsiseg.data.datasets import SlideTiles
+from wsiseg.data.datasets import SlideTileDataset, SlideTiles
 from wsiseg.data.jpeg_tiles import (
     CompressedTiles,
     JpegTileLayout,
@@ -43,16 +44,29 @@ class JpegTileDataset(Dataset):
     overlaps), ``window`` (rows, cols of that window) and ``tiles``: one ``(key, stream)`` per tile of the window in
     raster order, ``stream`` a standalone JPEG (tables merged, colour marker set) or None for a missing tile.
 
+    Items of slides without a layout come from ``openslide`` instead: its items (``image`` read by OpenSlide) for the
+    same indices.
+
     Args:
         slides: the planned slides (``SlideTileDataModule.dataset.slides``).
-        layouts: each slide's JPEG tile layout at its read level.
+        layouts: each slide's JPEG tile layout at its read level, or None for a slide OpenSlide reads.
+        openslide: the OpenSlide dataset over the same slides (required when a layout is None).
         cache_tiles: tile streams kept per worker; neighbouring patches (overlap, straddling) share tiles.
     """
 
-    def __init__(self, slides: list[SlideTiles], layouts: list[JpegTileLayout], cache_tiles: int = 512) -> None:
+    def __init__(
+        self,
+        slides: list[SlideTiles],
+        layouts: Sequence[JpegTileLayout | None],
+        openslide: SlideTileDataset | None = None,
+        cache_tiles: int = 512,
+    ) -> None:
         if len(slides) != len(layouts):
             raise ValueError(f"{len(slides)} slides but {len(layouts)} tile layouts")
-        self.slides, self.layouts, self.cache_tiles = slides, layouts, cache_tiles
+        if openslide is None and any(layout is None for layout in layouts):
+            raise ValueError("slides without a JPEG tile layout need the OpenSlide dataset to read them")
+        self.slides, self.layouts, self.cache_tiles = slides, list(layouts), cache_tiles
+        self.openslide = openslide
         counts = [s.tiles_tissue for s in slides]
         self._slide_of = np.repeat(np.arange(len(slides), dtype=np.int64), counts)
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -103,9 +117,21 @@ class JpegTileDataset(Dataset):
             self._cache.popitem(last=False)
         return stream
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch's items; those of OpenSlide-read slides come from its threaded batch read."""
+        by_openslide = [i for i in indices if self.layouts[int(self._slide_of[i])] is None]
+        if not by_openslide:
+            return [self[i] for i in indices]
+        assert self.openslide is not None
+        read = dict(zip(by_openslide, self.openslide.__getitems__(by_openslide)))
+        return [read[i] if i in read else self[i] for i in indices]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         slide_index, tile_index = self.locate(index)
         slide, layout = self.slides[slide_index], self.layouts[slide_index]
+        if layout is None:
+            assert self.openslide is not None
+            return self.openslide[index]
         x, y = (int(v) for v in slide.origins[tile_index])
         size = slide.grid.patch_size
         c0, r0, c1, r1 = layout.tile_window(x, y, size, size)
@@ -140,8 +166,16 @@ def collate_jpeg_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Batch items of :class:`JpegTileDataset`: tiles shared by several patches are kept (and decoded) once.
 
     Returns a dict with ``jpeg_tiles`` (:class:`~wsiseg.data.jpeg_tiles.CompressedTiles`), ``slide_index``,
-    ``tile_index``, ``x``, ``y`` (int64 tensors) and ``error`` (list of str) — the keys the writer reads.
+    ``tile_index``, ``x``, ``y`` (int64 tensors) and ``error`` (list of str) — the keys the writer reads. Items read
+    by OpenSlide (``image``) in a mixed batch add ``image`` (their pixels), ``image_rows`` and ``jpeg_rows`` (the batch
+    rows of each kind, for :func:`~wsiseg.data.jpeg_tiles.decode_batch`); a batch of OpenSlide items alone is collated
+    as the OpenSlide reader's.
     """
+    image_rows = [n for n, item in enumerate(items) if "image" in item]
+    if image_rows and len(image_rows) == len(items):
+        return default_collate(list(items))
+    everything = items
+    items = [item for item in everything if "image" not in item]
     unique: dict[tuple[int, int], int] = {}
     streams: list[bytes] = []
     colours: list[int] = []
@@ -178,49 +212,56 @@ def collate_jpeg_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         lookup=lookup,
         owners=owners,
     )
-    return {
+    batch: dict[str, Any] = {
         "jpeg_tiles": tiles,
-        "slide_index": torch.tensor([item["slide_index"] for item in items], dtype=torch.int64),
-        "tile_index": torch.tensor([item["tile_index"] for item in items], dtype=torch.int64),
-        "x": torch.tensor([item["x"] for item in items], dtype=torch.int64),
-        "y": torch.tensor([item["y"] for item in items], dtype=torch.int64),
-        "error": [item["error"] for item in items],
+        "slide_index": torch.tensor([item["slide_index"] for item in everything], dtype=torch.int64),
+        "tile_index": torch.tensor([item["tile_index"] for item in everything], dtype=torch.int64),
+        "x": torch.tensor([item["x"] for item in everything], dtype=torch.int64),
+        "y": torch.tensor([item["y"] for item in everything], dtype=torch.int64),
+        "error": [item["error"] for item in everything],
     }
+    if image_rows:
+        batch["image"] = torch.stack([everything[n]["image"] for n in image_rows])
+        batch["image_rows"] = image_rows
+        batch["jpeg_rows"] = [n for n, item in enumerate(everything) if "image" not in item]
+    return batch
 
 
-def plan_layouts(slides: Sequence[SlideTiles]) -> tuple[list[JpegTileLayout] | None, list[str]]:
-    """Each slide's JPEG tile layout at its read level, or (None, reasons) when any slide has none (a slide resampled to
-    ``data.mpp`` has none: its tiles are not the file's pixels).
+def plan_layouts(slides: Sequence[SlideTiles]) -> tuple[list[JpegTileLayout | None], list[str]]:
+    """Each slide's JPEG tile layout at its read level, None for a slide that has none (a slide resampled to
+    ``data.mpp`` has none either: its tiles are not the file's pixels).
 
     Returns:
-        (layouts in slide order or None, one ``'<file name>: <reason>'`` per slide that cannot be read this way).
+        (layouts in slide order, one ``'<file name>: <reason>'`` per slide that cannot be read this way).
     """
-    layouts: list[JpegTileLayout] = []
+    layouts: list[JpegTileLayout | None] = []
     problems: list[str] = []
     for slide in slides:
         if slide.level.resampled:
             # the network sees area-resampled pixels, which no file tile holds
             problems.append(f"{slide.path.name}: resampled to data.mpp from level {slide.level.level}")
+            layouts.append(None)
             continue
         try:
             vendor = slide.properties.get("openslide.vendor")
             layouts.append(inspect_jpeg_level(slide.path, slide.level.size, vendor))
         except UnsupportedLevelError as exc:
             problems.append(f"{slide.path.name}: {exc}")
-    return (None if problems else layouts), problems
+            layouts.append(None)
+    return layouts, problems
 
 
 # One plan per datamodule (and per set of slides), so the fallback warning is logged once however often the
 # DataLoader is rebuilt.
-_plans: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], list[JpegTileLayout] | None]] = (
+_plans: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], list[JpegTileLayout | None]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def jpeg_dataloader(datamodule: Any, quiet: bool = False) -> DataLoader | None:
-    """The ``data.reader=jpeg`` DataLoader for a set-up ``SlideTileDataModule``, or None (after one warning, or one
-    info line when ``quiet``: the reader was chosen automatically) when some slide is not JPEG-tiled at its read level
-    and OpenSlide must read them all."""
+    """The ``data.reader=jpeg`` DataLoader for a set-up ``SlideTileDataModule``: JPEG tiles for every slide that has
+    them at its read level, OpenSlide for the others (said in one warning, or one info line when ``quiet``: the reader
+    was chosen automatically). None when no slide has JPEG tiles (OpenSlide's own DataLoader then reads them all)."""
     slides = datamodule.dataset.slides
     key = tuple((str(s.path), s.level.level, tuple(s.level.size)) for s in slides)
     plan = _plans.get(datamodule)
@@ -228,18 +269,19 @@ def jpeg_dataloader(datamodule: Any, quiet: bool = False) -> DataLoader | None:
         layouts, problems = plan_layouts(slides)
         if problems:
             (log.info if quiet else log.warning)(
-                "data.reader=%s: %d of %d slide(s) not JPEG-tiled at the read level, reading all with OpenSlide (%s)",
+                "data.reader=%s: %d of %d slide(s) not JPEG-tiled at the read level, OpenSlide reads %s (%s)",
                 datamodule.reader,
                 len(problems),
                 len(slides),
+                "them" if len(problems) == len(slides) else "those",
                 "; ".join(problems),
             )
         plan = _plans[datamodule] = (key, layouts)
-    if plan[1] is None:
+    if all(layout is None for layout in plan[1]):
         return None
     workers = datamodule.num_workers
     return DataLoader(
-        JpegTileDataset(slides, plan[1]),
+        JpegTileDataset(slides, plan[1], openslide=datamodule.dataset),
         batch_size=datamodule.batch_size,
         shuffle=False,
         num_workers=workers,

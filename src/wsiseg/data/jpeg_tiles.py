@@ -522,16 +522,28 @@ def assemble_patches(decoded: Sequence[torch.Tensor], tiles: CompressedTiles, de
 def decode_batch(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Replace ``batch["jpeg_tiles"]`` (a :class:`CompressedTiles`) by ``batch["image"]``: (N, 3, P, P) uint8 RGB
     decoded and assembled on ``device`` (nvJPEG on CUDA, libjpeg-turbo on the CPU otherwise). Patches using a tile
-    that cannot be decoded come back white with ``batch["error"]`` set, as the OpenSlide reader reports them."""
+    that cannot be decoded come back white with ``batch["error"]`` set, as the OpenSlide reader reports them. In a
+    batch that mixes in patches OpenSlide read (``image``, ``image_rows``, ``jpeg_rows`` from
+    :func:`~wsiseg.data.jpeg_dataset.collate_jpeg_tiles`) every patch takes its row of the batch."""
     device = torch.device(device)
     tiles: CompressedTiles = batch["jpeg_tiles"]
     decoded, stream_errors = decode_streams(tiles, device)
-    out = {k: v for k, v in batch.items() if k != "jpeg_tiles"}
-    out["image"] = assemble_patches(decoded, tiles, device)
+    out = {k: v for k, v in batch.items() if k not in ("jpeg_tiles", "image_rows", "jpeg_rows")}
+    patches = assemble_patches(decoded, tiles, device)
+    rows = list(range(len(tiles)))
+    if "image_rows" in batch:  # a batch mixing slides read by OpenSlide: their patches take their own rows
+        rows = list(batch["jpeg_rows"])
+        count, size = len(rows) + len(batch["image_rows"]), tiles.patch_size
+        full = torch.empty((count, 3, size, size), dtype=torch.uint8, device=device)
+        full = full.contiguous(memory_format=torch.channels_last)
+        full[rows] = patches
+        full[list(batch["image_rows"])] = batch["image"].to(device)
+        patches = full
+    out["image"] = patches
     if any(stream_errors):
-        errors = list(out.get("error") or [""] * len(tiles))
+        errors = list(out.get("error") or [""] * len(patches))
         for message, owners in zip(stream_errors, tiles.owners):
             for n in owners if message else ():
-                errors[n] = errors[n] or message
+                errors[rows[n]] = errors[rows[n]] or message
         out["error"] = errors
     return out
