@@ -171,3 +171,16 @@ def test_naive_loop_halves_cover_the_same_tiles_across_slides(tmp_path: Path) ->
             np.testing.assert_array_equal(a, b)
     expected_last = dm.dataset[total - 1]["image"][0].float().numpy() / 255  # the 3rd tile of the second slide
     np.testing.assert_allclose(whole[-1][0], expected_last, atol=1e-6)
+
+
+def test_bench_warns_when_figures_cannot_be_trusted() -> None:
+    """A pipeline faster than its own bound, or naive halves far apart, means the machine's load moved mid-run: the
+    report says so instead of printing e.g. '222 % of the model bound' as a finding."""
+    from wsiseg.bench import bench_warnings
+
+    assert bench_warnings(0.93, [19.5, 19.1]) == []
+    [beyond] = bench_warnings(2.22, [19.5, 19.1])
+    assert "pipeline efficiency 222% exceeds the bound" in beyond and "re-run" in beyond
+    [drift] = bench_warnings(0.9, [15.0, 19.5])
+    assert "naive halves differ by 30%" in drift
+    assert len(bench_warnings(1.2, [10.0, 20.0])) == 2
