@@ -14,8 +14,8 @@ __all__ = ["resolve_batch_size", "probe_max_batch"]
 
 log = logging.getLogger(__name__)
 
-# On CPU small batches keep activations in cache: demo U-Net, 512 px, bf16 + compile on 2 cores measured 38.0 / 36.5 /
-# 32.9 / ~31 patches/s at batch 1 / 2 / 4 / 8. Batch 2 keeps most of that while amortising per-batch overhead.
+# On CPU small batches keep activations in cache, so throughput falls as the batch grows; batch 2 keeps most of batch
+# 1's rate while amortising per-batch overhead (measurements: docs/performance.md, "Batch size on CPU").
 CPU_AUTO_BATCH = 2
 
 

@@ -51,8 +51,8 @@ def _default_precision() -> str:
 def _default_workers() -> int:
     if torch.cuda.is_available():
         return _spare_cores()  # the GPU computes; the cores read and decode tiles
-    # On CPU the network's threads use every core: a reader process only competes with them (2 cores: 1 worker was
-    # slower than reading in the main process, 26.1 vs 27.6 patches/s). Workers pay off from 4 cores up.
+    # On CPU the network's threads use every core: a reader process only competes with them (on 2 cores one worker was
+    # slower than reading in the main process). Workers pay off from 4 cores up.
     return min(8, (os.cpu_count() or 2) // 4)
 
 
@@ -63,8 +63,8 @@ def usable_cores(limit: int = 8) -> int:
 
 
 def _spare_cores() -> int:
-    """Cores but one, 1 to 8: GPU reader workers, and patch-writer threads (PNG encoding + heatmap rendering, ~20 ms
-    of CPU per 512 px image, overlaps the network on any machine)."""
+    """Cores but one, 1 to 8: GPU reader workers, and patch-writer threads (PNG encoding + heatmap rendering, which
+    overlaps the network on any machine)."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 

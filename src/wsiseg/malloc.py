@@ -2,8 +2,8 @@
 
 glibc serves allocations above a (dynamic) threshold with fresh ``mmap`` pages and returns them on ``free``. A compiled
 network on CPU allocates its activations (MBs per tile) on every call, so without tuning each forward pass page-faults
-all of them in again: the bf16 + compiled demo U-Net at 512² ran at 41 instead of 57 patches/s on 2 cores. Raising the
-mmap threshold to its maximum (32 MiB) and keeping freed memory in the heap makes those buffers reusable.
+all of them in again, which costs a large share of CPU throughput (measurements: docs/performance.md, "Memory").
+Raising the mmap threshold to its maximum (32 MiB) and keeping freed memory in the heap makes those buffers reusable.
 """
 
 from __future__ import annotations

@@ -379,8 +379,8 @@ def _decode(streams: list[torch.Tensor], device: torch.device) -> list[torch.Ten
         return []
     if device.type == "cuda":
         return decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
-    # libjpeg-turbo decodes one stream per call and releases the GIL: split the batch over the cores (2 cores, eight
-    # 256² tiles: 1.5 → 0.9 ms); the main process decodes between network calls, when the cores are otherwise idle
+    # libjpeg-turbo decodes one stream per call and releases the GIL: split the batch over the cores; the main process
+    # decodes between network calls, when the cores are otherwise idle
     parts = min(len(streams), usable_cores())
     if parts <= 1:
         return decode_jpeg(streams, mode=ImageReadMode.RGB)

@@ -206,7 +206,7 @@ def rgba_to_rgb(rgba: np.ndarray, background: int = 255) -> np.ndarray:
     rgb = rgba[..., :3]
     alpha = rgba[..., 3:4]
     if alpha.min() == 255:
-        # OpenCV drops the alpha channel ~40x faster than numpy's strided copy (512² tile: 0.02 vs 0.87 ms)
+        # OpenCV drops the alpha channel much faster than numpy's strided copy
         return cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2RGB)
     a = alpha.astype(np.float32) / 255.0
     out = rgb.astype(np.float32) * a + float(background) * (1.0 - a)

@@ -11,8 +11,7 @@ chunks no tile touched are never created, so background costs nothing. Partial a
 adding sums and weights.
 
 Raw files rather than a zarr array: a spilled chunk is written once and read once, and zarr's per-chunk machinery
-cost ~15 ms per 2 MiB chunk on a busy 2-core machine against ~1 ms for ``np.save``/``np.load`` (5 of the 18 s of a
-397-tile CPU run went into evictions).
+costs far more per chunk than ``np.save``/``np.load`` (measurements: docs/performance.md, "Writer and finalisation").
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ __all__ = ["BlendingAccumulator", "TileMosaic", "probabilities_to_u8"]
 
 def probabilities_to_u8(probs: np.ndarray) -> np.ndarray:
     """``round(255·p)`` saturated to 0-255 as uint8, for a 2-D float array (float16 is converted). One OpenCV pass
-    (a 512² tile: 0.02 ms against 0.8 ms for numpy's rint/clip/astype); its |·| is harmless once negatives (logits
-    with ``activation=none``) are zeroed."""
+    (much cheaper than numpy's rint/clip/astype); its |·| is harmless once negatives (logits with
+    ``activation=none``) are zeroed."""
     return cv2.convertScaleAbs(np.maximum(probs.astype(np.float32, copy=False), 0.0), alpha=255.0)
 
 
