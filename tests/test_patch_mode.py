@@ -25,6 +25,7 @@ from conftest import shared_slide
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.grid import TileGrid
 from wsiseg.data.patches import PatchFolderDataModule, list_images, plan_batches, plan_pieces
+from wsiseg.data.plan import RunPlan
 from wsiseg.data.slide import SlideLevel, read_rgb
 from wsiseg.errors import UserInputError
 from wsiseg.model import ProbeNet, Unet
@@ -346,7 +347,7 @@ def slide_mask(slide: Path, out: Path, module: SegmentationModule, overlap: int,
     dm = SlideTileDataModule(
         [str(slide)], patch_size=256, overlap=overlap, tissue={"enabled": False}, batch_size=4, num_workers=0
     )
-    writer = SlideWriter(out, blend=blend)
+    writer = SlideWriter(out, plan=dm.plan_run(), blend=blend)
     trainer(writer).predict(module, datamodule=dm, return_predictions=False)
     assert [row["status"] for row in writer.results] == ["complete"]
     return tifffile.imread(out / slide.name.split(".")[0] / "mask.tif")
@@ -407,7 +408,8 @@ def test_user_errors_name_the_option(patch_dir: Path, tmp_path: Path) -> None:
         PatchWriter(tmp_path / "out", output_downsample=2)
     with pytest.raises(UserInputError, match="add writer=patches"):
         dm = PatchFolderDataModule(patch_dir, patch_size=256)
-        trainer(SlideWriter(tmp_path / "slide_out")).predict(probe_module(), datamodule=dm, return_predictions=False)
+        writer = SlideWriter(tmp_path / "slide_out", plan=RunPlan())
+        trainer(writer).predict(probe_module(), datamodule=dm, return_predictions=False)
 
 
 def test_cli_exit_status_and_report(patch_dir: Path, tmp_path: Path) -> None:

@@ -388,7 +388,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     naive_first = _timed("naive (1st half)", device, halves[0], lambda: naive(halves[0], 0))
 
     # 2. optimised: the real trainer.predict with the writer
-    writer = instantiate(cfg.writer, output_dir=str(out_dir / "predict"))
+    writer = instantiate(cfg.writer, output_dir=str(out_dir / "predict"), _partial_=True)(plan=datamodule.plan)
     predict_trainer = instantiate(cfg.trainer, callbacks=[writer])
     results["optimised"] = _timed(
         "optimised",

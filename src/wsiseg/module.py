@@ -47,11 +47,9 @@ def compile_options(device_type: str) -> dict[str, Any]:
     call of the compiled function (tracing and compilation happen inside the first call).
 
     On CPU, ``freezing`` turns the parameters into constants, folds BatchNorm into the convolutions and runs them as
-    pre-packed oneDNN convolutions with the ReLU fused (bf16, channels_last demo U-Net at 512², batch 2, 2 cores:
-    53 → 67 patches/s). It has to be set while Dynamo traces, not only passed as ``torch.compile(options=...)``:
-    there it reached Inductor's freezing step but the weights stayed graph inputs, BatchNorm was not folded and the
-    convolutions stayed plain ``aten.convolution``. It applies only under ``torch.no_grad``/``inference_mode``
-    (``trainer.predict``). CUDA keeps the defaults the GPU figures were measured with."""
+    pre-packed oneDNN convolutions with the ReLU fused. It has to be set while Dynamo traces: passed only as
+    ``torch.compile(options=...)`` the weights stay graph inputs and nothing is folded (see docs/performance.md). It
+    applies only under ``torch.no_grad``/``inference_mode`` (``trainer.predict``). CUDA keeps Inductor's defaults."""
     return {"freezing": True} if device_type == "cpu" else {}
 
 
@@ -90,10 +88,9 @@ class SegmentationModule(pl.LightningModule):
         channel_index: channel kept by ``reduction=channel``.
         output_downsample: average-pool factor applied on the device (``writer.output_downsample``).
         channels_last: use the channels_last memory format (faster convolutions on GPU and with oneDNN on CPU).
-        compile: wrap normalisation + network in ``torch.compile``. ``auto``: always on CUDA (~4x for the
-            replicate-padded U-Net); on CPU when the run has at least ``compile_min_tiles`` tiles (~2x there, but
-            compiling costs 10-20 s cold, a few seconds with inductor's cache warm). Falls back to eager with a warning
-            if compilation fails.
+        compile: wrap normalisation + network in ``torch.compile``. ``auto``: always on CUDA; on CPU when the run has
+            at least ``compile_min_tiles`` tiles (compiling costs seconds up front, which short runs do not win back;
+            figures in docs/performance.md). Falls back to eager with a warning if compilation fails.
         compile_min_tiles: tiles a CPU run needs for ``compile=auto`` to compile.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
             limit of the largest activation); bigger batches are split.
@@ -209,10 +206,9 @@ class SegmentationModule(pl.LightningModule):
         return network_stride(self.net)
 
     def setup(self, stage: str) -> None:
-        # setup() runs before the model moves to its device: ask the strategy where it is going. The datamodule is
-        # set up before the module, so the number of tiles is known.
-        tiles = getattr(self.trainer.datamodule, "planned_tiles", None)
-        self.prepare(self.trainer.strategy.root_device.type, planned_tiles=tiles)
+        # Runs before the model moves to its device: the strategy says where it is going. The entry point has already
+        # prepared the module with the run's tile count (prepare is idempotent); otherwise compile=auto has none.
+        self.prepare(self.trainer.strategy.root_device.type)
 
     def prepare(self, device_type: str, planned_tiles: int | None = None) -> None:
         """Apply channels_last and ``torch.compile`` (see ``compile``) for ``device_type``; ``planned_tiles`` is the

@@ -6,6 +6,7 @@ wsiseg-predict data.slides='[/data/a.svs,/data/b.tif]' model.checkpoint=/models/
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from wsiseg.config import config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.errors import UserInputError
 from wsiseg.options import check_required, check_trainer_device
-from wsiseg.writers.slide_writer import config_hash, read_complete_report
+from wsiseg.writers.run_record import check_writable, config_hash, read_complete_report
+from wsiseg.writers.slide_writer import SlideWriter
 
 __all__ = ["main", "run_predict"]
 
@@ -43,21 +45,30 @@ def run_predict(cfg: DictConfig) -> int:
             f"data.patch_size={cfg.data.patch_size} is not a multiple of the network's stride {stride}: "
             f"use e.g. {max(stride, cfg.data.patch_size // stride * stride)}"
         )
-    datamodule = instantiate(cfg.data)
-    writer = instantiate(cfg.writer, provenance=run_provenance(cfg))
-    writer.run_config = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.get("resume") and isinstance(datamodule, SlideTileDataModule):
-        expected = config_hash(writer.run_config)
-        datamodule.is_complete = lambda name: read_complete_report(writer.output_dir / name, expected) is not None
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    provenance = run_provenance(cfg)
+    slide_mode = get_class(cfg.data._target_) is SlideTileDataModule
+    if slide_mode:
+        keep = resume_check(Path(cfg.writer.output_dir), run_config) if cfg.get("resume") else None
+        datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep)  # a callable: not through OmegaConf
+        SlideWriter.options(**OmegaConf.to_container(cfg.writer, resolve=True))  # before any slide is opened
+        check_writable(Path(cfg.writer.output_dir))
+    else:
+        datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
+    plan = datamodule.plan_run() if slide_mode else None  # opens and tiles the slides
+    extra = {"plan": plan} if slide_mode else {}  # objects are passed to the constructor as they are, not as config
+    writer = instantiate(cfg.writer, _partial_=True)(run_config=run_config, provenance=provenance, **extra)
     trainer = instantiate(cfg.trainer, callbacks=[writer])
     datamodule.batch_size = resolve_batch_size(
         datamodule.batch_size, module, datamodule.patch_size, trainer.strategy.root_device, trainer
     )
-    if isinstance(datamodule, SlideTileDataModule) and _has_no_tiles(datamodule):
+    if plan is not None:
+        module.prepare(trainer.strategy.root_device.type, planned_tiles=plan.tiles)
+    if plan is not None and plan.tiles == 0:
         # No tissue anywhere, or everything resumed: Lightning would run no hooks, so write the outputs directly.
         if trainer.global_rank == 0:
-            writer.write_without_tiles(datamodule)
+            writer.write_without_tiles()
     else:
         try:
             trainer.predict(module, datamodule=datamodule, return_predictions=False)
@@ -66,6 +77,12 @@ def run_predict(cfg: DictConfig) -> int:
                 raise KeyboardInterrupt from None
             raise
     return 0 if all(row["status"] == "complete" for row in writer.results) else 1
+
+
+def resume_check(output_dir: Path, run_config: dict[str, Any]) -> Callable[[str], bool]:
+    """``resume=true``: whether the outputs of slide ``name`` in ``output_dir`` are complete for this config."""
+    expected = config_hash(run_config)
+    return lambda name: read_complete_report(output_dir / name, expected) is not None
 
 
 def run_provenance(cfg: DictConfig) -> dict[str, Any]:
@@ -89,11 +106,6 @@ def run_provenance(cfg: DictConfig) -> dict[str, Any]:
         "weights": None if weights is None else str(path.absolute() if path and path.is_file() else weights),
         "weights_sha256": sha256_file(path) if path is not None and path.is_file() else None,
     }
-
-
-def _has_no_tiles(datamodule: SlideTileDataModule) -> bool:
-    datamodule.setup("predict")  # idempotent: Lightning's own call later reuses the plan
-    return len(datamodule.dataset) == 0
 
 
 @hydra.main(config_path=str(config_dir()), config_name="predict", version_base="1.3")

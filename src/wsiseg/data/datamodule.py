@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from wsiseg.config import usable_cores
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
 from wsiseg.data.grid import TileGrid
+from wsiseg.data.plan import RunPlan
 from wsiseg.data.slide import choose_level, open_slide
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
 from wsiseg.errors import UserInputError
@@ -111,6 +112,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         on_error: str = "skip",
         reader: str = "openslide",
         read_threads: int | None = None,
+        keep_complete: Callable[[str], bool] | None = None,
     ) -> None:
         super().__init__()
         if on_error not in ("skip", "raise"):
@@ -143,11 +145,8 @@ class SlideTileDataModule(pl.LightningDataModule):
         if reader not in READERS:
             raise UserInputError(f"data.reader must be one of {', '.join(READERS)}; got '{reader}'")
         self.reader = reader
-        self.slides: list[SlideTiles] = []
-        self.failed: list[tuple[Path, str]] = []
-        self.resumed: list[tuple[Path, str]] = []
-        # Set by the entry point for resume=true: names whose outputs are complete are not tiled again.
-        self.is_complete: Callable[[str], bool] = lambda name: False
+        self.keep_complete = keep_complete or (lambda name: False)
+        self._plan: RunPlan | None = None
         self._dataset: SlideTileDataset | None = None
 
     def plan_slide(self, path: Path, name: str) -> SlideTiles:
@@ -195,67 +194,89 @@ class SlideTileDataModule(pl.LightningDataModule):
             slide.close()
 
     def setup(self, stage: str | None = None) -> None:
-        if self._dataset is not None:
-            return
+        self.plan_run()
+
+    def plan_run(self) -> RunPlan:
+        """Open and tile every slide once (level, grid, tissue; resumed and unusable slides set aside) and return the
+        run's plan; later calls return the same plan."""
+        if self._plan is not None:
+            return self._plan
+        slides: list[SlideTiles] = []
+        failed: list[tuple[Path, str]] = []
+        resumed: list[tuple[Path, str]] = []
         used: dict[str, int] = {}
         for path in self.slide_paths:
             stem = path.name.split(".")[0] or path.name
             used[stem] = used.get(stem, 0) + 1
             name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
-            if self.is_complete(name):
+            if self.keep_complete(name):
                 log.info("slide '%s': outputs complete for this config; skipped (resume)", path)
-                self.resumed.append((path, name))
+                resumed.append((path, name))
                 continue
             try:
-                self.slides.append(self.plan_slide(path, name))
+                slides.append(self.plan_slide(path, name))
             except UserInputError as exc:
                 if self.on_error == "raise":
                     raise
                 log.error("%s; skipped", exc)
-                self.failed.append((path, str(exc)))
-        if not self.slides and self.resumed:
+                failed.append((path, str(exc)))
+        if not slides and resumed:
             log.info(
-                "nothing left to process: %d slide(s) already complete (resume), %d skipped",
-                len(self.resumed),
-                len(self.failed),
+                "nothing left to process: %d slide(s) already complete (resume), %d skipped", len(resumed), len(failed)
             )
-        elif not self.slides:
-            first = self.failed[0][1]
-            if len(self.failed) == 1:
+        elif not slides:
+            first = failed[0][1]
+            if len(failed) == 1:
                 raise UserInputError(first)
             raise UserInputError(
-                f"none of the {len(self.failed)} slides in data.slides can be processed; the first: {first} "
+                f"none of the {len(failed)} slides in data.slides can be processed; the first: {first} "
                 "(each slide's reason is in the log above)"
             )
-        self._dataset = SlideTileDataset(self.slides, self._read_threads())
-        total = sum(s.tiles_total for s in self.slides)
+        self._use(RunPlan(tuple(slides), tuple(failed), tuple(resumed)))
         log.info(
             "%d slide(s), %d tiles in grid, %d with tissue to process",
-            len(self.slides),
-            total,
-            len(self._dataset),
+            len(slides),
+            sum(s.tiles_total for s in slides),
+            self.plan.tiles,
         )
+        return self.plan
+
+    def _use(self, plan: RunPlan) -> None:
+        self._plan = plan
+        self._dataset = SlideTileDataset(list(plan.slides), self._read_threads())
+
+    @property
+    def plan(self) -> RunPlan:
+        """The run's plan (after :meth:`plan_run` or ``setup``)."""
+        if self._plan is None:
+            raise RuntimeError("SlideTileDataModule.plan_run() has not run")
+        return self._plan
+
+    @property
+    def slides(self) -> list[SlideTiles]:
+        """The planned slides to process (after setup)."""
+        return list(self.plan.slides)
+
+    @property
+    def failed(self) -> list[tuple[Path, str]]:
+        """``(path, reason)`` of the slides that cannot be processed (after setup)."""
+        return list(self.plan.failed)
+
+    @property
+    def resumed(self) -> list[tuple[Path, str]]:
+        """``(path, output name)`` of the slides kept from an earlier run (after setup)."""
+        return list(self.plan.resumed)
 
     def keep_first_tiles(self, count: int) -> int:
         """Keep only the first ``count`` tissue tiles over the slides (slide order, then raster order), e.g. for a
         benchmark; returns how many are kept."""
-        self.setup("predict")
-        remaining = count
-        for slide in self.slides:
-            slide.origins = slide.origins[: max(0, remaining)]
-            remaining -= len(slide.origins)
-        self._dataset = SlideTileDataset(self.slides, self._read_threads())
-        return len(self._dataset)
+        self._use(self.plan_run().first_tiles(count))
+        return self.plan.tiles
 
     def _read_threads(self) -> int:
         if self.read_threads is not None:
             return self.read_threads
         return usable_cores() if self.num_workers == 0 else 1
-
-    @property
-    def planned_tiles(self) -> int:
-        """Tissue tiles this run will process (after setup)."""
-        return len(self.dataset)
 
     @property
     def dataset(self) -> SlideTileDataset:
@@ -277,8 +298,8 @@ class SlideTileDataModule(pl.LightningDataModule):
     def tile_reader(self) -> str:
         """The reader ``data.reader`` resolves to: ``openslide`` or ``jpeg``."""
         if self.reader == "auto":
-            # measured on 2 CPU cores, 512² tiles: read bound 240-250 (OpenSlide, 2 threads) vs 630-740 patches/s (JPEG
-            # tiles decoded by libjpeg-turbo in the main process); GPU decoding (nvJPEG) is not measured yet
+            # JPEG tiles decoded in the main process read faster than OpenSlide on CPU-only runs without workers
+            # (docs/performance.md); GPU decoding (nvJPEG) is not measured yet
             return "jpeg" if self.num_workers == 0 and not torch.cuda.is_available() else "openslide"
         return "openslide" if self.reader == "openslide" else "jpeg"
 

@@ -128,7 +128,7 @@ class SlideTileDataset(Dataset):
             rgb = np.full((size, size, 3), 255, np.uint8)
         return {
             # CHW copy in numpy: read threads must not run torch's OpenMP kernels — each thread that does gets its own
-            # OpenMP team, and while those exist the network's parallel regions in the main thread ran ~25 % slower
+            # OpenMP team, and while those exist the network's parallel regions in the main thread run slower
             "image": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
             "slide_index": slide_index,
             "tile_index": tile_index,

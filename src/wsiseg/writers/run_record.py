@@ -1,0 +1,190 @@
+"""The run's account of its slides: one ``report.json`` per slide, ``summary.json`` for the run, the config hash that
+decides what a resumed run keeps, and the clean-up of what an interrupted run left.
+
+Plain code, no Lightning: the slide writer calls it as slides finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from wsiseg.atomic import write_json_atomic
+from wsiseg.data.datasets import SlideTiles
+from wsiseg.errors import UserInputError
+
+__all__ = [
+    "RunRecord",
+    "config_hash",
+    "read_complete_report",
+    "remove_stale",
+    "check_writable",
+    "base_report",
+]
+
+log = logging.getLogger(__name__)
+
+
+def config_hash(config: dict[str, Any] | None) -> str:
+    """Stable short hash of the parts of a run config that change a slide's outputs."""
+    relevant = {k: (config or {}).get(k) for k in ("model", "data", "writer")}
+    if isinstance(relevant.get("data"), dict):
+        relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in ("slides", "num_workers")}
+    if isinstance(relevant.get("writer"), dict):
+        relevant["writer"] = {k: v for k, v in relevant["writer"].items() if k != "output_dir"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_complete_report(slide_dir: Path, expected_hash: str) -> dict[str, Any] | None:
+    """The slide's report if it says ``complete`` for the same config hash and its outputs exist, else None."""
+    try:
+        report = json.loads((slide_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if report.get("status") != "complete" or report.get("config_hash") != expected_hash:
+        return None
+    if not (slide_dir / "mask.tif").is_file() or not (slide_dir / "heatmap.png").is_file():
+        return None
+    return report
+
+
+def remove_stale(slide_dir: Path) -> None:
+    """Remove what an interrupted run left in a slide folder: the old report (the slide is being redone), partial
+    stores, scratch pyramids and temporary files. Completed outputs are replaced atomically later."""
+    (slide_dir / "report.json").unlink(missing_ok=True)
+    for leftover in slide_dir.glob(".*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there.
+
+    Raises:
+        UserInputError: naming ``writer.output_dir`` and why it is not writable.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".wsiseg-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(
+            f"writer.output_dir '{folder}' is not writable ({exc.strerror or exc}): choose another folder"
+        ) from None
+
+
+def base_report(
+    slide: SlideTiles,
+    *,
+    output_downsample: int,
+    blend: str,
+    tiles_processed: int,
+    tiles_duplicated: int,
+    tiles_per_rank: list[int],
+    world_size: int,
+    batch_size: int | None,
+) -> dict[str, Any]:
+    """A slide's ``report.json`` fields known before its outputs are written (geometry in the frames of
+    :mod:`wsiseg.data.grid`, tile counts); ``status`` starts ``incomplete``."""
+    level = slide.level
+    return {
+        "slide": str(slide.path),
+        "name": slide.name,
+        "status": "incomplete",
+        "level0_size": list(slide.level0_size),
+        "level": level.level,
+        "level_downsample": level.downsample,
+        "level_size": list(level.size),
+        "mpp_level0": None if level.mpp is None else level.mpp / level.downsample,
+        "mpp_read_level": level.mpp,
+        "resampled": level.resampled,
+        "read_scale": level.scale,
+        "source_downsample": level.source_downsample,
+        "source_level_size": list(level.source_size),
+        "output_downsample": output_downsample,
+        "output_size": list(slide.grid.output_size),
+        "output_mpp": None if level.mpp is None else level.mpp * output_downsample,
+        "patch_size": slide.grid.patch_size,
+        "overlap": slide.grid.overlap,
+        "blend": blend,
+        "tiles_total": slide.tiles_total,
+        "tiles_tissue": slide.tiles_tissue,
+        "tiles_processed": tiles_processed,
+        "tiles_duplicated": tiles_duplicated,
+        "tissue_fraction": round(slide.tissue_fraction, 6),
+        "world_size": world_size,
+        "tiles_per_rank": tiles_per_rank or [tiles_processed],
+        "batch_size": batch_size,
+    }
+
+
+class RunRecord:
+    """Result rows of one run and the files that hold them.
+
+    Args:
+        output_dir: the run folder; ``<slide name>/report.json`` and ``summary.json`` go there.
+        run_config: the composed config, stored in each report; its :func:`config_hash` decides resumes.
+        provenance: what produced the outputs (versions, weights and their SHA-256), stored in each report.
+
+    Example::
+
+        record = RunRecord(Path("outputs/run"), cfg_dict, {})
+        record.add_row(path, "skipped", reason="cannot be opened")
+        record.write_summary()
+    """
+
+    def __init__(
+        self, output_dir: Path, run_config: dict[str, Any] | None, provenance: dict[str, Any] | None = None
+    ) -> None:
+        self.output_dir = output_dir
+        self.run_config = run_config
+        self.provenance = dict(provenance or {})
+        self.hash = config_hash(run_config)
+        self.rows: list[dict[str, Any]] = []
+
+    def add_row(
+        self,
+        path: Path,
+        status: str,
+        *,
+        name: str | None = None,
+        tiles: int = 0,
+        seconds: float = 0.0,
+        reason: str = "",
+    ) -> None:
+        """One ``summary.json`` row (``complete``, ``skipped``, ``failed`` or ``interrupted``)."""
+        row: dict[str, Any] = {"slide": str(path)}
+        if name is not None:
+            row["name"] = name
+        row.update({"status": status, "tiles": tiles, "seconds": seconds, "reason": reason})
+        self.rows.append(row)
+
+    def write_report(self, slide_dir: Path, report: dict[str, Any]) -> None:
+        """Write a finished slide's ``report.json`` (with the config hash, provenance and config) and add its row."""
+        report = {**report, "config_hash": self.hash, "provenance": self.provenance, "config": self.run_config}
+        write_json_atomic(slide_dir / "report.json", report)
+        self.add_row(
+            Path(report["slide"]),
+            report["status"],
+            name=report["name"],
+            tiles=report["tiles_processed"],
+            seconds=report["wall_time_s"],
+            reason=report.get("error", ""),
+        )
+
+    def write_summary(self) -> None:
+        """``summary.json`` with every row so far, and the table in the log."""
+        write_json_atomic(self.output_dir / "summary.json", {"slides": self.rows})
+        lines = [f"{'slide':<40} {'status':<9} {'tiles':>7} {'seconds':>9}  reason"]
+        for row in self.rows:
+            name = Path(row["slide"]).name
+            lines.append(f"{name:<40} {row['status']:<9} {row['tiles']:>7} {row['seconds']:>9.1f}  {row['reason']}")
+        log.info("summary (%s):\n%s", self.output_dir / "summary.json", "\n".join(lines))

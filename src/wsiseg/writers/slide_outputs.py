@@ -1,0 +1,81 @@
+"""One finished slide, from its store to its files: the report's geometry and counts, the rendered outputs, then
+``report.json`` and the summary row; a slide that fails leaves only its report (``status: failed``).
+
+Plain code, no Lightning: the slide writer calls :func:`write_slide` once per slide, on the rank that writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from wsiseg.data.datasets import SlideTiles
+from wsiseg.writers.render import OUTPUT_FILES, RenderOptions, render_slide
+from wsiseg.writers.run_record import RunRecord, base_report
+from wsiseg.writers.stitcher import SlideState
+
+__all__ = ["write_slide"]
+
+log = logging.getLogger(__name__)
+
+
+def write_slide(
+    slide: SlideTiles,
+    state: SlideState,
+    out_dir: Path,
+    record: RunRecord,
+    render: RenderOptions,
+    *,
+    output_downsample: int,
+    blend: str,
+    world_size: int,
+    batch_size: int | None,
+    position: str = "",
+) -> str:
+    """Render ``slide``'s outputs from ``state.store`` into ``out_dir`` and record them; returns the status
+    (``complete`` or ``failed``). A tile error recorded in ``state`` fails the slide without rendering; a failure while
+    rendering removes whatever was written. The store itself is left to the caller. ``position`` (``2/5``) prefixes
+    the log line of a completed slide."""
+    report = base_report(
+        slide,
+        output_downsample=output_downsample,
+        blend=blend,
+        tiles_processed=len(state.tiles_seen),
+        tiles_duplicated=state.duplicates,
+        tiles_per_rank=state.tiles_per_rank,
+        world_size=world_size,
+        batch_size=batch_size,
+    )
+    try:
+        if state.error:
+            raise RuntimeError(state.error)
+        fields = render_slide(
+            slide,
+            state.store,
+            out_dir,
+            output_mpp=report["output_mpp"],
+            level0_per_mask_px=report["level_downsample"] * output_downsample,
+            mpp_level0=report["mpp_level0"],
+            options=render,
+        )
+        report.update(fields, status="complete")
+    except Exception as exc:
+        report.update(status="failed", error=str(exc))
+        for name in OUTPUT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        log.error("slide '%s' failed: %s", slide.path, exc)
+    seconds = max(time.perf_counter() - state.started, 1e-9)
+    report.update(wall_time_s=round(seconds, 3), patches_per_s=round(len(state.tiles_seen) / seconds, 2))
+    record.write_report(out_dir, report)
+    if report["status"] == "complete":
+        log.info(
+            "slide %s%s: %d tiles in %.1f s (%.1f patches/s) -> %s",
+            f"{position} " if position else "",
+            slide.name,
+            len(state.tiles_seen),
+            seconds,
+            report["patches_per_s"],
+            out_dir,
+        )
+    return str(report["status"])

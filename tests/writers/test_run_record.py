@@ -1,0 +1,82 @@
+"""The run record on its own: report.json rows, summary.json, the config hash that decides resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.writers.conftest import planned_slide
+from wsiseg.errors import UserInputError
+from wsiseg.writers.run_record import (
+    RunRecord,
+    base_report,
+    check_writable,
+    config_hash,
+    read_complete_report,
+    remove_stale,
+)
+
+
+def test_config_hash_ignores_what_does_not_change_outputs() -> None:
+    config = {
+        "model": {"checkpoint": "w.pth"},
+        "data": {"slides": ["a.svs"], "num_workers": 0, "patch_size": 512},
+        "writer": {"output_dir": "/x", "blend": "gaussian"},
+        "trainer": {"devices": 1},
+    }
+    same = json.loads(json.dumps(config))
+    same["data"].update(slides=["b.svs"], num_workers=8)
+    same["writer"]["output_dir"] = "/elsewhere"
+    same["trainer"]["devices"] = 4
+    assert config_hash(same) == config_hash(config)
+    other = json.loads(json.dumps(config))
+    other["data"]["patch_size"] = 256
+    assert config_hash(other) != config_hash(config)
+    assert len(config_hash(config)) == 16
+
+
+def test_reports_rows_and_summary(tmp_path: Path) -> None:
+    slide = planned_slide("s1", size=(200, 150), patch=64, output_downsample=2)
+    record = RunRecord(tmp_path, {"model": {"x": 1}}, {"wsiseg_version": "0.1.0"})
+    record.add_row(Path("/slides/bad.svs"), "skipped", reason="cannot be opened")
+    counts = {"tiles_processed": 12, "tiles_duplicated": 0, "tiles_per_rank": [], "world_size": 1, "batch_size": 4}
+    report = base_report(slide, output_downsample=2, blend="none", **counts)
+    assert report["output_size"] == [100, 75] and report["output_mpp"] == 1.0 and report["tiles_per_rank"] == [12]
+    assert report["status"] == "incomplete" and report["resampled"] is False and report["read_scale"] == 1.0
+    report.update(status="complete", wall_time_s=2.0, patches_per_s=6.0)
+    (tmp_path / "s1").mkdir()
+    record.write_report(tmp_path / "s1", report)
+    record.write_summary()
+    written = json.loads((tmp_path / "s1" / "report.json").read_text())
+    assert written["config_hash"] == record.hash == config_hash({"model": {"x": 1}})
+    assert written["provenance"] == {"wsiseg_version": "0.1.0"} and written["config"] == {"model": {"x": 1}}
+    rows = json.loads((tmp_path / "summary.json").read_text())["slides"]
+    assert rows == [
+        {"slide": "/slides/bad.svs", "status": "skipped", "tiles": 0, "seconds": 0.0, "reason": "cannot be opened"},
+        {"slide": "/slides/s1.svs", "name": "s1", "status": "complete", "tiles": 12, "seconds": 2.0, "reason": ""},
+    ]
+
+
+def test_resume_keeps_only_complete_reports_of_the_same_config_with_their_outputs(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    assert read_complete_report(folder, "abc") is None  # no report
+    (folder / "report.json").write_text(json.dumps({"status": "complete", "config_hash": "abc"}))
+    assert read_complete_report(folder, "abc") is None  # outputs missing
+    (folder / "mask.tif").write_bytes(b"x")
+    (folder / "heatmap.png").write_bytes(b"x")
+    assert read_complete_report(folder, "abc") == {"status": "complete", "config_hash": "abc"}
+    assert read_complete_report(folder, "other") is None
+    (folder / ".partial-rank0").mkdir()
+    (folder / ".mask.tif.tmp").write_bytes(b"x")
+    remove_stale(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["heatmap.png", "mask.tif"]
+
+
+def test_unwritable_output_dir_names_the_option(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserInputError, match=r"writer.output_dir '.*file/out' is not writable"):
+        check_writable(blocker / "out")
