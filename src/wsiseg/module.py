@@ -363,10 +363,8 @@ class SegmentationModule(pl.LightningModule):
         return self.run_network(images)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Any]:
-        if "jpeg_tiles" in batch:  # data.reader=gpu_jpeg: decode and assemble the tiles on this device
-            from wsiseg.data.jpeg_tiles import decode_batch
-
-            batch = decode_batch(batch, self.device)
+        """``batch["image"]``: (N, 3, H, W) uint8 on this device (the data module decodes compressed tiles); the other
+        keys are passed through with ``probs`` added."""
         probs = self(batch["image"]).to(self.output_dtype)
         out = {k: v for k, v in batch.items() if k != "image"}
         out["probs"] = probs

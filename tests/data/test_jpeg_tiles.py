@@ -314,7 +314,7 @@ def _run(slides: list[Path], out: Path, reader: str, overrides: list[str]) -> di
 
 @pytest.fixture
 def decoded_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the batches the module decodes from compressed tiles (the real decode_batch runs)."""
+    """Counts the batches the data module decodes from compressed tiles (the real decode_batch runs)."""
     calls: list[int] = []
     real = jpeg_tiles.decode_batch
 

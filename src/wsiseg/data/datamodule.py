@@ -286,12 +286,17 @@ class SlideTileDataModule(pl.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Only the pixels go to the device; tile indices and errors stay on the host, so the writer reads them without
-        waiting for the device (a ``.tolist()`` of a CUDA tensor would synchronise with the running batch)."""
+        waiting for the device (a ``.tolist()`` of a CUDA tensor would synchronise with the running batch). Batches of
+        compressed JPEG tiles are decoded and assembled on ``device`` here, so ``predict_step`` sees only pixels."""
         if isinstance(batch, dict) and ("image" in batch or "jpeg_tiles" in batch):
             moved = dict(batch)
             if "image" in moved:
                 moved["image"] = moved["image"].to(device, non_blocking=True)
-            return moved  # jpeg_tiles: decode_batch moves the compressed bytes itself
+            if "jpeg_tiles" in moved:
+                from wsiseg.data import jpeg_tiles
+
+                moved = jpeg_tiles.decode_batch(moved, device)  # moves the compressed bytes itself
+            return moved
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     @property
