@@ -152,7 +152,7 @@ def test_naive_loop_halves_cover_the_same_tiles_across_slides(tmp_path: Path) ->
 
     generated = write_synthetic_slide(tmp_path / "g.tif", SyntheticSlide(800, 600, seed=4))
     slides = [str(generated), str(shared_slide("CMU-1-Small-Region.svs"))]
-    dm = SlideTileDataModule(slides, patch_size=256, batch_size=4, num_workers=0)
+    dm = SlideTileDataModule(slides, patch_size=256, batch_size=4, num_workers=0, reader="openslide")
     dm.setup("predict")
     first_slide_tiles = len(dm.slides[0].origins)
     total = first_slide_tiles + 3

@@ -345,7 +345,14 @@ def region_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def slide_mask(slide: Path, out: Path, module: SegmentationModule, overlap: int, blend: str) -> np.ndarray:
     """mask.tif (level 0) of the slide pipeline: tissue detection off, patch 256, output_downsample 1."""
     dm = SlideTileDataModule(
-        [str(slide)], patch_size=256, overlap=overlap, tissue={"enabled": False}, batch_size=4, num_workers=0
+        [str(slide)],
+        patch_size=256,
+        overlap=overlap,
+        tissue={"enabled": False},
+        batch_size=4,
+        num_workers=0,
+        reader="openslide",
+        level=0,
     )
     writer = SlideWriter(out, plan=dm.plan_run(), blend=blend)
     trainer(writer).predict(module, datamodule=dm, return_predictions=False)

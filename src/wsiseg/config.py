@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-__all__ = ["config_dir", "asset_path", "cpu_precision", "register_resolvers", "usable_cores"]
+__all__ = ["config_dir", "asset_path", "cpu_precision", "default_workers", "register_resolvers", "usable_cores"]
 
 
 def config_dir() -> Path:
@@ -48,7 +48,9 @@ def _default_precision() -> str:
     return "16-mixed" if torch.cuda.is_available() else cpu_precision()
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
+    """DataLoader workers when ``data.num_workers`` is not given: the cores but one on a GPU machine (the cores read
+    while the GPU computes), a quarter of the cores on CPU-only machines (the network's threads use them)."""
     if torch.cuda.is_available():
         return _spare_cores()  # the GPU computes; the cores read and decode tiles
     # On CPU the network's threads use every core: a reader process only competes with them (on 2 cores one worker was
@@ -78,7 +80,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wsiseg.cpu_precision"):
         OmegaConf.register_new_resolver("wsiseg.cpu_precision", cpu_precision)
     if not OmegaConf.has_resolver("wsiseg.workers"):
-        OmegaConf.register_new_resolver("wsiseg.workers", _default_workers)
+        OmegaConf.register_new_resolver("wsiseg.workers", default_workers)
     if not OmegaConf.has_resolver("wsiseg.write_workers"):
         OmegaConf.register_new_resolver("wsiseg.write_workers", _spare_cores)
 

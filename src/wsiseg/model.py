@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wsiseg.errors import UserInputError
@@ -319,12 +318,3 @@ def load_checkpoint(net: nn.Module, path: str | Path) -> nn.Module:
         )
     net.load_state_dict(state_dict, strict=True)
     return net
-
-
-def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Replicate-pad an NCHW batch at the bottom/right to a multiple of ``stride``; returns the original (H, W)."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % stride, (-w) % stride
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    return x, (h, w)

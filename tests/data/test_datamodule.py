@@ -9,7 +9,9 @@ from wsiseg.data.datamodule import SlideTileDataModule
 def test_only_pixels_go_to_the_device() -> None:
     """Tile indices and errors stay on the host (the writer reads them without synchronising with the device);
     the 'meta' device stands in for a GPU."""
-    dm = SlideTileDataModule(str(shared_slide("CMU-1-Small-Region.svs")), patch_size=256, batch_size=4, num_workers=0)
+    dm = SlideTileDataModule(
+        str(shared_slide("CMU-1-Small-Region.svs")), patch_size=256, batch_size=4, num_workers=0, reader="openslide"
+    )
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
     moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)

@@ -12,9 +12,13 @@ def test_threaded_batch_reads_equal_one_at_a_time_reads() -> None:
     """Real OpenSlide on CMU-1-Small-Region.svs: the DataLoader's batched fetch on 4 read threads returns exactly the
     tiles (and their metadata) that single-threaded reads return, in order, edge tiles included."""
     slide = str(shared_slide("CMU-1-Small-Region.svs"))
-    threaded = SlideTileDataModule(slide, patch_size=256, overlap=32, batch_size=8, num_workers=0, read_threads=4)
+    threaded = SlideTileDataModule(
+        slide, patch_size=256, overlap=32, batch_size=8, num_workers=0, read_threads=4, reader="openslide"
+    )
     threaded.setup("predict")
-    single = SlideTileDataModule(slide, patch_size=256, overlap=32, batch_size=8, num_workers=0, read_threads=1)
+    single = SlideTileDataModule(
+        slide, patch_size=256, overlap=32, batch_size=8, num_workers=0, read_threads=1, reader="openslide"
+    )
     single.setup("predict")
     batches = list(threaded.predict_dataloader())
     assert threaded.dataset._pool is not None, "the batched fetch did not go through the read threads"
@@ -30,9 +34,9 @@ def test_threaded_batch_reads_equal_one_at_a_time_reads() -> None:
 
 def test_read_threads_default_follows_the_workers() -> None:
     slide = str(shared_slide("CMU-1-Small-Region.svs"))
-    in_process = SlideTileDataModule(slide, num_workers=0)
+    in_process = SlideTileDataModule(slide, num_workers=0, reader="openslide")
     in_process.setup("predict")
     assert in_process.dataset.read_threads == max(1, min(8, os.cpu_count() or 1))
-    with_workers = SlideTileDataModule(slide, num_workers=2)
+    with_workers = SlideTileDataModule(slide, num_workers=2, reader="openslide")
     with_workers.setup("predict")
     assert with_workers.dataset.read_threads == 1

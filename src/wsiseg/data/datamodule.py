@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from wsiseg.config import usable_cores
+from wsiseg.config import default_workers, usable_cores
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
 from wsiseg.data.grid import TileGrid
 from wsiseg.data.plan import RunPlan
@@ -76,7 +76,8 @@ class SlideTileDataModule(pl.LightningDataModule):
         output_downsample: read-level px per mask px (``writer.output_downsample``).
         tissue: tissue detection settings.
         batch_size: tiles per batch, or ``auto`` (largest that fits in GPU memory; resolved by the entry point).
-        num_workers: DataLoader worker processes (each holds its own OpenSlide handles).
+        num_workers: DataLoader worker processes (each holds its own OpenSlide handles); None: the config default
+            (:func:`wsiseg.config.default_workers`).
         pin_memory: pin host batches (only takes effect with CUDA).
         prefetch_factor: batches prefetched per worker.
         on_error: ``skip`` — a slide that cannot be opened is reported and skipped; ``raise`` — stop the run.
@@ -98,19 +99,19 @@ class SlideTileDataModule(pl.LightningDataModule):
     def __init__(
         self,
         slides: str | Sequence[str],
-        level: int | None = 0,
+        level: int | None = None,
         mpp: float | None = None,
         mpp_tolerance: float = 0.05,
         patch_size: int = 512,
         overlap: int = 0,
         output_downsample: int = 1,
         tissue: TissueOptions | dict[str, Any] | None = None,
-        batch_size: int | str = 8,
-        num_workers: int = 2,
+        batch_size: int | str = 16,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         prefetch_factor: int = 4,
         on_error: str = "skip",
-        reader: str = "openslide",
+        reader: str = "auto",
         read_threads: int | None = None,
         keep_complete: Callable[[str], bool] | None = None,
     ) -> None:
@@ -136,7 +137,8 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.level, self.mpp, self.mpp_tolerance = level, mpp, mpp_tolerance
         self.patch_size, self.overlap, self.output_downsample = patch_size, overlap, output_downsample
         self.tissue = tissue if isinstance(tissue, TissueOptions) else TissueOptions(**dict(tissue or {}))
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size = batch_size
+        self.num_workers = default_workers() if num_workers is None else num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.on_error = on_error
         if read_threads is not None and read_threads < 1:
