@@ -149,6 +149,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.reader = reader
         self.keep_complete = keep_complete or (lambda name: False)
         self._plan: RunPlan | None = None
+        self._jpeg_layouts: list[Any] | None = None  # JPEG tile layouts of the plan's slides (reader=jpeg)
         self._dataset: SlideTileDataset | None = None
 
     def plan_slide(self, path: Path, name: str) -> SlideTiles:
@@ -245,6 +246,7 @@ class SlideTileDataModule(pl.LightningDataModule):
 
     def _use(self, plan: RunPlan) -> None:
         self._plan = plan
+        self._jpeg_layouts = None
         self._dataset = SlideTileDataset(list(plan.slides), self._read_threads())
 
     @property
@@ -312,12 +314,14 @@ class SlideTileDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         if self.tile_reader == "jpeg":
-            from wsiseg.data.jpeg_dataset import jpeg_dataloader
+            from wsiseg.data.jpeg_dataset import jpeg_dataloader, jpeg_layouts
 
-            # None: some slide is not JPEG-tiled (said once); OpenSlide reads them all
-            loader = jpeg_dataloader(self, quiet=self.reader == "auto")
-            if loader is not None:
-                return loader
+            if self._jpeg_layouts is None:  # once per plan, so the fallback is said once
+                self._jpeg_layouts = jpeg_layouts(self.plan.slides, self.reader, quiet=self.reader == "auto")
+            if any(layout is not None for layout in self._jpeg_layouts):
+                return jpeg_dataloader(
+                    self.dataset, self._jpeg_layouts, self.batch_size, self.num_workers, self.prefetch_factor
+                )
         workers = self.num_workers
         return DataLoader(
             self.dataset,

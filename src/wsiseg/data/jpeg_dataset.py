@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +28,7 @@ from wsiseg.data.jpeg_tiles import (
     tile_stream,
 )
 
-__all__ = ["JpegTileDataset", "collate_jpeg_tiles", "jpeg_dataloader", "plan_layouts"]
+__all__ = ["JpegTileDataset", "collate_jpeg_tiles", "jpeg_dataloader", "jpeg_layouts", "plan_layouts"]
 
 log = logging.getLogger(__name__)
 
@@ -251,42 +250,38 @@ def plan_layouts(slides: Sequence[SlideTiles]) -> tuple[list[JpegTileLayout | No
     return layouts, problems
 
 
-# One plan per datamodule (and per set of slides), so the fallback warning is logged once however often the
-# DataLoader is rebuilt.
-_plans: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], list[JpegTileLayout | None]]] = (
-    weakref.WeakKeyDictionary()
-)
+def jpeg_layouts(slides: Sequence[SlideTiles], reader: str, quiet: bool = False) -> list[JpegTileLayout | None]:
+    """:func:`plan_layouts` with the slides OpenSlide must read said in one warning (one info line when ``quiet``:
+    the reader was chosen automatically)."""
+    layouts, problems = plan_layouts(slides)
+    if problems:
+        (log.info if quiet else log.warning)(
+            "data.reader=%s: %d of %d slide(s) not JPEG-tiled at the read level, OpenSlide reads %s (%s)",
+            reader,
+            len(problems),
+            len(slides),
+            "them" if len(problems) == len(slides) else "those",
+            "; ".join(problems),
+        )
+    return layouts
 
 
-def jpeg_dataloader(datamodule: Any, quiet: bool = False) -> DataLoader | None:
-    """The ``data.reader=jpeg`` DataLoader for a set-up ``SlideTileDataModule``: JPEG tiles for every slide that has
-    them at its read level, OpenSlide for the others (said in one warning, or one info line when ``quiet``: the reader
-    was chosen automatically). None when no slide has JPEG tiles (OpenSlide's own DataLoader then reads them all)."""
-    slides = datamodule.dataset.slides
-    key = tuple((str(s.path), s.level.level, tuple(s.level.size)) for s in slides)
-    plan = _plans.get(datamodule)
-    if plan is None or plan[0] != key:
-        layouts, problems = plan_layouts(slides)
-        if problems:
-            (log.info if quiet else log.warning)(
-                "data.reader=%s: %d of %d slide(s) not JPEG-tiled at the read level, OpenSlide reads %s (%s)",
-                datamodule.reader,
-                len(problems),
-                len(slides),
-                "them" if len(problems) == len(slides) else "those",
-                "; ".join(problems),
-            )
-        plan = _plans[datamodule] = (key, layouts)
-    if all(layout is None for layout in plan[1]):
-        return None
-    workers = datamodule.num_workers
+def jpeg_dataloader(
+    openslide: SlideTileDataset,
+    layouts: Sequence[JpegTileLayout | None],
+    batch_size: int,
+    num_workers: int,
+    prefetch_factor: int,
+) -> DataLoader:
+    """The ``data.reader=jpeg`` DataLoader over ``openslide``'s tiles: JPEG tiles for every slide with a layout,
+    ``openslide``'s reads for the others."""
     return DataLoader(
-        JpegTileDataset(slides, plan[1], openslide=datamodule.dataset),
-        batch_size=datamodule.batch_size,
+        JpegTileDataset(openslide.slides, list(layouts), openslide=openslide),
+        batch_size=batch_size,
         shuffle=False,
-        num_workers=workers,
+        num_workers=num_workers,
         collate_fn=collate_jpeg_tiles,
         pin_memory=False,  # only compressed bytes and a few indices travel: nothing worth pinning
-        persistent_workers=workers > 0,
-        prefetch_factor=datamodule.prefetch_factor if workers > 0 else None,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )

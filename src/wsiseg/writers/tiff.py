@@ -55,10 +55,7 @@ def _deflate(data: np.ndarray) -> bytes:
 ENCODERS = {"zlib": _deflate, "zstd": imagecodecs.zstd_encode}
 
 
-_ENCODE_POOL = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="wsiseg-tiff")
-
-
-def _submit_band(band: np.ndarray, tile: int, compression: str) -> list[Future[bytes] | None]:
+def _submit_band(band: np.ndarray, tile: int, compression: str, pool: ThreadPoolExecutor) -> list[Future[bytes] | None]:
     """Start compressing a band's tiles, row-major, on the encoder pool (the codecs release the GIL); all-zero
     (background) tiles are not encoded (``None``: the caller writes one pre-encoded empty tile)."""
     encode = ENCODERS[compression]
@@ -75,7 +72,7 @@ def _submit_band(band: np.ndarray, tile: int, compression: str) -> list[Future[b
                 padded = np.zeros((tile, tile), np.uint8)
                 padded[: block.shape[0], : block.shape[1]] = block
                 block = padded
-            futures.append(_ENCODE_POOL.submit(encode, np.ascontiguousarray(block)))
+            futures.append(pool.submit(encode, np.ascontiguousarray(block)))
     return futures
 
 
@@ -89,12 +86,15 @@ def _occupied_tiles(band: np.ndarray, tile: int) -> np.ndarray:
     return band.reshape(grid_h, tile, grid_w, tile).max(axis=(1, 3)) > 0
 
 
-def _encoded_tiles(bands: Iterable[np.ndarray], tile: int, compression: str, empty: bytes) -> Iterator[bytes]:
-    """Compressed tiles of consecutive bands, row-major. A band's tiles are submitted before the previous band's are
-    handed on, so producing the next band (blending, halving into the next level) overlaps with the encoding."""
+def _encoded_tiles(
+    bands: Iterable[np.ndarray], tile: int, compression: str, empty: bytes, pool: ThreadPoolExecutor
+) -> Iterator[bytes]:
+    """Compressed tiles of consecutive bands, row-major, encoded on ``pool``. A band's tiles are submitted before the
+    previous band's are handed on, so producing the next band (blending, halving into the next level) overlaps with the
+    encoding."""
     pending: list[Future[bytes] | None] | None = None
     for band in bands:
-        submitted = _submit_band(band, tile, compression)
+        submitted = _submit_band(band, tile, compression, pool)
         if pending is not None:
             yield from (empty if f is None else f.result() for f in pending)
         pending = submitted
@@ -163,7 +163,9 @@ def write_pyramid_tiff(
                     coarser.put(k // 2, downsample_2x(np.concatenate(pair), labels)[:, : coarser.width])
             yield band
 
-    with tifffile.TiffWriter(path, bigtiff=True) as tiff:
+    # one encoder pool per file (the codecs release the GIL), so no thread outlives the write
+    pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="wsiseg-tiff")
+    with pool, tifffile.TiffWriter(path, bigtiff=True) as tiff:
         for index, (w, h) in enumerate(sizes):
             scale = 2**index
             options: dict = {}
@@ -171,7 +173,7 @@ def write_pyramid_tiff(
                 pixels_per_cm = 1e4 / (mpp * scale)
                 options = {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
             tiff.write(
-                _encoded_tiles(level_bands(index), tile, compression, empty),
+                _encoded_tiles(level_bands(index), tile, compression, empty, pool),
                 shape=(h, w),
                 dtype=np.uint8,
                 tile=(tile, tile),
