@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from wsiseg.config import config_dir
 from wsiseg.export import run_export
-from wsiseg.model import UNet
+from wsiseg.model import MilesialUNet
 
 CONF = config_dir()
 GROUP_FILES = sorted(p for p in CONF.glob("*/*.yaml"))
@@ -34,7 +34,7 @@ def group_overrides(group: str, option: str, tmp_path: Path, slide: Path, demo: 
     if group == "model":
         if option == "unet_milesial":
             path = tmp_path / "milesial.pth"
-            torch.save(UNet(3, 2, base_width=4).state_dict(), path)
+            torch.save(MilesialUNet(3, 2, base_width=4).state_dict(), path)
             extra += ["model.net.base_width=4", f"model.checkpoint={path}"]
         elif option == "unet_camelyon":
             extra += ["model.net.base_width=8", "model.net.out_ch=1", f"model.checkpoint={demo}"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wsiseg.errors import UserInputError
-from wsiseg.model import UNet, Unet, load_checkpoint, read_state_dict
+from wsiseg.model import MilesialUNet, Unet, load_checkpoint, read_state_dict
 
 
 def users_state_dict_keys() -> list[str]:
@@ -49,9 +49,9 @@ def test_unet_outputs_probabilities_via_sigmoid_in_forward() -> None:
 
 def test_milesial_unet_shapes() -> None:
     for bilinear in (False, True):
-        net = UNet(3, 2, bilinear=bilinear, base_width=4).eval()
+        net = MilesialUNet(3, 2, bilinear=bilinear, base_width=4).eval()
         assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 2, 32, 32)
-    assert "inc.double_conv.0.weight" in UNet(3, 2).state_dict()
+    assert "inc.double_conv.0.weight" in MilesialUNet(3, 2).state_dict()
 
 
 @pytest.fixture

@@ -371,7 +371,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     # 3. read bound: the real DataLoader (workers read + decode), nothing else
     def read_all() -> None:
         for batch in datamodule.predict_dataloader():
-            if "jpeg_tiles" in batch:  # data.reader=gpu_jpeg: decoding + assembly on the device are part of reading
+            if "jpeg_tiles" in batch:  # data.reader=jpeg: decoding + assembly on the device are part of reading
                 decode_batch(batch, device)
 
     results["read_bound"] = _timed("read_bound", device, tiles, read_all)

@@ -6,7 +6,8 @@ Two networks live here:
   BatchNorm, ReLU, four 2×2 max-pools (stride 16), transposed-convolution upsampling, and a **sigmoid inside
   ``forward``**. Its state_dict keys (``conv1.conv.0.weight`` … ``conv10.bias``) are kept exactly so the users'
   checkpoints load unchanged.
-* :class:`UNet` — a milesial-style U-Net (zero padding, no conv bias, optional bilinear upsampling) that returns logits.
+* :class:`MilesialUNet` — a milesial-style U-Net (zero padding, no conv bias, optional bilinear upsampling) that
+  returns logits.
 
 :func:`load_checkpoint` reads a plain state_dict, a whole pickled model, or a Lightning ``.ckpt``; it strips
 ``module.`` / ``model.`` / ``net.`` prefixes and fails with one message listing missing/unexpected keys and shape
@@ -23,7 +24,15 @@ from torch import nn
 
 from wsiseg.errors import UserInputError
 
-__all__ = ["Unet", "UNet", "load_checkpoint", "network_stride", "has_fixed_weights", "ProbeNet", "RANDOM_WEIGHTS"]
+__all__ = [
+    "Unet",
+    "MilesialUNet",
+    "load_checkpoint",
+    "network_stride",
+    "has_fixed_weights",
+    "ProbeNet",
+    "RANDOM_WEIGHTS",
+]
 
 # model.checkpoint=random: keep the network's initial (untrained) weights, on purpose and loudly (benchmarks only)
 RANDOM_WEIGHTS = "random"
@@ -153,7 +162,7 @@ class _OutConv(nn.Module):
         return self.conv(x)
 
 
-class UNet(nn.Module):
+class MilesialUNet(nn.Module):
     """Milesial-style U-Net: zero padding, bias-free convolutions, logits out (apply sigmoid/softmax downstream).
 
     Args:

@@ -6,9 +6,9 @@ Frames used throughout wsiseg:
 * **read-level px** — pixels of the pyramid level the tiles are read from (``level``, downsample ``level_downsample``);
 * **output px** — pixels of the stitched mask: read-level px divided by ``output_downsample``.
 
-A grid covers the read level with ``patch_size`` tiles whose origins step by ``stride = patch_size - overlap``. The last
-row/column of tiles may run past the level's edge: that part is padded on read (white) and cropped on write, so no
-edge pixel is ever dropped.
+A grid covers the read level with ``patch_size`` tiles whose origins advance by ``step = patch_size - overlap``. The
+last row/column of tiles may run past the level's edge: that part is padded on read (white) and cropped on write, so
+no edge pixel is ever dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ BLEND_MODES = ("none", "linear", "gaussian")
 def tile_origins(length: int, patch_size: int, overlap: int) -> list[int]:
     """Origins (read-level px) of tiles covering ``[0, length)`` along one axis.
 
-    Origins are ``0, stride, 2·stride, …`` with ``stride = patch_size - overlap``; the last tile is the first whose end
+    Origins are ``0, step, 2·step, …`` with ``step = patch_size - overlap``; the last tile is the first whose end
     reaches ``length`` (it may extend past the edge). A length shorter than a patch gets one tile.
 
     Raises:
@@ -50,9 +50,9 @@ def tile_origins(length: int, patch_size: int, overlap: int) -> list[int]:
         raise ValueError(f"length ({length}) and patch_size ({patch_size}) must be positive")
     if not 0 <= overlap < patch_size:
         raise ValueError(f"overlap must satisfy 0 <= overlap < patch_size, got overlap={overlap}, patch={patch_size}")
-    stride = patch_size - overlap
-    count = 1 if length <= patch_size else math.ceil((length - patch_size) / stride) + 1
-    return [i * stride for i in range(count)]
+    step = patch_size - overlap
+    count = 1 if length <= patch_size else math.ceil((length - patch_size) / step) + 1
+    return [i * step for i in range(count)]
 
 
 def output_size(level_size: tuple[int, int], output_downsample: int) -> tuple[int, int]:
@@ -97,8 +97,8 @@ class TileGrid:
         tile_origins(self.level_size[0], self.patch_size, self.overlap)  # validates
 
     @property
-    def stride(self) -> int:
-        """Step between tile origins, read-level px."""
+    def step(self) -> int:
+        """Step between tile origins, read-level px (not the network's stride, which input sizes are multiples of)."""
         return self.patch_size - self.overlap
 
     @property

@@ -1,5 +1,6 @@
-"""``data.reader=gpu_jpeg``: DataLoader workers read only the compressed JPEG tiles each patch needs; the module decodes
-them in batches on its device (:func:`wsiseg.data.jpeg_tiles.decode_batch`).
+"""``data.reader=jpeg`` (alias ``gpu_jpeg``): DataLoader workers read only the compressed JPEG tiles each patch needs;
+the data module decodes them in batches on the model's device (:func:`wsiseg.data.jpeg_tiles.decode_batch`, called
+from its ``transfer_batch_to_device``).
 
 Slides are planned exactly as for the OpenSlide reader (same tiles, same order, same dataset indices); only reading
 differs. The reader is chosen per slide: a slide that is not JPEG-tiled at its read level (other compressions, JPEG

@@ -1,6 +1,6 @@
 """JPEG-tiled slide levels read as compressed tiles and decoded in batches (nvJPEG on CUDA, libjpeg-turbo on CPU).
 
-The ``data.reader=gpu_jpeg`` path has three parts:
+The ``data.reader=jpeg`` path (alias ``gpu_jpeg``; libjpeg-turbo on the CPU, nvJPEG on CUDA) has three parts:
 
 1. :func:`inspect_jpeg_level` finds the TIFF page (tifffile) holding an OpenSlide level and returns its
    :class:`JpegTileLayout` — tile size, per-tile file offsets and byte counts, JPEGTables, photometric — or raises
