@@ -33,7 +33,11 @@ USER_ERRORS = {
     "missing checkpoint": (["data.slides={slide}"], "wsiseg-predict: error: model.checkpoint is required: pass"),
     "missing slides": (["model=demo"], "wsiseg-predict: error: data.slides is required: pass data.slides="),
     "both missing": ([], "wsiseg-predict: error: required options missing: data.slides, model.checkpoint;"),
-    "null checkpoint": (["data.slides={slide}", "model.checkpoint=null"], "model.checkpoint"),
+    "null checkpoint": (
+        ["data.slides={slide}", "model.checkpoint=null"],
+        "wsiseg-predict: error: model.checkpoint is required: pass model.checkpoint=/path/to/weights.pth, or "
+        "model.checkpoint=random",
+    ),
     "unknown blend": (
         ["model=demo", "data.slides={slide}", "writer.blend=cubic"],
         "wsiseg-predict: error: writer.blend must be one of none, linear, gaussian; got 'cubic'",

@@ -1,4 +1,5 @@
-"""Slide plans made in memory (no slide file): the writer parts are driven with them directly, without a Trainer."""
+"""Helpers for the writer tests: slide plans made in memory (no slide file), so the writer parts are driven directly
+without a Trainer, and a store read back as one array."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.grid import TileGrid
 from wsiseg.data.slide import SlideLevel
 from wsiseg.data.tissue import Thumbnail
+from wsiseg.writers.store import BlendingAccumulator
 
 
 def planned_slide(
@@ -30,3 +32,13 @@ def planned_slide(
         tissue_fraction=1.0,
         thumbnail=thumbnail,
     )
+
+
+def dense(store: BlendingAccumulator) -> np.ndarray:
+    """The whole store as (C, H, W) float32 blended values, output px."""
+    width, height = store.size
+    out = np.zeros((store.channels, height, width), np.float32)
+    for y0, rows, chunks in store.band_chunks():
+        for x0, mean, _ in chunks:
+            out[:, y0 : y0 + rows, x0 : x0 + mean.shape[2]] = mean
+    return out

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tests.writers.conftest import planned_slide
+from tests.writers.conftest import dense, planned_slide
 from wsiseg.writers.distribution import SingleProcess, TileSharded
 from wsiseg.writers.stitcher import Stitcher
 
@@ -54,20 +54,11 @@ def _rank(rank: int, world: int, port: int, out: str, results: dict) -> None:
             "to_write": to_write,
             "seen": sorted(state.tiles_seen),
             "per_rank": state.tiles_per_rank,
-            "mean": _dense(state.store).tolist() if rank == 0 else None,
+            "mean": dense(state.store).tolist() if rank == 0 else None,
         }
         strategy.written(trainer)
     finally:
         dist.destroy_process_group()
-
-
-def _dense(store) -> np.ndarray:  # noqa: ANN001
-    width, height = store.size
-    out = np.zeros((store.channels, height, width), np.float32)
-    for y0, rows, chunks in store.band_chunks():
-        for x0, mean, _ in chunks:
-            out[:, y0 : y0 + rows, x0 : x0 + mean.shape[2]] = mean
-    return out
 
 
 def test_tile_sharded_claims_each_tile_once_and_rank0_merges_to_the_single_process_store(tmp_path: Path) -> None:
@@ -85,7 +76,7 @@ def test_tile_sharded_claims_each_tile_once_and_rank0_merges_to_the_single_proce
     probs = np.random.default_rng(5).random((n, 1, 64, 64)).astype(np.float32)
     single = Stitcher([slide], tmp_path / "single")
     single.add_batch(probs, [0] * n, list(range(n)), [""] * n, [True] * n, 0.0)
-    np.testing.assert_allclose(np.asarray(results[0]["mean"]), _dense(single.state(0).store), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(results[0]["mean"]), dense(single.state(0).store), rtol=1e-6, atol=1e-6)
 
 
 def test_single_process_writes_every_slide_in_order() -> None:

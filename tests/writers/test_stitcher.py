@@ -7,19 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.writers.conftest import planned_slide
+from tests.writers.conftest import dense, planned_slide
 from wsiseg.errors import UserInputError
 from wsiseg.writers.stitcher import Stitcher, StoreOptions
 from wsiseg.writers.store import BlendingAccumulator, TileMosaic
-
-
-def dense(store: BlendingAccumulator) -> np.ndarray:
-    width, height = store.size
-    out = np.zeros((store.channels, height, width), np.float32)
-    for y0, rows, chunks in store.band_chunks():
-        for x0, mean, _ in chunks:
-            out[:, y0 : y0 + rows, x0 : x0 + mean.shape[2]] = mean
-    return out
 
 
 def tile_values(slide_tiles: int, patch: int) -> np.ndarray:

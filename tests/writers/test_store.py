@@ -2,16 +2,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.writers.conftest import dense
 from wsiseg.writers.store import BlendingAccumulator
-
-
-def dense(accumulator: BlendingAccumulator) -> np.ndarray:
-    width, height = accumulator.size
-    out = np.zeros((accumulator.channels, height, width), np.float32)
-    for y0, rows, chunks in accumulator.band_chunks():
-        for x0, mean, _ in chunks:
-            out[:, y0 : y0 + rows, x0 : x0 + mean.shape[2]] = mean
-    return out
 
 
 def test_weighted_mean_across_chunks_and_edges_with_a_tiny_cache(tmp_path: Path) -> None:
