@@ -271,16 +271,22 @@ def hardware_figures(
     peak_fp32 = peak if dtype == torch.float32 else matmul_peak_tflops(device, torch.float32)
     model_tflops, naive_tflops = model_rate * gflop / 1e3, naive_rate * gflop / 1e3
     return {
-        "network_gflop_per_patch": round(gflop, 3),
+        "network_gflop_per_patch": _significant(gflop),
         "compute_dtype": str(dtype).removeprefix("torch."),
-        "matmul_peak_tflops": round(peak, 3),
-        "matmul_peak_fp32_tflops": round(peak_fp32, 3),
+        "matmul_peak_tflops": _significant(peak),
+        "matmul_peak_fp32_tflops": _significant(peak_fp32),
         "flop_ceiling_patches_per_s": round(peak * 1e3 / gflop, 1) if gflop else None,
-        "model_bound_tflops": round(model_tflops, 3),
-        "model_bound_fraction_of_peak": round(model_tflops / peak, 3),
-        "naive_tflops": round(naive_tflops, 3),
-        "naive_fraction_of_fp32_peak": round(naive_tflops / peak_fp32, 3),
+        "model_bound_tflops": _significant(model_tflops),
+        "model_bound_fraction_of_peak": _significant(model_tflops / peak),
+        "naive_tflops": _significant(naive_tflops),
+        "naive_fraction_of_fp32_peak": _significant(naive_tflops / peak_fp32),
     }
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant figures: small rates (a slow FP32 CPU reaches ~0.01 TFLOP/s) keep their
+    precision, which a fixed number of decimals would round away."""
+    return float(f"{value:.{digits}g}")
 
 
 def _ddp_throughput(cfg: DictConfig, slide: Path, ranks: int, out_dir: Path) -> dict[str, Any]:
