@@ -461,3 +461,16 @@ def test_cli_predict_with_model_onnx_needs_no_checkpoint(demo_onnx: tuple[Path, 
     assert result.returncode == 0, result.stderr[-3000:]
     (report,) = tmp_path.glob("*/report.json")
     assert json.loads(report.read_text())["status"] == "complete"
+
+
+def test_onnx_patch_size_is_checked_against_the_files_stride_not_the_configs_net(tmp_path: Path) -> None:
+    """model=onnx derives from unet_camelyon (stride 16), but a probe exported to ONNX has stride 1 in its sidecar:
+    a 100 px patch is valid for it, and the entry point must not refuse it with the configured net's stride."""
+    from tests.conftest import shared_slide
+    from tests.helpers import predict
+    from tests.test_configs import probe_onnx
+
+    onnx_file = probe_onnx(tmp_path)
+    slide = shared_slide("CMU-1-Small-Region.svs")
+    overrides = ["model=onnx", f"model.onnx_path={onnx_file}", "data.patch_size=100", "data.tissue.enabled=false"]
+    assert predict(slide, tmp_path / "out", [*overrides, "data.level=0", "writer.output_downsample=4"]) == 0

@@ -39,12 +39,8 @@ def run_predict(cfg: DictConfig) -> int:
     """
     check_required(cfg)
     check_trainer_device(cfg)
-    stride = int(getattr(get_class(cfg.model.net._target_), "stride", 1))
-    if cfg.data.get("patch_size") and cfg.data.patch_size % stride:
-        raise UserInputError(
-            f"data.patch_size={cfg.data.patch_size} is not a multiple of the network's stride {stride}: "
-            f"use e.g. {max(stride, cfg.data.patch_size // stride * stride)}"
-        )
+    if cfg.model.get("backend", "torch") == "torch":  # an ONNX file's stride is known once its sidecar is read
+        _check_patch_size(cfg, int(getattr(get_class(cfg.model.net._target_), "stride", 1)))
     run_config = OmegaConf.to_container(cfg, resolve=True)
     provenance = run_provenance(cfg)
     slide_mode = get_class(cfg.data._target_) is SlideTileDataModule
@@ -56,6 +52,7 @@ def run_predict(cfg: DictConfig) -> int:
     else:
         datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
+    _check_patch_size(cfg, module.stride)
     plan = datamodule.plan_run() if slide_mode else None  # opens and tiles the slides
     extra = {"plan": plan} if slide_mode else {}  # objects are passed to the constructor as they are, not as config
     writer = instantiate(cfg.writer, _partial_=True)(run_config=run_config, provenance=provenance, **extra)
@@ -77,6 +74,14 @@ def run_predict(cfg: DictConfig) -> int:
                 raise KeyboardInterrupt from None
             raise
     return 0 if all(row["status"] == "complete" for row in writer.results) else 1
+
+
+def _check_patch_size(cfg: DictConfig, stride: int) -> None:
+    if cfg.data.get("patch_size") and cfg.data.patch_size % stride:
+        raise UserInputError(
+            f"data.patch_size={cfg.data.patch_size} is not a multiple of the network's stride {stride}: "
+            f"use e.g. {max(stride, cfg.data.patch_size // stride * stride)}"
+        )
 
 
 def resume_check(output_dir: Path, run_config: dict[str, Any]) -> Callable[[str], bool]:
