@@ -250,3 +250,30 @@ def test_resume_with_one_complete_and_one_unreadable_slide(tmp_path: Path, good_
     rows = summary(out)
     assert rows["good.tif"]["status"] == "complete" and rows["good.tif"]["reason"].startswith("resumed")
     assert rows["gone.svs"]["status"] == "skipped" and "does not exist" in rows["gone.svs"]["reason"]
+
+
+def test_resume_redoes_a_different_slide_with_the_same_name(tmp_path: Path) -> None:
+    """A/x.tif then B/x.tif with resume=true into the same folder: x's outputs are A's, so B is computed, not kept."""
+    a = write_synthetic_slide(tmp_path / "A" / "x.tif", SyntheticSlide(1024, 768, seed=21))
+    b = write_synthetic_slide(tmp_path / "B" / "x.tif", SyntheticSlide(1024, 768, seed=22))
+    out = tmp_path / "out"
+    assert predict(a, out, FAST) == 0
+    first = tifffile.imread(out / "x" / "mask.tif", key=0)
+    assert predict(b, out, [*FAST, "resume=true"]) == 0
+    rows = summary(out)
+    assert not rows["x.tif"]["reason"].startswith("resumed"), "another slide's outputs were kept"
+    report = json.loads((out / "x" / "report.json").read_text())
+    assert report["slide"] == str(b) and report["slide_identity"]["path"] == str(b.resolve())
+    assert not np.array_equal(tifffile.imread(out / "x" / "mask.tif", key=0), first)
+    assert predict(b, out, [*FAST, "resume=true"]) == 0  # the same slide again: kept
+    assert summary(out)["x.tif"]["reason"].startswith("resumed")
+
+
+def test_same_stem_slides_get_distinct_folders(tmp_path: Path) -> None:
+    paths = [tmp_path / "A" / "x.tif", tmp_path / "B" / "x.tif", tmp_path / "C" / "x-2.tif"]
+    for seed, path in enumerate(paths):
+        write_synthetic_slide(path, SyntheticSlide(768, 512, seed=30 + seed))
+    out = tmp_path / "out"
+    assert predict(paths, out, FAST) == 0
+    reports = {name: json.loads((out / name / "report.json").read_text())["slide"] for name in ("x", "x-2", "x-3")}
+    assert reports == {"x": str(paths[0]), "x-3": str(paths[1]), "x-2": str(paths[2])}

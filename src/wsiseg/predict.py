@@ -20,6 +20,7 @@ from wsiseg.batch_size import resolve_batch_size
 from wsiseg.cli import exit_if_version_asked, user_errors
 from wsiseg.config import config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
+from wsiseg.data.plan import slide_identity
 from wsiseg.errors import UserInputError
 from wsiseg.options import check_required, check_trainer_device
 from wsiseg.writers.run_record import check_writable, config_hash, read_complete_report
@@ -84,10 +85,16 @@ def _check_patch_size(cfg: DictConfig, stride: int) -> None:
         )
 
 
-def resume_check(output_dir: Path, run_config: dict[str, Any]) -> Callable[[str], bool]:
-    """``resume=true``: whether the outputs of slide ``name`` in ``output_dir`` are complete for this config."""
+def resume_check(output_dir: Path, run_config: dict[str, Any]) -> Callable[[str, Path], bool]:
+    """``resume=true``: whether ``output_dir/<name>`` holds complete outputs of the slide file at ``path`` for this
+    config (another slide with the same name, or the same path rewritten since, is redone)."""
     expected = config_hash(run_config)
-    return lambda name: read_complete_report(output_dir / name, expected) is not None
+
+    def complete(name: str, path: Path) -> bool:
+        identity = slide_identity(path) if path.is_file() else {"path": str(path)}
+        return read_complete_report(output_dir / name, expected, identity) is not None
+
+    return complete
 
 
 def run_provenance(cfg: DictConfig) -> dict[str, Any]:

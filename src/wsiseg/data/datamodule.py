@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from wsiseg.config import default_workers, usable_cores
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
 from wsiseg.data.grid import TileGrid
-from wsiseg.data.plan import RunPlan
+from wsiseg.data.plan import RunPlan, output_names, slide_identity
 from wsiseg.data.slide import choose_level, open_slide
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
 from wsiseg.errors import UserInputError
@@ -46,13 +46,15 @@ class TissueOptions:
 def expand_slide_paths(slides: str | Sequence[str]) -> list[Path]:
     """Turn ``data.slides`` (one path, a glob, or a list of either) into a sorted-per-pattern list of paths.
 
-    A glob that matches nothing is kept as given so validation reports it by name.
+    An existing file is taken literally even when its name holds glob characters (``slide[1].tif``); a glob that
+    matches nothing is kept as given so validation reports it by name.
     """
     patterns = [slides] if isinstance(slides, (str, Path)) else list(slides)
     paths: list[Path] = []
     for pattern in patterns:
         pattern = str(Path(str(pattern)).expanduser())
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        literal = Path(pattern).exists()
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) and not literal else [pattern]
         paths.extend(Path(m) for m in (matches or [pattern]))
     return paths
 
@@ -89,6 +91,8 @@ class SlideTileDataModule(pl.LightningDataModule):
         read_threads: threads reading the tiles of one batch concurrently (OpenSlide decodes without holding the
             GIL). None: every core when ``num_workers`` is 0 (the main process reads between network calls, so the
             cores are otherwise idle then), 1 with workers (they already read in parallel).
+        keep_complete: ``(output name, path) → bool``: True for a slide whose outputs are already complete for this run
+            (``resume=true``); it is set aside as resumed, not opened.
 
     Example::
 
@@ -113,7 +117,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         on_error: str = "skip",
         reader: str = "auto",
         read_threads: int | None = None,
-        keep_complete: Callable[[str], bool] | None = None,
+        keep_complete: Callable[[str, Path], bool] | None = None,
     ) -> None:
         super().__init__()
         if on_error not in ("skip", "raise"):
@@ -147,7 +151,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         if reader not in READERS:
             raise UserInputError(f"data.reader must be one of {', '.join(READERS)}; got '{reader}'")
         self.reader = reader
-        self.keep_complete = keep_complete or (lambda name: False)
+        self.keep_complete = keep_complete or (lambda name, path: False)
         self._plan: RunPlan | None = None
         self._jpeg_layouts: list[Any] | None = None  # JPEG tile layouts of the plan's slides (reader=jpeg)
         self._dataset: SlideTileDataset | None = None
@@ -192,6 +196,7 @@ class SlideTileDataModule(pl.LightningDataModule):
                 tissue_fraction=tissue_fraction,
                 thumbnail=thumbnail,
                 properties={k: v for k, v in slide.properties.items() if k.startswith("openslide.")},
+                identity=slide_identity(path),
             )
         finally:
             slide.close()
@@ -207,12 +212,8 @@ class SlideTileDataModule(pl.LightningDataModule):
         slides: list[SlideTiles] = []
         failed: list[tuple[Path, str]] = []
         resumed: list[tuple[Path, str]] = []
-        used: dict[str, int] = {}
-        for path in self.slide_paths:
-            stem = path.name.split(".")[0] or path.name
-            used[stem] = used.get(stem, 0) + 1
-            name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
-            if self.keep_complete(name):
+        for path, name in zip(self.slide_paths, output_names(self.slide_paths)):
+            if self.keep_complete(name, path):
                 log.info("slide '%s': outputs complete for this config; skipped (resume)", path)
                 resumed.append((path, name))
                 continue

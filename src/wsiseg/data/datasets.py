@@ -35,6 +35,8 @@ class SlideTiles:
         tiles_total: tiles in the full grid.
         tissue_fraction: fraction of the thumbnail classed as tissue (1.0 when tissue detection is off).
         thumbnail: thumbnail used for tissue detection and the heatmap.
+        properties: the slide's ``openslide.*`` properties.
+        identity: path, size and mtime of the file when planned (resume compares them).
     """
 
     path: Path
@@ -47,6 +49,7 @@ class SlideTiles:
     tissue_fraction: float
     thumbnail: Thumbnail
     properties: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)  # wsiseg.data.plan.slide_identity of the file
 
     @property
     def tiles_tissue(self) -> int:

@@ -8,12 +8,53 @@ planned tiles, the module weighs their count, the writer stitches and reports th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from wsiseg.data.datasets import SlideTiles
 
-__all__ = ["RunPlan"]
+__all__ = ["RunPlan", "output_names", "slide_identity"]
+
+# Suffixes that belong together: "x.ome.tif" is slide "x", not "x.ome".
+_DOUBLE_SUFFIXES = (".ome.tif", ".ome.tiff")
+
+
+def _base_name(path: Path) -> str:
+    name = path.name
+    for suffix in _DOUBLE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return path.stem or name
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """One output folder name per slide, unique within the run: the file name without its extension (``p.v1.svs`` →
+    ``p.v1``; ``x.ome.tif`` → ``x``); a name already taken gets ``-2``, ``-3``, … — never one that another slide's own
+    name is, so ``[A/x.tif, B/x.tif, C/x-2.tif]`` become ``x``, ``x-3``, ``x-2``. The same list gives the same names."""
+    natural = [_base_name(Path(p)) for p in paths]
+    counts: dict[str, int] = {}
+    for name in natural:
+        counts[name] = counts.get(name, 0) + 1
+    reserved = {name for name, count in counts.items() if count == 1}  # names some slide has on its own
+    taken: set[str] = set()
+    names: list[str] = []
+    for name in natural:
+        candidate, n = name, 1
+        while candidate in taken or (candidate != name and candidate in reserved):
+            n += 1
+            candidate = f"{name}-{n}"
+        taken.add(candidate)
+        names.append(candidate)
+    return names
+
+
+def slide_identity(path: Path) -> dict[str, Any]:
+    """What a resumed run compares to know an output folder belongs to this very slide file: its absolute path, size
+    in bytes and modification time (ns)."""
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,18 @@ def config_hash(config: dict[str, Any] | None) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read_complete_report(slide_dir: Path, expected_hash: str) -> dict[str, Any] | None:
-    """The slide's report if it says ``complete`` for the same config hash and its outputs exist, else None."""
+def read_complete_report(
+    slide_dir: Path, expected_hash: str, identity: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The slide's report if it says ``complete`` for the same config hash (and, given ``identity``, the same slide
+    file: :func:`wsiseg.data.plan.slide_identity`) and its outputs exist, else None."""
     try:
         report = json.loads((slide_dir / "report.json").read_text())
     except (OSError, ValueError):
         return None
     if report.get("status") != "complete" or report.get("config_hash") != expected_hash:
+        return None
+    if identity is not None and report.get("slide_identity") != identity:
         return None
     if not (slide_dir / "mask.tif").is_file() or not (slide_dir / "heatmap.png").is_file():
         return None
@@ -98,6 +103,7 @@ def base_report(
     return {
         "slide": str(slide.path),
         "name": slide.name,
+        "slide_identity": slide.identity,
         "status": "incomplete",
         "level0_size": list(slide.level0_size),
         "level": level.level,
