@@ -277,3 +277,27 @@ def test_same_stem_slides_get_distinct_folders(tmp_path: Path) -> None:
     assert predict(paths, out, FAST) == 0
     reports = {name: json.loads((out / name / "report.json").read_text())["slide"] for name in ("x", "x-2", "x-3")}
     assert reports == {"x": str(paths[0]), "x-3": str(paths[1]), "x-2": str(paths[2])}
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path: Path, good_slide: Path) -> None:
+    """docker stop / Kubernetes / SLURM send SIGTERM (then SIGKILL): the run stops promptly and cleanly, exit 143."""
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=10))
+    run_dir = tmp_path / "run"
+    args = [
+        *FAST,
+        f"data.slides=[{good_slide},{second}]",
+        "data.tissue.enabled=false",
+        "data.num_workers=1",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+    ]
+    process = start_and_wait_for_first_slide(args, run_dir)
+    stopped_at = time.time()
+    os.kill(process.pid, signal.SIGTERM)  # the process only, as a container runtime does
+    output, _ = process.communicate(timeout=120)
+    assert time.time() - stopped_at < 60, "SIGTERM did not stop the run"
+    assert process.returncode == 143, output[-3000:]
+    assert "terminated (SIGTERM); completed slides are kept, re-run the same command with resume=true" in output
+    assert json.loads((run_dir / "good" / "report.json").read_text())["status"] == "complete"
+    assert list((run_dir / "second").iterdir()) == []
+    assert summary(run_dir)["second.tif"]["status"] == "interrupted"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,21 +128,30 @@ def discard_unused_run_dir(run_dir: Path) -> None:
 
 @contextmanager
 def user_errors(command: str, run_dir: Path | None = None) -> Iterator[None]:
-    """Print user errors as ``<command>: error: <message>`` and exit with status 2; on Ctrl-C say how to finish the
-    run and exit with status 130. ``run_dir`` (Hydra's run folder) is removed after a user error when nothing was
-    written into it.
+    """Print user errors as ``<command>: error: <message>`` and exit with status 2; on Ctrl-C (exit 130) or SIGTERM
+    (exit 143, handled like Ctrl-C: Lightning's graceful shutdown, finished slides kept) say how to finish the run.
+    ``run_dir`` (Hydra's run folder) is removed after a user error when nothing was written into it.
 
     ``HYDRA_FULL_ERROR=1`` or ``WSISEG_DEBUG=1`` re-raises with the full traceback instead.
     """
     quiet_library_noise()
+    terminated: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        # SIGTERM (docker stop, Kubernetes, systemd, SLURM time limits) stops the run as cleanly as Ctrl-C
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     try:
         yield
     except KeyboardInterrupt:
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
         print(
-            f"{command}: interrupted; completed slides are kept, re-run the same command with resume=true to finish",
+            f"{command}: {how}; completed slides are kept, re-run the same command with resume=true to finish",
             file=sys.stderr,
         )
-        sys.exit(INTERRUPTED)
+        sys.exit(128 + signal.SIGTERM if terminated else INTERRUPTED)
     except Exception as exc:
         user_error = find_user_error(exc)
         if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("WSISEG_DEBUG") == "1":
@@ -150,3 +161,6 @@ def user_errors(command: str, run_dir: Path | None = None) -> Iterator[None]:
             discard_unused_run_dir(run_dir)
         print(f"{command}: error: {user_error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
