@@ -83,3 +83,39 @@ def test_probe_needs_no_checkpoint(caplog: pytest.LogCaptureFixture) -> None:
 def test_checkpoint_path_is_recorded_absolute(demo_checkpoint: Path) -> None:
     module = SegmentationModule(Unet(3, 1, base_width=8), checkpoint=str(demo_checkpoint))
     assert module.weights == str(demo_checkpoint.absolute())
+
+
+class _Payload:
+    """Unpickling this object creates ``marker``: stands for code a crafted checkpoint runs when loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    from wsiseg.model import Unet, load_checkpoint
+
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"state_dict": Unet(3, 3, base_width=4).state_dict(), "extra": _Payload(marker)}, crafted)
+    with pytest.raises(UserInputError) as info:
+        load_checkpoint(Unet(3, 3, base_width=4), crafted)
+    message = str(info.value)
+    assert "weights_only=True" in message and "model.trust_checkpoint=true" in message and "\n" not in message
+    assert not marker.exists(), "loading without trust ran the checkpoint's code"
+    with pytest.raises(UserInputError, match="model.trust_checkpoint=true"):  # the same through the module
+        SegmentationModule(Unet(3, 3, base_width=4), checkpoint=str(crafted))
+    assert not marker.exists()
+
+    whole = tmp_path / "whole.pth"
+    net = Unet(3, 3, base_width=4)
+    torch.save(net, whole)  # a whole pickled model: readable only when trusted, and then logged
+    with pytest.raises(UserInputError, match="re-save it with torch.save"):
+        load_checkpoint(Unet(3, 3, base_width=4), whole)
+    with caplog.at_level("WARNING", logger="wsiseg.model"):
+        module = SegmentationModule(Unet(3, 3, base_width=4), checkpoint=str(whole), trust_checkpoint=True)
+    assert any("trust_checkpoint=true" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(module.net.conv1.conv[0].weight, net.conv1.conv[0].weight)

@@ -740,7 +740,7 @@ def build_network(cfg: DictConfig) -> tuple[nn.Module, str | None]:
         return instantiate(cfg.model.net).eval(), None
     checkpoint = str(_required(cfg, "model.checkpoint", "pass model.checkpoint=/path/to/UNet_17.pth (or model=demo)"))
     net = instantiate(cfg.model.net)
-    load_checkpoint(net, checkpoint)
+    load_checkpoint(net, checkpoint, trust=bool(cfg.model.get("trust_checkpoint", False)))
     return net.eval(), checkpoint
 
 

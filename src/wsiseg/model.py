@@ -16,6 +16,7 @@ mismatches.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from wsiseg.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Unet",
@@ -259,23 +262,36 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a plain state_dict (prefixes stripped).
 
-    Accepts ``torch.save(model.state_dict())``, ``torch.save(model)`` (a whole pickled model), a Lightning
-    ``.ckpt`` (``{"state_dict": ...}``) and dicts holding ``"model_state_dict"`` / ``"model"``.
+    Accepts ``torch.save(model.state_dict())``, a Lightning ``.ckpt`` (``{"state_dict": ...}``) and dicts holding
+    ``"model_state_dict"`` / ``"model"``, all read with ``torch.load(weights_only=True)``, which runs no code. Files
+    that need full unpickling (``torch.save(model)``, a whole pickled model, or any other pickled object) can run
+    arbitrary code while loading, so they are read only with ``trust=True`` (``model.trust_checkpoint=true``), which
+    is logged.
 
     Raises:
-        UserInputError: the file is missing or is not a PyTorch checkpoint.
+        UserInputError: the file is missing, is not a PyTorch checkpoint, or needs unpickling without ``trust``.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserInputError(f"model.checkpoint '{path}' does not exist: pass the path of a .pth/.pt/.ckpt file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+    except Exception as safe_error:
+        if not trust:
+            if not _is_pickle(path):
+                raise UserInputError(
+                    f"model.checkpoint '{path}' is not a readable PyTorch checkpoint: {str(safe_error).splitlines()[0]}"
+                ) from None
+            raise UserInputError(
+                f"model.checkpoint '{path}' holds pickled objects that torch.load(weights_only=True) refuses (a whole "
+                "pickled model, or code: unpickling can run it); re-save it with torch.save(model.state_dict(), ...), "
+                "or pass model.trust_checkpoint=true if you trust the file"
+            ) from None
+        log.warning("model.trust_checkpoint=true: unpickling '%s' in full (it can run code)", path)
         try:
-            # A whole pickled model needs full unpickling; only do that for files the user pointed us at.
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise UserInputError(f"model.checkpoint '{path}' is not a readable PyTorch checkpoint: {exc}") from None
@@ -294,13 +310,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _strip_prefixes(obj)
 
 
-def load_checkpoint(net: nn.Module, path: str | Path) -> nn.Module:
-    """Load the checkpoint at ``path`` into ``net`` strictly and return ``net``.
+def _is_pickle(path: Path) -> bool:
+    """A zip archive (``torch.save``'s format) or a legacy pickle, i.e. something ``torch.load`` reads."""
+    import zipfile
+
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
+
+
+def load_checkpoint(net: nn.Module, path: str | Path, trust: bool = False) -> nn.Module:
+    """Load the checkpoint at ``path`` into ``net`` strictly and return ``net``; ``trust`` as in
+    :func:`read_state_dict`.
 
     Raises:
         UserInputError: one line listing missing keys, unexpected keys and shape mismatches.
     """
-    state_dict = read_state_dict(path)
+    state_dict = read_state_dict(path, trust)
     own = net.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

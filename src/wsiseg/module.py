@@ -77,6 +77,8 @@ class SegmentationModule(pl.LightningModule):
     Args:
         net: the network (``wsiseg.model.Unet`` for the users' checkpoints).
         checkpoint: weights to load into ``net``: a file path, or ``"random"`` for the initial weights (see above).
+        trust_checkpoint: allow a checkpoint that needs full unpickling (a whole pickled model), which can run code
+            while loading; off, only ``torch.load(weights_only=True)`` reads it (:func:`wsiseg.model.read_state_dict`).
         mean: per-channel mean on the /255 scale (0.5 for the users' network). None: the ONNX sidecar's under
             ``backend="onnxruntime"``, else 0.5.
         std: per-channel std on the /255 scale (0.5 for the users' network). None: as for ``mean``.
@@ -125,6 +127,7 @@ class SegmentationModule(pl.LightningModule):
         backend: str = "torch",
         onnx_path: str | None = None,
         output_dtype: str = "float16",
+        trust_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if output_dtype not in ("float16", "float32"):
@@ -156,7 +159,7 @@ class SegmentationModule(pl.LightningModule):
             self.weights = str(onnx.net.path)
             checkpoint, channels_last, compile = None, False, False
         else:
-            self.weights = self._load_weights(net, checkpoint)
+            self.weights = self._load_weights(net, checkpoint, bool(trust_checkpoint))
         self.backend = backend
         self.net = net.eval()
         self.checkpoint = checkpoint
@@ -178,7 +181,7 @@ class SegmentationModule(pl.LightningModule):
         self._set_forward(self.infer_tiles)
 
     @staticmethod
-    def _load_weights(net: nn.Module, checkpoint: str | None) -> str:
+    def _load_weights(net: nn.Module, checkpoint: str | None, trust: bool = False) -> str:
         """Load ``checkpoint`` into ``net`` (or keep its weights, see the class docstring); returns :attr:`weights`."""
         if checkpoint in (None, ""):
             if has_fixed_weights(net):
@@ -193,7 +196,7 @@ class SegmentationModule(pl.LightningModule):
                 type(net).__name__,
             )
             return RANDOM_WEIGHTS
-        load_checkpoint(net, checkpoint)
+        load_checkpoint(net, checkpoint, trust)
         return str(Path(checkpoint).expanduser().absolute())
 
     def _set_forward(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
