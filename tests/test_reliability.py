@@ -227,6 +227,8 @@ def test_ctrl_c_keeps_finished_slides_and_leaves_no_partial_outputs(tmp_path: Pa
         "trainer.enable_progress_bar=false",
     ]
     process = start_and_wait_for_first_slide(args, run_dir)
+    running = summary(run_dir)  # rewritten as slides finish: it describes the run while it runs
+    assert running["good.tif"]["status"] == "complete" and running["second.tif"]["status"] == "pending"
     os.killpg(process.pid, signal.SIGINT)  # the whole process group, as Ctrl-C in a terminal does
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130  # 128 + SIGINT, as a shell reports an interrupted command

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,16 @@ class RunRecord:
             reason=report.get("error", ""),
         )
 
-    def write_summary(self) -> None:
-        """``summary.json`` with every row so far, and the table in the log."""
-        write_json_atomic(self.output_dir / "summary.json", {"slides": self.rows})
+    def write_summary(self, pending: Sequence[SlideTiles] | None = None) -> None:
+        """``summary.json`` with every row so far. With ``pending`` (a run still going: its slides not yet written are
+        listed as ``pending``) nothing is logged; without, the run is over and the table goes to the log too."""
+        rows = self.rows + [
+            {"slide": str(s.path), "name": s.name, "status": "pending", "tiles": 0, "seconds": 0.0, "reason": ""}
+            for s in pending or ()
+        ]
+        write_json_atomic(self.output_dir / "summary.json", {"slides": rows})
+        if pending is not None:
+            return
         lines = [f"{'slide':<40} {'status':<9} {'tiles':>7} {'seconds':>9}  reason"]
         for row in self.rows:
             name = Path(row["slide"]).name

@@ -22,7 +22,7 @@ from wsiseg.data.plan import RunPlan
 from wsiseg.errors import UserInputError
 from wsiseg.writers._batch import as_ints, to_host_async
 from wsiseg.writers.distribution import Distribution, SingleProcess, distribution_for
-from wsiseg.writers.render import RenderOptions
+from wsiseg.writers.render import OUTPUT_FILES, RenderOptions
 from wsiseg.writers.run_record import RunRecord, check_writable, remove_stale
 from wsiseg.writers.slide_outputs import write_slide
 from wsiseg.writers.stitcher import Stitcher, StoreOptions
@@ -218,6 +218,12 @@ class SlideWriter(BasePredictionWriter):
             self._stitcher.release(index)
         if self._distribution.rank != 0:
             return
+        for index in unfinished:  # a slide stopped while its files were written: no report, so none of them stays
+            slide_dir = self._stitcher.slide_dir(index)
+            if not (slide_dir / "report.json").exists():
+                for name in OUTPUT_FILES:
+                    (slide_dir / name).unlink(missing_ok=True)
+                remove_stale(slide_dir)
         started = [self.plan.slides[i].name for i in unfinished if i in self._stitcher.states]
         if started:
             log.error(
@@ -242,7 +248,6 @@ class SlideWriter(BasePredictionWriter):
         """Write slide ``index``'s outputs and report once, then free its store."""
         if index in self._finished:
             return
-        self._finished.add(index)
         try:
             write_slide(
                 self.plan.slides[index],
@@ -258,3 +263,6 @@ class SlideWriter(BasePredictionWriter):
             )
         finally:
             self._stitcher.release(index)
+        self._finished.add(index)  # only now: interrupted while writing, the slide counts as unfinished
+        pending = [s for i, s in enumerate(self.plan.slides) if i not in self._finished]
+        self.record.write_summary(pending=pending)  # summary.json describes the run at every moment

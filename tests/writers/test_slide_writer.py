@@ -1,0 +1,30 @@
+"""The slide writer's own contract, driven through its hooks without a Trainer: a slide's files appear together."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.writers.conftest import planned_slide
+from wsiseg.data.plan import RunPlan
+from wsiseg.writers.slide_writer import SlideWriter
+
+
+def test_an_interrupt_while_a_slide_is_written_leaves_none_of_its_files(tmp_path: Path) -> None:
+    """Stopped after mask.tif was renamed into place but before report.json: the folder has no report, so the
+    interrupt removes what is there and summary.json lists the slide as interrupted."""
+    slides = (planned_slide("written"), planned_slide("half"))
+    writer = SlideWriter(tmp_path, plan=RunPlan(slides), blend="none")
+    (tmp_path / "written").mkdir()
+    (tmp_path / "written" / "report.json").write_text("{}")
+    (tmp_path / "written" / "mask.tif").write_bytes(b"done")
+    writer._finished.add(0)  # noqa: SLF001 - the first slide is finished, as the writer would have recorded
+    half = tmp_path / "half"
+    half.mkdir()
+    for name in ("mask.tif", ".heatmap.png.tmp", "tumour.geojson"):
+        (half / name).write_bytes(b"partial")
+    writer.on_exception(None, None, KeyboardInterrupt())  # type: ignore[arg-type]
+    assert list(half.iterdir()) == []
+    assert (tmp_path / "written" / "mask.tif").exists(), "a finished slide keeps its outputs"
+    rows = {row["name"]: row for row in json.loads((tmp_path / "summary.json").read_text())["slides"]}
+    assert rows["half"]["status"] == "interrupted" and "written" not in rows
