@@ -303,3 +303,26 @@ def test_sigterm_stops_like_ctrl_c(tmp_path: Path, good_slide: Path) -> None:
     assert json.loads((run_dir / "good" / "report.json").read_text())["status"] == "complete"
     assert list((run_dir / "second").iterdir()) == []
     assert summary(run_dir)["second.tif"]["status"] == "interrupted"
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tmp_path: Path, good_slide: Path) -> None:
+    """Two runs in one folder corrupt each other: while one runs, another is refused with one line naming its PID,
+    without touching the first run's files; the lock goes with the first run."""
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=12))
+    run_dir = tmp_path / "run"
+    args = [*FAST, f"data.slides=[{good_slide},{second}]", "data.tissue.enabled=false", "data.num_workers=0"]
+    args += ["trainer=cpu", "trainer.enable_progress_bar=false"]
+    first = start_and_wait_for_first_slide(args, run_dir)
+    good_report = (run_dir / "good" / "report.json").read_bytes()
+    refused = subprocess.run(
+        [str(SCRIPT), *args, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300
+    )
+    still_running = first.poll() is None
+    os.killpg(first.pid, signal.SIGINT)
+    first.communicate(timeout=120)
+    assert still_running, "the first run ended before the second started: the check proved nothing"
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert f"is in use by another wsiseg run (PID {first.pid})" in line, line
+    assert (run_dir / "good" / "report.json").read_bytes() == good_report
+    assert not (run_dir / ".wsiseg.lock").exists()

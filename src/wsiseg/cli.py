@@ -116,7 +116,7 @@ def discard_unused_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     entries = list(run_dir.iterdir())
-    if any(not (e.name == ".hydra" or (e.is_file() and e.suffix == ".log")) for e in entries):
+    if any(not (e.name in (".hydra", ".wsiseg.lock") or (e.is_file() and e.suffix == ".log")) for e in entries):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     cwd = Path.cwd().resolve()

@@ -23,6 +23,7 @@ from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.plan import slide_identity
 from wsiseg.errors import UserInputError
 from wsiseg.options import check_required, check_trainer_device
+from wsiseg.run_lock import run_folder_lock
 from wsiseg.writers.run_record import check_writable, config_hash, read_complete_report
 from wsiseg.writers.slide_writer import SlideWriter
 
@@ -30,6 +31,13 @@ __all__ = ["main", "run_predict"]
 
 
 def run_predict(cfg: DictConfig) -> int:
+    """:func:`predict_in_folder` holding the output folder's lock (one run per folder; see :mod:`wsiseg.run_lock`)."""
+    check_required(cfg)
+    with run_folder_lock(Path(cfg.writer.output_dir)):
+        return predict_in_folder(cfg)
+
+
+def predict_in_folder(cfg: DictConfig) -> int:
     """Instantiate datamodule, module, writer and trainer from ``cfg``, run ``trainer.predict``.
 
     Cheap checks come first (options, patch size vs the network's stride, output folder), then the model is built and
