@@ -60,6 +60,18 @@ def start_and_wait_for_first_slide(args: list[str], run_dir: Path) -> subprocess
     return process
 
 
+def two_slide_args(good_slide: Path, second: Path, workers: int) -> list[str]:
+    """CLI overrides for a run over ``good_slide`` then ``second``, every tile processed (for interrupting it)."""
+    return [
+        *FAST,
+        f"data.slides=[{good_slide},{second}]",
+        "data.tissue.enabled=false",
+        f"data.num_workers={workers}",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
 def summary(out: Path) -> dict[str, dict]:
     return {Path(row["slide"]).name: row for row in json.loads((out / "summary.json").read_text())["slides"]}
 
@@ -218,14 +230,7 @@ def test_resume_redoes_slides_when_the_config_changes(tmp_path: Path, good_slide
 def test_ctrl_c_keeps_finished_slides_and_leaves_no_partial_outputs(tmp_path: Path, good_slide: Path) -> None:
     second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=9))
     run_dir = tmp_path / "run"
-    args = [
-        *FAST,
-        f"data.slides=[{good_slide},{second}]",
-        "data.tissue.enabled=false",
-        "data.num_workers=1",
-        "trainer=cpu",
-        "trainer.enable_progress_bar=false",
-    ]
+    args = two_slide_args(good_slide, second, workers=1)
     process = start_and_wait_for_first_slide(args, run_dir)
     running = summary(run_dir)  # rewritten as slides finish: it describes the run while it runs
     assert running["good.tif"]["status"] == "complete" and running["second.tif"]["status"] == "pending"
@@ -285,14 +290,7 @@ def test_sigterm_stops_like_ctrl_c(tmp_path: Path, good_slide: Path) -> None:
     """docker stop / Kubernetes / SLURM send SIGTERM (then SIGKILL): the run stops promptly and cleanly, exit 143."""
     second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=10))
     run_dir = tmp_path / "run"
-    args = [
-        *FAST,
-        f"data.slides=[{good_slide},{second}]",
-        "data.tissue.enabled=false",
-        "data.num_workers=1",
-        "trainer=cpu",
-        "trainer.enable_progress_bar=false",
-    ]
+    args = two_slide_args(good_slide, second, workers=1)
     process = start_and_wait_for_first_slide(args, run_dir)
     stopped_at = time.time()
     os.kill(process.pid, signal.SIGTERM)  # the process only, as a container runtime does
@@ -310,8 +308,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path: Path, good_slide: 
     without touching the first run's files; the lock goes with the first run."""
     second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=12))
     run_dir = tmp_path / "run"
-    args = [*FAST, f"data.slides=[{good_slide},{second}]", "data.tissue.enabled=false", "data.num_workers=0"]
-    args += ["trainer=cpu", "trainer.enable_progress_bar=false"]
+    args = two_slide_args(good_slide, second, workers=0)
     first = start_and_wait_for_first_slide(args, run_dir)
     good_report = (run_dir / "good" / "report.json").read_bytes()
     refused = subprocess.run(
