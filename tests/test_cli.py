@@ -147,3 +147,22 @@ def test_log_lines_print_above_the_progress_bar() -> None:
     bar.close()
     line = next(part for part in stream.getvalue().split("\n") if "slide 1/2 a: done" in part)
     assert line.split("\r")[-1] == "slide 1/2 a: done", repr(line)
+
+
+def test_only_hydras_start_up_files_make_a_run_folder_unused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused run removes a folder holding just Hydra's .hydra/ and log; one that also holds another run's lock
+    file is in use by that run and stays (the lock file is gone once its own run ends)."""
+    from wsiseg.cli import discard_unused_run_dir
+    from wsiseg.run_lock import LOCK_NAME
+
+    unused = tmp_path / "outputs" / "2026-12-01" / "12-00-00"
+    (unused / ".hydra").mkdir(parents=True)
+    (unused / "predict.log").write_text("")
+    busy = tmp_path / "busy"
+    (busy / ".hydra").mkdir(parents=True)
+    (busy / LOCK_NAME).write_text("1234")
+    monkeypatch.chdir(tmp_path)  # parents are removed up to the current directory
+    discard_unused_run_dir(unused)
+    discard_unused_run_dir(busy)
+    assert not (tmp_path / "outputs").exists(), "the empty date/time parents go with the unused folder"
+    assert (busy / LOCK_NAME).exists()

@@ -116,7 +116,8 @@ def discard_unused_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     entries = list(run_dir.iterdir())
-    if any(not (e.name in (".hydra", ".wsiseg.lock") or (e.is_file() and e.suffix == ".log")) for e in entries):
+    # Another run's lock file (wsiseg.run_lock) is not Hydra's start-up litter: that folder is in use and stays.
+    if any(not (e.name == ".hydra" or (e.is_file() and e.suffix == ".log")) for e in entries):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     cwd = Path.cwd().resolve()
