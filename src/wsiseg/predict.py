@@ -24,7 +24,7 @@ from wsiseg.data.plan import slide_identity
 from wsiseg.errors import UserInputError
 from wsiseg.options import check_required, check_trainer_device
 from wsiseg.run_lock import run_folder_lock
-from wsiseg.writers.run_record import check_writable, config_hash, read_complete_report
+from wsiseg.writers.run_record import config_hash, read_complete_report
 from wsiseg.writers.slide_writer import SlideWriter
 
 __all__ = ["main", "run_predict"]
@@ -40,13 +40,13 @@ def run_predict(cfg: DictConfig) -> int:
 def predict_in_folder(cfg: DictConfig) -> int:
     """Instantiate datamodule, module, writer and trainer from ``cfg``, run ``trainer.predict``.
 
-    Cheap checks come first (options, patch size vs the network's stride, output folder), then the model is built and
-    the checkpoint loaded, then slides are opened and tiled.
+    Cheap checks come first (required keys and the writable output folder in :func:`run_predict`; the device, patch
+    size vs the network's stride and writer options here), then the model is built and the checkpoint loaded, then
+    slides are opened and tiled.
 
     Returns:
         0 when every slide completed, 1 when any was skipped or failed (their reasons are in ``summary.json``).
     """
-    check_required(cfg)
     check_trainer_device(cfg)
     if cfg.model.get("backend", "torch") == "torch":  # an ONNX file's stride is known once its sidecar is read
         _check_patch_size(cfg, int(getattr(get_class(cfg.model.net._target_), "stride", 1)))
@@ -57,7 +57,6 @@ def predict_in_folder(cfg: DictConfig) -> int:
         keep = resume_check(Path(cfg.writer.output_dir), run_config) if cfg.get("resume") else None
         datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep)  # a callable: not through OmegaConf
         SlideWriter.options(**OmegaConf.to_container(cfg.writer, resolve=True))  # before any slide is opened
-        check_writable(Path(cfg.writer.output_dir))
     else:
         datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
