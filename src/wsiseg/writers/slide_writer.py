@@ -110,6 +110,7 @@ class SlideWriter(BasePredictionWriter):
         self._stitcher = Stitcher(list(plan.slides), self.output_dir, output_downsample, self.store)
         self._owned: set[int] | None = None
         self._finished: set[int] = set()
+        self._in_order = 0
         self._worker: OrderedWorker | None = None
         self._batch_clock, self._batch_size = time.perf_counter(), 0
 
@@ -149,6 +150,7 @@ class SlideWriter(BasePredictionWriter):
         )
         self.record.rows.clear()
         self._finished, self._batch_clock = set(), time.perf_counter()
+        self._in_order = 0  # slides before this index are written (one process: tiles arrive in slide order)
         for path, reason in self.plan.failed:
             self.record.add_row(path, "skipped", reason=reason)
         for path, name in self.plan.resumed:
@@ -193,8 +195,9 @@ class SlideWriter(BasePredictionWriter):
             ready.synchronize()  # the device-to-host copy of this batch has landed
         self._stitcher.add_batch(probs.numpy(), slides, *rest)
         if self._distribution.in_slide_order and slides:
-            for earlier in range(max(slides)):  # tiles arrive in slide order: every earlier slide is complete
-                self._finish(earlier)
+            while self._in_order < max(slides):  # tiles arrive in slide order: every earlier slide is complete
+                self._finish(self._in_order)
+                self._in_order += 1
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._worker is not None:
