@@ -79,6 +79,10 @@ def test_group_option_composes_and_instantiates(
         from wsiseg.data.plan import RunPlan
 
         obj = instantiate(node, _partial_=True)(plan=RunPlan())
+    elif group == "writer" and option == "patches":
+        from wsiseg.data.patches import PatchPlan
+
+        obj = instantiate(node, _partial_=True)(plan=PatchPlan(tmp_path))
     else:
         obj = instantiate(node)
     assert obj is not None

@@ -24,8 +24,7 @@ from PIL import Image
 from conftest import shared_slide
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.grid import TileGrid
-from wsiseg.data.patches import PatchFolderDataModule, list_images, plan_batches, plan_pieces
-from wsiseg.data.plan import RunPlan
+from wsiseg.data.patches import PatchFolderDataModule, PatchPlan, list_images, plan_batches, plan_pieces
 from wsiseg.data.slide import SlideLevel, read_rgb
 from wsiseg.errors import UserInputError
 from wsiseg.model import ProbeNet, Unet
@@ -72,13 +71,20 @@ def run_patches(
     output_dir: Path,
     module: SegmentationModule,
     data: dict[str, Any] | None = None,
+    resume: bool = False,
     **writer: Any,
 ) -> PatchWriter:
-    """Patch mode through a real Trainer; returns the writer (results, report)."""
+    """Patch mode through a real Trainer, wired as the entry point wires it (the writer's outputs decide what
+    ``resume`` keeps and which files are this run's own; the plan goes to the writer); returns the writer."""
     data = {"patch_size": 256, "batch_size": 4, "num_workers": 0, **(data or {})}
-    writer = PatchWriter(output_dir, **{"write_workers": 0, **writer})
-    trainer(writer).predict(module, datamodule=PatchFolderDataModule(input_dir, **data), return_predictions=False)
-    return writer
+    writer = {"write_workers": 0, **writer}
+    outputs = PatchWriter.options(output_dir, **writer)
+    datamodule = PatchFolderDataModule(
+        input_dir, **data, keep_complete=outputs.is_complete if resume else None, outputs_of=outputs.written
+    )
+    patch_writer = PatchWriter(output_dir, plan=datamodule.plan_run(module.stride), **writer)
+    trainer(patch_writer).predict(module, datamodule=datamodule, return_predictions=False)
+    return patch_writer
 
 
 def rgb_of(path: Path) -> np.ndarray:
@@ -166,22 +172,25 @@ def test_pieces_and_batches_group_by_shape_deterministically(patch_dir: Path) ->
     rel = [p.relative_to(patch_dir).as_posix() for p in paths]
     assert rel == sorted(GOOD + BAD)  # recursive, sorted, hidden files and other extensions left out
 
-    dm = PatchFolderDataModule(patch_dir, patch_size=256, overlap=32, stride=16, batch_size=3)
-    dm.setup("predict")
-    assert [image.rel for image in dm.images] == sorted(GOOD + ["truncated.png"])  # header readable
-    assert sorted(p.name for p, _ in dm.failed) == ["broken.png", "sixteen_bit.png"]
+    dm = PatchFolderDataModule(patch_dir, patch_size=256, overlap=32, pad_multiple=16, batch_size=3)
+    images = dm.plan_run(stride=1).images  # pad_multiple, not the network's stride, sets the padding
+    assert dm.plan_run() is dm.plan  # planned once
+    assert [image.rel for image in images] == sorted(GOOD + ["truncated.png"])  # header readable
+    assert sorted(p.name for p, _ in dm.plan.failed) == ["broken.png", "sixteen_bit.png"]
+    assert next(image.piece for image in images if image.rel == "small_100x70.png") == (80, 112)
     plan = dm.batch_plan()
     assert plan == dm.batch_plan()
     pieces = [pair for batch in plan for pair in batch]
-    expected = [(i, k) for i, image in enumerate(dm.images) for k in range(len(image.origins))]
+    expected = [(i, k) for i, image in enumerate(images) for k in range(len(image.origins))]
     assert sorted(pieces) == expected  # every piece exactly once
+    assert dm.plan.tiles == len(expected)
     for batch in plan:
         assert 1 <= len(batch) <= 3
-        assert len({dm.images[i].piece for i, _ in batch}) == 1
-    full = [len(b) for b in plan if dm.images[b[0][0]].piece == (256, 256)]
+        assert len({images[i].piece for i, _ in batch}) == 1
+    full = [len(b) for b in plan if images[b[0][0]].piece == (256, 256)]
     assert full[:-1] == [3] * (len(full) - 1)  # patch-size pieces (patches and tiles of larger images) share batches
 
-    assert plan_batches(dm.images, [], 4) == []
+    assert plan_batches(images, [], 4) == []
 
 
 # -- probe: pixel-exact outputs ------------------------------------------------------------------------------------
@@ -191,7 +200,7 @@ def test_probe_outputs_equal_input_red_channel(patch_dir: Path, tmp_path: Path) 
         patch_dir,
         out,
         probe_module(),
-        data={"overlap": 32, "stride": 16, "num_workers": 2},
+        data={"overlap": 32, "pad_multiple": 16, "num_workers": 2},
         mask=True,
         blend="gaussian",
         write_workers=2,
@@ -224,12 +233,14 @@ def test_probe_outputs_equal_input_red_channel(patch_dir: Path, tmp_path: Path) 
 
 
 def test_colour_map_without_overlay_and_replicate_padding(patch_dir: Path, tmp_path: Path) -> None:
-    from wsiseg.writers.patch_writer import colour_map
+    from wsiseg.writers.heatmap import colour_map
 
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(patch_dir / "small_100x70.png", src / "small.png")
-    writer = run_patches(src, tmp_path / "out", probe_module(), data={"stride": 16, "pad": "replicate"}, overlay=False)
+    writer = run_patches(
+        src, tmp_path / "out", probe_module(), data={"pad_multiple": 16, "pad": "replicate"}, overlay=False
+    )
     assert outcome(writer) == {"small.png": "done"}
     red = expected_rgb(src / "small.png")[..., 0]
     heatmap = png(tmp_path / "out" / "small_heatmap.png")
@@ -238,15 +249,20 @@ def test_colour_map_without_overlay_and_replicate_padding(patch_dir: Path, tmp_p
 
 
 # -- re-runs -------------------------------------------------------------------------------------------------------
-def test_rerun_skips_complete_outputs_overwrite_forces(patch_dir: Path, tmp_path: Path) -> None:
+def test_resume_keeps_complete_outputs_else_recomputes(patch_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "in"
     shutil.copytree(patch_dir, src)
     out = tmp_path / "out"
     config = {"model": {"net": "probe"}, "writer": {"mask": True, "output_dir": str(out)}}
 
-    def run(**options: Any) -> PatchWriter:
+    def run(resume: bool = True, **options: Any) -> PatchWriter:
         return run_patches(
-            src, out, probe_module(), data={"stride": 16}, **{"mask": True, "run_config": config, **options}
+            src,
+            out,
+            probe_module(),
+            data={"pad_multiple": 16},
+            resume=resume,
+            **{"mask": True, "run_config": config, **options},
         )
 
     first = run()
@@ -273,7 +289,7 @@ def test_rerun_skips_complete_outputs_overwrite_forces(patch_dir: Path, tmp_path
     third = run(mask=False, run_config=fewer)
     assert sum(v == "skipped" for v in outcome(third).values()) == len(GOOD)
 
-    fourth = run(overwrite=True)
+    fourth = run(resume=False)  # the one rule of both modes: without resume=true everything is recomputed
     assert sum(v == "done" for v in outcome(fourth).values()) == len(GOOD)
     assert (out / "a/deep/p1_heatmap.png").stat().st_ino != inodes[out / "a/deep/p1_heatmap.png"]
 
@@ -302,8 +318,8 @@ def test_outputs_inside_input_dir_are_not_inputs(patch_dir: Path, tmp_path: Path
     src.mkdir()
     for name in ("a/p0.png", "small_100x70.png"):
         shutil.copy(patch_dir / name, src / Path(name).name)
-    first = run_patches(src, src, probe_module(), data={"stride": 16}, mask=True)
-    second = run_patches(src, src, probe_module(), data={"stride": 16}, mask=True)
+    first = run_patches(src, src, probe_module(), data={"pad_multiple": 16}, mask=True)
+    second = run_patches(src, src, probe_module(), data={"pad_multiple": 16}, resume=True, mask=True)
     assert outcome(first) == {"p0.png": "done", "small_100x70.png": "done"}
     assert outcome(second) == {"p0.png": "skipped", "small_100x70.png": "skipped"}
     assert second.report["ignored_outputs"] == 4
@@ -405,18 +421,34 @@ def test_demo_tiled_image_blends_like_slide_pipeline(region_slide: Path, tmp_pat
 # -- errors --------------------------------------------------------------------------------------------------------
 def test_user_errors_name_the_option(patch_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="data.input_dir .* does not exist"):
-        PatchFolderDataModule(tmp_path / "missing").setup("predict")
+        PatchFolderDataModule(tmp_path / "missing").plan_run()
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="holds no images ending in .png"):
-        PatchFolderDataModule(tmp_path / "empty").setup("predict")
+        PatchFolderDataModule(tmp_path / "empty").plan_run()
     with pytest.raises(UserInputError, match="data.patch_size=200 is not a multiple of the network's stride 16"):
-        PatchFolderDataModule(patch_dir, patch_size=200, stride=16).setup("predict")
+        PatchFolderDataModule(patch_dir, patch_size=200).plan_run(16)
+    with pytest.raises(UserInputError, match="data.pad_multiple must be a positive integer"):
+        PatchFolderDataModule(patch_dir, pad_multiple=0)
     with pytest.raises(UserInputError, match="writer.output_downsample must be 1"):
-        PatchWriter(tmp_path / "out", output_downsample=2)
+        PatchWriter.options(tmp_path / "out", output_downsample=2)
+    with pytest.raises(UserInputError, match="writer.opacity must be in"):
+        PatchWriter(tmp_path / "out", plan=PatchPlan(patch_dir), opacity=2)
+
+    # Modes that do not pair are refused from the config, before any model is built or image read.
+    from hydra import compose, initialize_config_dir
+
+    from wsiseg.config import config_dir
+    from wsiseg.predict import run_predict
+
+    common = [f"data.input_dir={patch_dir}", "model=probe", "trainer=cpu", f"writer.output_dir={tmp_path / 'o'}"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        slide_writer = compose(config_name="predict", overrides=["data=patches", *common])
+        patch_writer = compose(config_name="predict", overrides=["writer=patches", "data.slides=x.svs", *common[1:]])
     with pytest.raises(UserInputError, match="add writer=patches"):
-        dm = PatchFolderDataModule(patch_dir, patch_size=256)
-        writer = SlideWriter(tmp_path / "slide_out", plan=RunPlan())
-        trainer(writer).predict(probe_module(), datamodule=dm, return_predictions=False)
+        run_predict(slide_writer)
+    with pytest.raises(UserInputError, match="add data=patches"):
+        run_predict(patch_writer)
+    assert not (tmp_path / "o" / "report.json").exists()
 
 
 def test_cli_exit_status_and_report(patch_dir: Path, tmp_path: Path) -> None:
@@ -452,7 +484,7 @@ def test_cli_exit_status_and_report(patch_dir: Path, tmp_path: Path) -> None:
     assert (report["images"], report["done"], report["failed"]) == (3, 2, 1)
     assert report["config"]["data"]["input_dir"] == str(src)
 
-    # Same command in-process once the broken file is gone: everything skipped as complete, exit status 0.
+    # Same command in-process with resume=true once the broken file is gone: everything kept as complete, exit 0.
     from hydra import compose, initialize_config_dir
 
     from wsiseg.config import config_dir
@@ -460,7 +492,8 @@ def test_cli_exit_status_and_report(patch_dir: Path, tmp_path: Path) -> None:
 
     (src / "broken.png").unlink()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="predict", overrides=[arg for arg in command[1:] if not arg.startswith("hydra.")])
+        overrides = [arg for arg in command[1:] if not arg.startswith("hydra.")]
+        cfg = compose(config_name="predict", overrides=[*overrides, "resume=true"])
     assert run_predict(cfg) == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["images"], report["done"], report["skipped"], report["failed"]) == (2, 0, 2, 0)

@@ -501,7 +501,8 @@ def run_patch_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             Image.fromarray(heatmap).save(naive_dir / f"{index}_heatmap.png")
 
     results = {"naive": _timed("naive", device, len(images), naive)}
-    writer = instantiate(cfg.writer, output_dir=str(out_dir / "predict"), overwrite=True)
+    plan = datamodule.plan_run(module.stride)
+    writer = instantiate(cfg.writer, _partial_=True)(output_dir=str(out_dir / "predict"), plan=plan)
     predict_trainer = instantiate(cfg.trainer, callbacks=[writer])
     results["optimised"] = _timed(
         "optimised",

@@ -24,6 +24,7 @@ from wsiseg.data.plan import slide_identity
 from wsiseg.errors import UserInputError
 from wsiseg.options import check_required, check_trainer_device
 from wsiseg.run_lock import run_folder_lock
+from wsiseg.writers.patch_writer import PatchWriter
 from wsiseg.writers.run_record import config_hash, read_complete_report
 from wsiseg.writers.slide_writer import SlideWriter
 
@@ -48,29 +49,38 @@ def predict_in_folder(cfg: DictConfig) -> int:
         0 when every slide completed, 1 when any was skipped or failed (their reasons are in ``summary.json``).
     """
     check_trainer_device(cfg)
+    slide_mode = _check_mode_pairing(cfg)
     if cfg.model.get("backend", "torch") == "torch":  # an ONNX file's stride is known once its sidecar is read
         _check_patch_size(cfg, int(getattr(get_class(cfg.model.net._target_), "stride", 1)))
     run_config = OmegaConf.to_container(cfg, resolve=True)
     provenance = run_provenance(cfg)
-    slide_mode = get_class(cfg.data._target_) is SlideTileDataModule
+    writer_options = OmegaConf.to_container(cfg.writer, resolve=True)
+    output_dir = Path(cfg.writer.output_dir)
     if slide_mode:
-        keep = resume_check(Path(cfg.writer.output_dir), run_config) if cfg.get("resume") else None
+        SlideWriter.options(**writer_options)  # before any slide is opened
+        keep = resume_check(output_dir, run_config) if cfg.get("resume") else None
         datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep)  # a callable: not through OmegaConf
-        SlideWriter.options(**OmegaConf.to_container(cfg.writer, resolve=True))  # before any slide is opened
     else:
-        datamodule = instantiate(cfg.data)
+        outputs = PatchWriter.options(**{**writer_options, "run_config": run_config})
+        keep = outputs.is_complete if cfg.get("resume") else None
+        datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep, outputs_of=outputs.written)
     module = instantiate(cfg.model)
     _check_patch_size(cfg, module.stride)
-    plan = datamodule.plan_run() if slide_mode else None  # opens and tiles the slides
-    extra = {"plan": plan} if slide_mode else {}  # objects are passed to the constructor as they are, not as config
-    writer = instantiate(cfg.writer, _partial_=True)(run_config=run_config, provenance=provenance, **extra)
+    # Opens and tiles the slides, or reads the images' headers: the plan every part gets through its constructor.
+    plan = datamodule.plan_run() if slide_mode else datamodule.plan_run(module.stride)
+    writer = instantiate(cfg.writer, _partial_=True)(plan=plan, run_config=run_config, provenance=provenance)
     trainer = instantiate(cfg.trainer, callbacks=[writer])
+    if not slide_mode and trainer.world_size > 1:
+        raise UserInputError(
+            f"patch mode (data=patches) runs on one device, the trainer has {trainer.world_size}: "
+            "set trainer.devices=1 (or trainer=gpu / trainer=cpu)"
+        )
     datamodule.batch_size = resolve_batch_size(
         datamodule.batch_size, module, datamodule.patch_size, trainer.strategy.root_device, trainer
     )
-    if plan is not None:
-        module.prepare(trainer.strategy.root_device.type, planned_tiles=plan.tiles)
-    if plan is not None and plan.tiles == 0:
+    # Patch pieces come in several shapes, each a recompilation: compile=auto weighs only slide tiles.
+    module.prepare(trainer.strategy.root_device.type, planned_tiles=plan.tiles if slide_mode else None)
+    if slide_mode and plan.tiles == 0:
         # No tissue anywhere, or everything resumed: Lightning would run no hooks, so write the outputs directly.
         if trainer.global_rank == 0:
             writer.write_without_tiles()
@@ -82,6 +92,19 @@ def predict_in_folder(cfg: DictConfig) -> int:
                 raise KeyboardInterrupt from None
             raise
     return 0 if all(row["status"] == "complete" for row in writer.results) else 1
+
+
+def _check_mode_pairing(cfg: DictConfig) -> bool:
+    """True for slide mode, False for patch mode; UserInputError when ``data`` and ``writer`` are of different modes."""
+    slide_data = get_class(cfg.data._target_) is SlideTileDataModule
+    slide_writer = get_class(cfg.writer._target_) is SlideWriter
+    if slide_data and not slide_writer:
+        raise UserInputError(
+            "writer=patches writes patch-folder outputs but data=slides reads slides: add data=patches"
+        )
+    if slide_writer and not slide_data:
+        raise UserInputError("data=patches needs the patch writer: add writer=patches to the command line")
+    return slide_data
 
 
 def _check_patch_size(cfg: DictConfig, stride: int) -> None:

@@ -31,9 +31,17 @@ def test_config_hash_ignores_what_does_not_change_outputs() -> None:
     same["writer"]["output_dir"] = "/elsewhere"
     same["trainer"]["devices"] = 4
     assert config_hash(same) == config_hash(config)
+    same["data"]["input_dir"] = "/patches"  # patch mode's input folder, as slide mode's list of slides
+    same["writer"].update(write_workers=4, blend_thread=True, cache_mb=1024, mask=True)
+    same["model"]["compile"] = True
+    assert config_hash(same) == config_hash(config)
     other = json.loads(json.dumps(config))
     other["data"]["patch_size"] = 256
     assert config_hash(other) != config_hash(config)
+    precision = json.loads(json.dumps(config))
+    precision["trainer"]["precision"] = "bf16-mixed"  # a lower precision changes the probabilities
+    assert config_hash(precision) != config_hash(config)
+    assert config_hash(config, extra={"opacity": 0.3}) != config_hash(config)  # options a writer got directly
     assert len(config_hash(config)) == 16
 
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "PAD_MODES",
     "PatchImage",
+    "PatchPlan",
     "PatchBatchDataset",
     "PatchFolderDataModule",
     "list_images",
+    "output_keys",
     "load_rgb",
     "plan_batches",
     "plan_pieces",
@@ -87,12 +88,12 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def plan_pieces(
-    size: tuple[int, int], patch_size: int, overlap: int, stride: int
+    size: tuple[int, int], patch_size: int, overlap: int, multiple: int
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Pieces of an image of ``size`` (W, H) image px: ``(origins (K, 2) int64 (x, y), (h, w) piece shape)``.
 
-    An image with both sides ``<= patch_size`` is one piece at (0, 0) padded up to multiples of ``stride``; a larger one
-    is tiled by ``TileGrid(size, patch_size, overlap)`` with ``patch_size`` × ``patch_size`` pieces.
+    An image with both sides ``<= patch_size`` is one piece at (0, 0) padded up to multiples of ``multiple`` px; a
+    larger one is tiled by ``TileGrid(size, patch_size, overlap)`` with ``patch_size`` × ``patch_size`` pieces.
 
     Example::
 
@@ -103,7 +104,7 @@ def plan_pieces(
     """
     width, height = size
     if width <= patch_size and height <= patch_size:
-        return np.zeros((1, 2), np.int64), (_round_up(height, stride), _round_up(width, stride))
+        return np.zeros((1, 2), np.int64), (_round_up(height, multiple), _round_up(width, multiple))
     return TileGrid((width, height), patch_size, overlap).origins(), (patch_size, patch_size)
 
 
@@ -144,6 +145,28 @@ def list_images(input_dir: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
         if path.suffix.lower() in wanted and not any(part.startswith(".") for part in rel.parts) and path.is_file():
             found.append(path)
     return sorted(found, key=lambda p: p.relative_to(input_dir).as_posix())
+
+
+def output_keys(input_dir: Path, paths: Sequence[Path]) -> list[str]:
+    """One output key per image, unique within the run: its path relative to ``input_dir`` without the extension, or
+    with it when two images of one folder share a stem (``x.png`` and ``x.jpg`` become ``x.png`` and ``x.jpg``)."""
+    stems: dict[str, int] = {}
+    for path in paths:
+        stem = path.relative_to(input_dir).with_suffix("").as_posix()
+        stems[stem] = stems.get(stem, 0) + 1
+    keys: list[str] = []
+    taken: set[str] = set()
+    for path in paths:
+        rel = path.relative_to(input_dir).as_posix()
+        stem = path.relative_to(input_dir).with_suffix("").as_posix()
+        key = stem if stems[stem] == 1 and stem not in taken else rel
+        n = 1
+        while key in taken:  # only for names such as x.png next to x.png.jpg
+            n += 1
+            key = f"{rel}-{n}"
+        taken.add(key)
+        keys.append(key)
+    return keys
 
 
 def _check_mode(path: Path, mode: str) -> None:
@@ -264,30 +287,68 @@ class PatchBatchDataset(Dataset):
         }
 
 
+@dataclass(frozen=True)
+class PatchPlan:
+    """What one patch-mode run does with the images of ``data.input_dir``.
+
+    Attributes:
+        input_dir: the folder the images were found in.
+        patch_size: the network's patch side, px (``data.patch_size``).
+        images: every readable image, in input order (dataset indices refer to this tuple).
+        failed: ``(path, one-line reason)`` of images whose header cannot be read.
+        kept: indices into ``images`` whose outputs are complete for this config (``resume=true``): not predicted.
+        ignored: indices into ``images`` that are outputs of this run (``writer.output_dir`` inside ``input_dir``).
+    """
+
+    input_dir: Path
+    patch_size: int = 512
+    images: tuple[PatchImage, ...] = ()
+    failed: tuple[tuple[Path, str], ...] = ()
+    kept: tuple[int, ...] = ()
+    ignored: tuple[int, ...] = ()
+
+    @property
+    def todo(self) -> list[int]:
+        """Indices into ``images`` to predict, in input order."""
+        leave = set(self.kept) | set(self.ignored)
+        return [i for i in range(len(self.images)) if i not in leave]
+
+    @property
+    def tiles(self) -> int:
+        """Network inputs (pieces) this run predicts."""
+        return sum(len(self.images[i].origins) for i in self.todo)
+
+
 class PatchFolderDataModule(pl.LightningDataModule):
     """Every PNG/JPEG/TIFF image under a folder, for prediction with ``writer=patches``.
 
-    ``setup`` lists the images (recursively, sorted), reads their headers and plans their pieces; an image whose header
-    cannot be read is logged by name and listed in :attr:`failed` (the writer reports it). The writer may then call
-    :meth:`skip_images` (outputs already complete); ``predict_dataloader`` batches the remaining pieces by shape, and
-    workers decode the images (a corrupt one yields white pieces with an ``error`` the writer reports).
+    :meth:`plan_run` (called by the entry point with the network's stride) lists the images (recursively, sorted),
+    reads their headers, plans their pieces and sets aside the images ``keep_complete`` accepts (``resume=true``) and
+    those that are this run's own outputs (``outputs_of``); an image whose header cannot be read is logged by name and
+    listed in the plan's ``failed`` (the writer reports it). ``predict_dataloader`` batches the remaining pieces by
+    shape, and workers decode the images (a corrupt one yields white pieces with an ``error`` the writer reports).
 
     Args:
         input_dir: folder of images (``data.input_dir``).
         patch_size: the model's patch side, px: images of this size batch together; larger ones are tiled into it.
         overlap: overlap of the tiles of larger images, px, ``0 <= overlap < patch_size``.
-        stride: pad small images to a multiple of this; None takes the model's stride (16 when no model is attached).
+        pad_multiple: pad small images to a multiple of this many px; None takes the network's stride (given to
+            :meth:`plan_run`).
         pad: ``white`` (as past a slide's edge) or ``replicate`` (edge pixels) for the padding.
         extensions: file endings read (case-insensitive).
         batch_size: pieces per batch.
         num_workers: DataLoader worker processes decoding images.
         pin_memory: pin host batches (only takes effect with CUDA).
         prefetch_factor: batches prefetched per worker.
+        keep_complete: ``image → bool``: True for an image whose outputs are already complete for this run
+            (``resume=true``); it is not predicted.
+        outputs_of: ``images → resolved paths`` of the files this run writes for them (never read as inputs).
 
     Example::
 
         dm = PatchFolderDataModule("patches/", patch_size=256)
-        trainer = Trainer(callbacks=[PatchWriter("out/")])
+        plan = dm.plan_run(module.stride)
+        trainer = Trainer(callbacks=[PatchWriter("out/", plan=plan)])
         trainer.predict(module, datamodule=dm, return_predictions=False)
     """
 
@@ -296,21 +357,25 @@ class PatchFolderDataModule(pl.LightningDataModule):
         input_dir: str | Path,
         patch_size: int = 512,
         overlap: int = 0,
-        stride: int | None = None,
+        pad_multiple: int | None = None,
         pad: str = "white",
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         batch_size: int = 16,
         num_workers: int = 2,
         pin_memory: bool = True,
         prefetch_factor: int = 4,
+        keep_complete: Callable[[PatchImage], bool] | None = None,
+        outputs_of: Callable[[Sequence[PatchImage]], set[Path]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(patch_size, str) or patch_size < 1:
             raise UserInputError(f"data.patch_size must be a positive integer, got {patch_size}")
         if not 0 <= overlap < patch_size:
             raise UserInputError(f"data.overlap must satisfy 0 <= overlap < patch_size ({patch_size}), got {overlap}")
-        if stride is not None and stride < 1:
-            raise UserInputError(f"data.stride must be a positive integer or null (the model's), got {stride}")
+        if pad_multiple is not None and (isinstance(pad_multiple, str) or pad_multiple < 1):
+            raise UserInputError(
+                f"data.pad_multiple must be a positive integer or null (the network's stride), got {pad_multiple}"
+            )
         if pad not in PAD_MODES:
             raise UserInputError(f"data.pad must be one of {', '.join(PAD_MODES)}; got '{pad}'")
         if isinstance(batch_size, str) or batch_size < 1:
@@ -318,47 +383,30 @@ class PatchFolderDataModule(pl.LightningDataModule):
         if not input_dir:
             raise UserInputError("data.input_dir is empty: pass data.input_dir=/path/to/patches")
         self.input_dir = Path(str(input_dir)).expanduser()
-        self.patch_size, self.overlap, self.stride_option, self.pad = patch_size, overlap, stride, pad
+        self.patch_size, self.overlap, self.pad_multiple, self.pad = patch_size, overlap, pad_multiple, pad
         self.extensions = tuple(extensions)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self.images: list[PatchImage] = []
-        self.failed: list[tuple[Path, str]] = []
-        self.skipped: set[int] = set()
-        self.stride = stride or 16  # the padding multiple; setup() replaces it with the model's stride
-        self._ready = False
+        self.keep_complete = keep_complete or (lambda image: False)
+        self.outputs_of = outputs_of or (lambda images: set())
+        self._plan: PatchPlan | None = None
 
-    def _model_stride(self) -> int:
-        if self.stride_option:
-            return int(self.stride_option)
-        trainer = self.trainer
-        module = None if trainer is None else trainer.lightning_module
-        return int(getattr(module, "stride", 16))
+    def plan_run(self, stride: int = 16) -> PatchPlan:
+        """List, read the headers of and plan every image once (pieces padded to ``pad_multiple`` or else
+        ``stride``, the network's); later calls return the same plan.
 
-    def _check_trainer(self) -> None:
-        trainer = self.trainer
-        if trainer is None:
-            return
-        if trainer.world_size > 1:
+        Raises:
+            UserInputError: ``data.patch_size`` is not a multiple of ``stride``, or ``data.input_dir`` is missing,
+                a file, or holds no images.
+        """
+        if self._plan is not None:
+            return self._plan
+        if self.patch_size % stride:
             raise UserInputError(
-                f"patch mode (data=patches) runs on one device, the trainer has {trainer.world_size}: "
-                "set trainer.devices=1 (or trainer=gpu / trainer=cpu)"
+                f"data.patch_size={self.patch_size} is not a multiple of the network's stride {stride}: "
+                f"use e.g. {max(stride, self.patch_size // stride * stride)}"
             )
-        # A SlideWriter among the callbacks means its module is loaded; looking it up avoids importing the slide stack.
-        slide_writer = sys.modules.get("wsiseg.writers.slide_writer")
-        if slide_writer is not None and any(isinstance(cb, slide_writer.SlideWriter) for cb in trainer.callbacks):
-            raise UserInputError("data=patches needs the patch writer: add writer=patches to the command line")
-
-    def setup(self, stage: str | None = None) -> None:
-        if self._ready:
-            return
-        self._check_trainer()
-        self.stride = self._model_stride()
-        if self.patch_size % self.stride:
-            raise UserInputError(
-                f"data.patch_size={self.patch_size} is not a multiple of the network's stride {self.stride}: "
-                f"use e.g. {max(self.stride, self.patch_size // self.stride * self.stride)}"
-            )
+        multiple = int(self.pad_multiple or stride)
         if not self.input_dir.exists():
             raise UserInputError(f"data.input_dir '{self.input_dir}' does not exist: pass a folder of images")
         if not self.input_dir.is_dir():
@@ -371,60 +419,49 @@ class PatchFolderDataModule(pl.LightningDataModule):
                 f"data.input_dir '{self.input_dir}' holds no images ending in {', '.join(self.extensions)}: "
                 "check the path or set data.extensions"
             )
-        keys: set[str] = set()
-        stems: dict[str, int] = {}
-        for path in paths:
-            stem = path.relative_to(self.input_dir).with_suffix("").as_posix()
-            stems[stem] = stems.get(stem, 0) + 1
-        for path in paths:
-            rel = path.relative_to(self.input_dir).as_posix()
-            stem = path.relative_to(self.input_dir).with_suffix("").as_posix()
-            key = stem if stems[stem] == 1 and stem not in keys else rel
-            n = 1
-            while key in keys:  # only for names such as x.png next to x.png.jpg
-                n += 1
-                key = f"{rel}-{n}"
-            keys.add(key)
+        images: list[PatchImage] = []
+        failed: list[tuple[Path, str]] = []
+        for path, key in zip(paths, output_keys(self.input_dir, paths)):
             try:
                 size = read_header(path)
-                origins, piece = plan_pieces(size, self.patch_size, self.overlap, self.stride)
+                origins, piece = plan_pieces(size, self.patch_size, self.overlap, multiple)
             except UserInputError as exc:
                 log.error("%s; skipped", exc)
-                self.failed.append((path, str(exc)))
+                failed.append((path, str(exc)))
                 continue
-            self.images.append(PatchImage(path, rel, key, size, origins, piece, path.stat().st_mtime))
-        pieces = sum(len(image.origins) for image in self.images)
-        shapes = len({image.piece for image in self.images})
+            rel = path.relative_to(self.input_dir).as_posix()
+            images.append(PatchImage(path, rel, key, size, origins, piece, path.stat().st_mtime))
+        outputs = self.outputs_of(images)
+        ignored = tuple(i for i, image in enumerate(images) if image.path.resolve() in outputs)
+        kept = tuple(i for i, image in enumerate(images) if i not in ignored and self.keep_complete(image))
+        self._plan = PatchPlan(self.input_dir, self.patch_size, tuple(images), tuple(failed), kept, ignored)
         log.info(
             "%s: %d image(s), %d unreadable; %d piece(s) in %d shape(s)",
             self.input_dir,
-            len(self.images),
-            len(self.failed),
-            pieces,
-            shapes,
+            len(images),
+            len(failed),
+            sum(len(image.origins) for image in images),
+            len({image.piece for image in images}),
         )
-        self._ready = True
+        if ignored:
+            log.info("%d file(s) in data.input_dir are outputs of this run; not read as inputs", len(ignored))
+        return self._plan
 
     @property
-    def planned_tiles(self) -> int:
-        """Network inputs (pieces) this run will process (after setup)."""
-        return sum(len(image.origins) for i, image in enumerate(self.images) if i not in self.skipped)
-
-    def skip_images(self, indices: Iterable[int]) -> None:
-        """Leave ``images[i]`` out of the DataLoader (called by the writer's ``setup`` before the loader is built)."""
-        self.skipped.update(int(i) for i in indices)
+    def plan(self) -> PatchPlan:
+        """The run's plan (after :meth:`plan_run`)."""
+        if self._plan is None:
+            raise RuntimeError("PatchFolderDataModule.plan_run() has not run")
+        return self._plan
 
     def batch_plan(self) -> list[list[tuple[int, int]]]:
         """The batches ``predict_dataloader`` yields: ``(image index, piece index)`` pairs, one piece shape each."""
-        keep = (i for i in range(len(self.images)) if i not in self.skipped)
-        return plan_batches(self.images, keep, self.batch_size)
+        return plan_batches(self.plan.images, self.plan.todo, self.batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        if not self._ready:
-            raise RuntimeError("PatchFolderDataModule.setup() has not run")
         workers = self.num_workers
         return DataLoader(
-            PatchBatchDataset(self.images, self.batch_plan(), self.pad),
+            PatchBatchDataset(self.plan.images, self.batch_plan(), self.pad),
             batch_size=1,  # one item is one whole batch; a real batch sampler lets Lightning track batch indices
             collate_fn=_only_item,
             shuffle=False,

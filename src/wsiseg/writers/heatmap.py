@@ -5,12 +5,20 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["render_heatmap", "png_bytes", "LABEL_COLOURS"]
+__all__ = ["render_heatmap", "colour_map", "png_bytes", "LABEL_COLOURS"]
 
 LABEL_COLOURS = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]],
     np.uint8,
 )
+
+
+def colour_map(mask: np.ndarray, labels: bool = False) -> np.ndarray:
+    """(H, W) uint8 mask → (H, W, 3) uint8 RGB: the JET colour map of the probability 0-255, or a fixed colour per
+    class label (0 = background, black)."""
+    if labels:
+        return LABEL_COLOURS[mask % len(LABEL_COLOURS)]
+    return np.ascontiguousarray(cv2.applyColorMap(mask, cv2.COLORMAP_JET)[..., ::-1])
 
 
 def render_heatmap(thumbnail: np.ndarray, mask: np.ndarray, labels: bool = False, opacity: float = 0.6) -> np.ndarray:
@@ -28,16 +36,14 @@ def render_heatmap(thumbnail: np.ndarray, mask: np.ndarray, labels: bool = False
     h, w = thumbnail.shape[:2]
     if labels:
         resized = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-        colours = LABEL_COLOURS[resized % len(LABEL_COLOURS)]
+        colours = colour_map(resized, labels=True)
         alpha = np.where(resized > 0, np.float32(opacity), np.float32(0.0))
     else:
         resized = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA)
-        colours = cv2.applyColorMap(resized, cv2.COLORMAP_JET)[..., ::-1]
+        colours = colour_map(resized)
         alpha = resized.astype(np.float32) * np.float32(opacity / 255.0)
     # per-pixel (1 - alpha)·thumbnail + alpha·colour, rounded (OpenCV, multi-threaded: much faster than numpy float32)
-    return cv2.blendLinear(
-        np.ascontiguousarray(thumbnail), np.ascontiguousarray(colours), np.float32(1.0) - alpha, alpha
-    )
+    return cv2.blendLinear(np.ascontiguousarray(thumbnail), colours, np.float32(1.0) - alpha, alpha)
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

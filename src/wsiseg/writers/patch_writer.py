@@ -1,32 +1,38 @@
-"""``PatchWriter``: per-image heatmaps (and masks) for patch-folder mode, mirrored under ``output_dir``."""
+"""``PatchWriter``: per-image heatmaps (and masks) for patch-folder mode, mirrored under ``output_dir``.
+
+The same parts as the slide writer: tiles of an image larger than one patch are blended in a
+:class:`~wsiseg.writers.store.BlendingAccumulator` (held in memory), rows and the run's ``report.json`` go through a
+:class:`~wsiseg.writers.run_record.RunRecord` with the same config hash, and ``resume=true`` is the one rule that
+keeps complete outputs (the entry point hands the data module :meth:`PatchOutputs.is_complete`).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from wsiseg.atomic import atomic_path, write_json_atomic
+from wsiseg.atomic import atomic_path
 from wsiseg.data.grid import BLEND_MODES, blend_window
-from wsiseg.data.patches import PatchFolderDataModule, PatchImage
+from wsiseg.data.patches import PatchImage, PatchPlan
 from wsiseg.errors import UserInputError
 from wsiseg.writers._batch import as_ints
-from wsiseg.writers.heatmap import LABEL_COLOURS, render_heatmap
+from wsiseg.writers.heatmap import colour_map, render_heatmap
+from wsiseg.writers.run_record import RunRecord, config_hash
+from wsiseg.writers.store import BlendingAccumulator
 
-__all__ = ["PatchWriter", "outputs_hash", "colour_map", "HEATMAP_SUFFIX", "MASK_SUFFIX"]
+__all__ = ["PatchWriter", "PatchOutputs", "HEATMAP_SUFFIX", "MASK_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -35,34 +41,50 @@ MASK_SUFFIX = "_mask.png"
 _HASH_KEY = "wsiseg:config"
 _SOURCE_KEY = "wsiseg:source"
 
-# Options that change how fast or where a run writes, not what it writes.
-_RUN_ONLY = {
-    "data": {"input_dir", "batch_size", "num_workers", "pin_memory", "prefetch_factor", "extensions"},
-    "writer": {"output_dir", "overwrite", "write_workers", "mask"},
-    "model": {"compile", "max_chunk", "channels_last", "output_dtype"},
-}
 
+@dataclass(frozen=True)
+class PatchOutputs:
+    """Where an image's outputs go and when they count as complete.
 
-def outputs_hash(run_config: dict[str, Any] | None, writer_options: dict[str, Any]) -> str:
-    """Short hash of what changes an image's heatmap/mask: model, piece geometry, writer rendering options and the
-    trainer's precision. Stored in each output PNG; a re-run only keeps outputs whose hash matches."""
-    config = dict(run_config or {})
-    relevant: dict[str, Any] = {"writer_options": writer_options}
-    for section in ("model", "data", "writer"):
-        value = config.get(section)
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in _RUN_ONLY[section]}
-        relevant[section] = value
-    trainer = config.get("trainer")
-    relevant["precision"] = trainer.get("precision") if isinstance(trainer, dict) else None
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    Attributes:
+        output_dir: the output folder; ``<key>_heatmap.png`` (and ``<key>_mask.png``) are written under it.
+        mask: whether ``<key>_mask.png`` is written (and so required for completeness).
+        hash: the config hash stored in every PNG (text chunk ``wsiseg:config``).
+    """
 
+    output_dir: Path
+    mask: bool
+    hash: str
 
-def colour_map(mask: np.ndarray, labels: bool) -> np.ndarray:
-    """(H, W) uint8 mask → (H, W, 3) uint8 RGB: JET colour map of the probability, or a fixed colour per class label."""
-    if labels:
-        return LABEL_COLOURS[mask % len(LABEL_COLOURS)]
-    return np.ascontiguousarray(cv2.applyColorMap(mask, cv2.COLORMAP_JET)[..., ::-1])
+    def paths(self, image: PatchImage) -> dict[str, Path]:
+        """The files written for ``image``: ``heatmap`` always, ``mask`` when asked for."""
+        paths = {"heatmap": self.output_dir / f"{image.key}{HEATMAP_SUFFIX}"}
+        if self.mask:
+            paths["mask"] = self.output_dir / f"{image.key}{MASK_SUFFIX}"
+        return paths
+
+    def is_complete(self, image: PatchImage) -> bool:
+        """True when every output of ``image`` exists, is a PNG of its size written under this hash, and is not older
+        than the input. Reads PNG headers only."""
+        for path in self.paths(image).values():
+            try:
+                if path.stat().st_mtime < image.mtime:
+                    return False
+                with Image.open(path) as im:
+                    if im.format != "PNG" or im.size != image.size or im.info.get(_HASH_KEY) != self.hash:
+                        return False
+            except Exception:  # missing or unreadable output: not complete
+                return False
+        return True
+
+    def written(self, images: Sequence[PatchImage]) -> set[Path]:
+        """Resolved paths of every file this run may write for ``images`` (whether or not it asks for masks), so an
+        output folder inside the input folder never feeds its own outputs back as inputs."""
+        return {
+            (self.output_dir / f"{image.key}{suffix}").resolve()
+            for image in images
+            for suffix in (HEATMAP_SUFFIX, MASK_SUFFIX)
+        }
 
 
 @dataclass
@@ -70,46 +92,80 @@ class _ImageState:
     """Predictions of one image gathered so far (image px frame, cropped to the image)."""
 
     started: float
-    probs: np.ndarray | None = None  # (C, H, W) float32: the prediction, or the blended sum for tiled images
-    weights: np.ndarray | None = None  # (H, W) float32 blending weights (tiled images only)
+    probs: np.ndarray | None = None  # (C, H, W) float32: a single-piece image's prediction
+    store: BlendingAccumulator | None = None  # a tiled image's blended tiles
     rgb: np.ndarray | None = None  # (H, W, 3) uint8 input pixels (for the overlay)
     pieces: int = 0
     error: str = ""
 
 
 class PatchWriter(BasePredictionWriter):
-    """Writes ``<key>_heatmap.png`` (and ``<key>_mask.png``) for every input of a :class:`PatchFolderDataModule`.
+    """Writes ``<key>_heatmap.png`` (and ``<key>_mask.png``) for every image of a :class:`PatchPlan`.
 
     ``<key>`` is the input's path relative to ``data.input_dir`` without its extension, so sub-folders are mirrored
     under ``output_dir``. Outputs have the input's size (image px): single-piece images are cropped back from their
     padding, larger ones blended from their tiles with ``blend`` weights. Each file is written atomically and carries
-    a hash of the settings that made it (PNG text ``wsiseg:config``); a re-run skips an input whose outputs exist, have
-    its size and hash and are newer than it, unless ``overwrite``. Unreadable inputs are reported by name and fail;
-    the others are written. At the end ``report.json`` (counts, wall time, images/s, one row per image) is written to
-    ``output_dir`` and a summary is logged.
+    the run's config hash (PNG text ``wsiseg:config``). Images the plan keeps (``resume=true``) are reported as
+    skipped; unreadable inputs are reported by name and fail; the others are written. At the end ``report.json``
+    (counts, wall time, images/s, one row per image) is written to ``output_dir`` and a summary is logged.
 
     Args:
         output_dir: output folder (the Hydra run folder by default).
+        plan: the run's plan (:meth:`wsiseg.data.patches.PatchFolderDataModule.plan_run`).
         mask: also write ``<key>_mask.png``: uint8 probability 0-255, or class labels for ``model.reduction=none``.
         overlay: blend the colour-mapped probability over the input; False writes the colour map alone.
         opacity: overlay opacity where the probability is 1 (scaled by the probability; labels use it as is).
         blend: ``none`` | ``linear`` | ``gaussian`` weights for the tiles of images larger than ``data.patch_size``.
         sigma_scale: Gaussian width relative to the tile side (``blend=gaussian``).
-        output_downsample: must be 1 (outputs keep the input's pixels); present because the model config reads it.
-        overwrite: recompute inputs whose outputs are already complete.
+        output_downsample: must be 1 (outputs keep the input's pixels); the model's config reads it from here.
         write_workers: threads encoding and writing PNGs (0 writes on the main thread).
-        run_config: the composed config (set by the entry point); part of the outputs' hash and stored in the report.
+        run_config: the composed config (set by the entry point); its hash is stored in each output and the report.
         provenance: what produced the outputs (versions, the weights and their SHA-256), stored in the report.
+
+    Raises:
+        UserInputError: an option outside its allowed values (the message names it).
 
     Example::
 
-        writer = PatchWriter("out/", mask=True)
-        trainer = Trainer(callbacks=[writer])
-        trainer.predict(module, datamodule=PatchFolderDataModule("patches/", patch_size=256))
+        plan = datamodule.plan_run(module.stride)
+        trainer = Trainer(callbacks=[PatchWriter("out/", plan=plan, mask=True)])
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
     """
 
     def __init__(
         self,
+        output_dir: str | Path,
+        plan: PatchPlan,
+        mask: bool = False,
+        overlay: bool = True,
+        opacity: float = 0.6,
+        blend: str = "gaussian",
+        sigma_scale: float = 0.125,
+        output_downsample: int = 1,
+        write_workers: int = 2,
+        run_config: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.outputs = self.options(
+            output_dir, mask, overlay, opacity, blend, sigma_scale, output_downsample, write_workers, run_config
+        )
+        self.plan, self.output_dir, self.mask = plan, self.outputs.output_dir, mask
+        self.overlay, self.opacity, self.blend, self.sigma_scale = overlay, opacity, blend, sigma_scale
+        self.write_workers = write_workers
+        self.record = RunRecord(self.output_dir, run_config, provenance, hash=self.outputs.hash)
+        self.results = self.record.rows
+        self.report: dict[str, Any] = {}
+        self._states: dict[int, _ImageState] = {}
+        self._pending: deque[tuple[int, float, Future]] = deque()
+        self._executor: ThreadPoolExecutor | None = None
+        self._windows: dict[int, np.ndarray] = {}
+        self._started = 0.0
+        self._counts = {"done": 0, "skipped": 0, "failed": 0}
+        self._batch_size = 0  # the largest batch seen
+
+    @staticmethod
+    def options(
         output_dir: str | Path,
         mask: bool = False,
         overlay: bool = True,
@@ -117,13 +173,12 @@ class PatchWriter(BasePredictionWriter):
         blend: str = "gaussian",
         sigma_scale: float = 0.125,
         output_downsample: int = 1,
-        overwrite: bool = False,
         write_workers: int = 2,
         run_config: dict[str, Any] | None = None,
-        provenance: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(write_interval="batch")
-        self.provenance = dict(provenance or {})
+        **_: Any,
+    ) -> PatchOutputs:
+        """The writer's options checked (UserInputError naming the ``writer.*`` key) and its outputs' naming and hash,
+        without building a writer: the entry point calls it with ``cfg.writer`` before any image is read."""
         if blend not in BLEND_MODES:
             raise UserInputError(f"writer.blend must be one of {', '.join(BLEND_MODES)}; got '{blend}'")
         if output_downsample != 1:
@@ -135,85 +190,24 @@ class PatchWriter(BasePredictionWriter):
             raise UserInputError(f"writer.opacity must be in [0, 1], got {opacity}")
         if write_workers < 0:
             raise UserInputError(f"writer.write_workers must be >= 0, got {write_workers}")
-        self.output_dir = Path(output_dir)
-        self.mask, self.overlay, self.opacity = mask, overlay, opacity
-        self.blend, self.sigma_scale, self.output_downsample = blend, sigma_scale, output_downsample
-        self.overwrite, self.write_workers = overwrite, write_workers
-        self.run_config = run_config
-        self.results: list[dict[str, Any]] = []
-        self.report: dict[str, Any] = {}
-        self._images: list[PatchImage] = []
-        self._states: dict[int, _ImageState] = {}
-        self._pending: deque[tuple[int, float, Future]] = deque()
-        self._executor: ThreadPoolExecutor | None = None
-        self._windows: dict[int, np.ndarray] = {}
-        self._hash = ""
-        self._started = 0.0
-        self._counts = {"done": 0, "skipped": 0, "failed": 0, "ignored": 0}
-        self._datamodule: PatchFolderDataModule | None = None
+        rendering = {"overlay": overlay, "opacity": opacity, "blend": blend, "sigma_scale": sigma_scale}
+        return PatchOutputs(Path(output_dir), bool(mask), config_hash(run_config, extra=rendering))
 
-    # -- paths and completeness ----------------------------------------------------------------------------------
-    def output_paths(self, image: PatchImage) -> dict[str, Path]:
-        """The files written for ``image``: ``heatmap`` always, ``mask`` when asked for."""
-        paths = {"heatmap": self.output_dir / f"{image.key}{HEATMAP_SUFFIX}"}
-        if self.mask:
-            paths["mask"] = self.output_dir / f"{image.key}{MASK_SUFFIX}"
-        return paths
-
-    def is_complete(self, image: PatchImage) -> bool:
-        """True when every output of ``image`` exists, is a PNG of its size written with the current settings' hash,
-        and is not older than the input. Reads PNG headers only."""
-        for path in self.output_paths(image).values():
-            try:
-                if path.stat().st_mtime < image.mtime:
-                    return False
-                with Image.open(path) as im:
-                    if im.format != "PNG" or im.size != image.size or im.info.get(_HASH_KEY) != self._hash:
-                        return False
-            except Exception:  # missing or unreadable output: not complete
-                return False
-        return True
-
-    # -- Lightning hooks -----------------------------------------------------------------------------------------
+    # -- Lightning hooks (setup and teardown run even when every image is kept and no batch is predicted) ---------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
-        if not isinstance(datamodule, PatchFolderDataModule):
-            raise UserInputError(
-                f"writer=patches writes patch-folder outputs but data is {type(datamodule).__name__}: add data=patches"
-            )
-        self._datamodule = datamodule
         self._started = time.perf_counter()
-        self._images = list(datamodule.images)
-        self._states, self._pending, self.results, self.report = {}, deque(), [], {}
-        self._counts = {"done": 0, "skipped": 0, "failed": 0, "ignored": 0}
-        self._hash = outputs_hash(
-            self.run_config,
-            {"overlay": self.overlay, "opacity": self.opacity, "blend": self.blend, "sigma": self.sigma_scale},
-        )
+        self._states, self._pending, self.report = {}, deque(), {}
+        self.record.rows.clear()
+        self._counts = {"done": 0, "skipped": 0, "failed": 0}
+        self._batch_size = 0
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.write_workers:
             self._executor = ThreadPoolExecutor(self.write_workers, thread_name_prefix="wsiseg-write")
-        for path, reason in datamodule.failed:
+        for path, reason in self.plan.failed:
             self._row(path, "failed", 0, 0.0, reason)
-        # Outputs of this run found among the inputs (output_dir inside input_dir) are never read as inputs.
-        written = {
-            (self.output_dir / f"{image.key}{suffix}").resolve()
-            for image in self._images
-            for suffix in (HEATMAP_SUFFIX, MASK_SUFFIX)
-        }
-        skip = []
-        for index, image in enumerate(self._images):
-            if image.path.resolve() in written:
-                skip.append(index)
-                self._counts["ignored"] += 1
-            elif not self.overwrite and self.is_complete(image):
-                skip.append(index)
-                self._row(image.path, "skipped", 0, 0.0, "outputs complete (writer.overwrite=true recomputes)", image)
-        datamodule.skip_images(skip)
-        if self._counts["ignored"]:
-            log.info(
-                "%d file(s) in data.input_dir are outputs of this run; not read as inputs", self._counts["ignored"]
-            )
+        for index in self.plan.kept:
+            image = self.plan.images[index]
+            self._row(image.path, "skipped", 0, 0.0, "resumed: complete outputs kept", image)
 
     def write_on_batch_end(
         self,
@@ -230,8 +224,9 @@ class PatchWriter(BasePredictionWriter):
         image_indices = as_ints(prediction["image_index"])
         piece_indices = as_ints(prediction["piece_index"])
         errors = prediction.get("error") or [""] * len(image_indices)
+        self._batch_size = max(self._batch_size, len(image_indices))
         for i, (index, piece_index) in enumerate(zip(image_indices, piece_indices)):
-            image = self._images[index]
+            image = self.plan.images[index]
             state = self._states.get(index)
             if state is None:
                 state = self._states[index] = _ImageState(started=time.perf_counter())
@@ -249,7 +244,7 @@ class PatchWriter(BasePredictionWriter):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for index in sorted(self._states):  # only when the loop stopped early (e.g. limit_predict_batches)
             state = self._states[index]
-            total = len(self._images[index].origins)
+            total = len(self.plan.images[index].origins)
             state.error = state.error or f"only {state.pieces} of {total} piece(s) were predicted"
             self._finish(index)
         self._drain(0)
@@ -280,34 +275,28 @@ class PatchWriter(BasePredictionWriter):
             )
         width, height = image.size
         x, y = (int(v) for v in image.origins[piece_index])
-        w, h = min(image.piece[1], width - x), min(image.piece[0], height - y)
         if not image.tiled:
             state.probs = np.ascontiguousarray(probs[:, :height, :width])
             if pixels is not None:
                 state.rgb = np.ascontiguousarray(pixels[:, :height, :width].transpose(1, 2, 0))
             return
-        if state.probs is None:
-            state.probs = np.zeros((probs.shape[0], height, width), np.float32)
-            state.weights = np.zeros((height, width), np.float32)
+        if state.store is None:
+            state.store = BlendingAccumulator(None, probs.shape[0], image.size, chunk=max(width, height))
             if pixels is not None:
                 state.rgb = np.zeros((height, width, 3), np.uint8)
-        assert state.weights is not None
-        window = self._window(image.piece[0])[:h, :w]
-        state.probs[:, y : y + h, x : x + w] += probs[:, :h, :w] * window
-        state.weights[y : y + h, x : x + w] += window
+        state.store.add(x, y, probs, self._window(image.piece[0]))
         if pixels is not None and state.rgb is not None:
+            w, h = min(image.piece[1], width - x), min(image.piece[0], height - y)
             state.rgb[y : y + h, x : x + w] = pixels[:, :h, :w].transpose(1, 2, 0)
 
     def _finish(self, index: int) -> None:
         """Turn one image's gathered predictions into its mask and hand the PNGs to the writer threads."""
-        image = self._images[index]
+        image = self.plan.images[index]
         state = self._states.pop(index)
-        if state.error or state.probs is None:
+        probs = state.store.read_all() if state.store is not None else state.probs
+        if state.error or probs is None:
             self._fail(image, state, state.error or "no prediction arrived")
             return
-        probs = state.probs
-        if state.weights is not None:
-            probs = probs / state.weights
         labels = probs.shape[0] > 1
         if labels:
             mask = probs.argmax(axis=0).astype(np.uint8)
@@ -327,7 +316,7 @@ class PatchWriter(BasePredictionWriter):
             self._complete(index, started, future.result)
 
     def _complete(self, index: int, started: float, write: Any, *args: Any) -> None:
-        image = self._images[index]
+        image = self.plan.images[index]
         try:
             write(*args)
         except Exception as exc:
@@ -337,10 +326,10 @@ class PatchWriter(BasePredictionWriter):
 
     def _write_pair(self, image: PatchImage, rgb: np.ndarray | None, mask: np.ndarray, labels: bool) -> None:
         """Render and write the heatmap (and mask) of one image, each atomically (runs on a writer thread)."""
-        paths = self.output_paths(image)
+        paths = self.outputs.paths(image)
         paths["heatmap"].parent.mkdir(parents=True, exist_ok=True)
         info = PngInfo()
-        info.add_text(_HASH_KEY, self._hash)
+        info.add_text(_HASH_KEY, self.outputs.hash)
         info.add_text(_SOURCE_KEY, image.rel)
         if self.overlay and rgb is not None:
             heatmap = render_heatmap(rgb, mask, labels=labels, opacity=self.opacity)
@@ -353,7 +342,7 @@ class PatchWriter(BasePredictionWriter):
             Image.fromarray(heatmap).save(tmp, format="PNG", pnginfo=info)
 
     def _fail(self, image: PatchImage, state: _ImageState | None, reason: str, started: float | None = None) -> None:
-        for path in self.output_paths(image).values():  # stale outputs of an earlier run must not look complete
+        for path in self.outputs.paths(image).values():  # stale outputs of an earlier run must not look complete
             path.unlink(missing_ok=True)
         log.error("%s; skipped", reason)
         start = state.started if state is not None else started
@@ -364,48 +353,41 @@ class PatchWriter(BasePredictionWriter):
         self, path: Path, outcome: str, pieces: int, seconds: float, reason: str, image: PatchImage | None = None
     ) -> None:
         """One result row; ``status`` is ``complete`` for done and skipped (predict's exit status reads it)."""
-        datamodule = self._datamodule
-        rel = image.rel if image is not None else _relative(path, datamodule.input_dir if datamodule else None)
         self._counts[outcome] += 1
-        self.results.append(
-            {
-                "slide": str(path),
-                "image": rel,
-                "status": "failed" if outcome == "failed" else "complete",
-                "outcome": outcome,
-                "tiles": pieces,
-                "seconds": round(seconds, 4),
-                "reason": reason,
-                "heatmap": None if image is None or outcome == "failed" else image.key + HEATMAP_SUFFIX,
-            }
+        self.record.add_row(
+            path,
+            "failed" if outcome == "failed" else "complete",
+            name=None if image is None else image.key,
+            tiles=pieces,
+            seconds=round(seconds, 4),
+            reason=reason,
+            image=image.rel if image is not None else _relative(path, self.plan.input_dir),
+            outcome=outcome,
+            heatmap=None if image is None or outcome == "failed" else image.key + HEATMAP_SUFFIX,
         )
 
     def _write_report(self) -> None:
         wall = max(time.perf_counter() - self._started, 1e-9)
         self.results.sort(key=lambda row: row["image"])
         done, skipped, failed = self._counts["done"], self._counts["skipped"], self._counts["failed"]
-        datamodule = self._datamodule
-        self.report = {
-            "input_dir": None if datamodule is None else str(datamodule.input_dir),
-            "output_dir": str(self.output_dir),
-            "images": done + skipped + failed,
-            "done": done,
-            "skipped": skipped,
-            "failed": failed,
-            "ignored_outputs": self._counts["ignored"],
-            "pieces": sum(row["tiles"] for row in self.results if row["outcome"] == "done"),
-            "wall_time_s": round(wall, 3),
-            "images_per_s": round(done / wall, 2),
-            "patch_size": None if datamodule is None else datamodule.patch_size,
-            "batch_size": None if datamodule is None else datamodule.batch_size,
-            "mask": self.mask,
-            "config_hash": self._hash,
-            "provenance": self.provenance,
-            "config": self.run_config,
-            "results": self.results,
-        }
-        report_path = self.output_dir / "report.json"
-        write_json_atomic(report_path, self.report)
+        report_path = self.record.write_run_report(
+            {
+                "input_dir": str(self.plan.input_dir),
+                "output_dir": str(self.output_dir),
+                "images": done + skipped + failed,
+                "done": done,
+                "skipped": skipped,
+                "failed": failed,
+                "ignored_outputs": len(self.plan.ignored),
+                "pieces": sum(row["tiles"] for row in self.results if row["outcome"] == "done"),
+                "wall_time_s": round(wall, 3),
+                "images_per_s": round(done / wall, 2),
+                "patch_size": self.plan.patch_size,
+                "batch_size": self._batch_size or None,
+                "mask": self.mask,
+            }
+        )
+        self.report = self.record.run_report
         failures = [f"  {row['image']}: {row['reason']}" for row in self.results if row["outcome"] == "failed"]
         log.info(
             "patches: %d image(s): %d done, %d skipped (outputs complete), %d failed in %.1f s (%.1f images/s) -> %s%s",
@@ -420,8 +402,8 @@ class PatchWriter(BasePredictionWriter):
         )
 
 
-def _relative(path: Path, root: Path | None) -> str:
+def _relative(path: Path, root: Path) -> str:
     try:
-        return path.relative_to(root).as_posix() if root is not None else str(path)
+        return path.relative_to(root).as_posix()
     except ValueError:
         return str(path)

@@ -1,7 +1,8 @@
-"""The run's account of its slides: one ``report.json`` per slide, ``summary.json`` for the run, the config hash that
-decides what a resumed run keeps, and the clean-up of what an interrupted run left.
+"""The run's account of its slides (or patch images): one ``report.json`` per slide, ``summary.json`` for the run (patch
+mode: one ``report.json`` for the run), the config hash that decides what a resumed run keeps, and the clean-up of
+what an interrupted run left.
 
-Plain code, no Lightning: the slide writer calls it as slides finish.
+Plain code, no Lightning: the writers call it as slides and images finish.
 """
 
 from __future__ import annotations
@@ -31,13 +32,29 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def config_hash(config: dict[str, Any] | None) -> str:
-    """Stable short hash of the parts of a run config that change a slide's outputs."""
-    relevant = {k: (config or {}).get(k) for k in ("model", "data", "writer")}
-    if isinstance(relevant.get("data"), dict):
-        relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in ("slides", "num_workers")}
-    if isinstance(relevant.get("writer"), dict):
-        relevant["writer"] = {k: v for k, v in relevant["writer"].items() if k != "output_dir"}
+# Options that change how fast or where a run goes, not what it writes (left out of the config hash).
+_RUN_ONLY = {
+    "data": {"slides", "input_dir", "num_workers", "pin_memory", "prefetch_factor", "extensions", "read_threads"},
+    "writer": {"output_dir", "write_workers", "blend_thread", "cache_mb", "mask"},
+    "model": {"compile", "compile_min_tiles"},
+}
+
+
+def config_hash(config: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> str:
+    """Stable short hash of what changes a run's outputs: the ``model``, ``data`` and ``writer`` sections less the
+    options that only change where or how fast it runs (:data:`_RUN_ONLY`), the trainer's precision, and ``extra``
+    (options a writer was given directly). ``resume=true`` keeps only outputs written under the same hash."""
+    config = config or {}
+    relevant: dict[str, Any] = {}
+    for section in ("model", "data", "writer"):
+        value = config.get(section)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _RUN_ONLY[section]}
+        relevant[section] = value
+    trainer = config.get("trainer")
+    relevant["precision"] = trainer.get("precision") if isinstance(trainer, dict) else None
+    if extra:
+        relevant["extra"] = extra
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -140,6 +157,8 @@ class RunRecord:
         output_dir: the run folder; ``<slide name>/report.json`` and ``summary.json`` go there.
         run_config: the composed config, stored in each report; its :func:`config_hash` decides resumes.
         provenance: what produced the outputs (versions, weights and their SHA-256), stored in each report.
+        hash: the config hash when the writer computed it with options of its own
+            (``config_hash(run_config, extra=...)``); None: ``config_hash(run_config)``.
 
     Example::
 
@@ -149,13 +168,18 @@ class RunRecord:
     """
 
     def __init__(
-        self, output_dir: Path, run_config: dict[str, Any] | None, provenance: dict[str, Any] | None = None
+        self,
+        output_dir: Path,
+        run_config: dict[str, Any] | None,
+        provenance: dict[str, Any] | None = None,
+        hash: str | None = None,
     ) -> None:
         self.output_dir = output_dir
         self.run_config = run_config
         self.provenance = dict(provenance or {})
-        self.hash = config_hash(run_config)
+        self.hash = hash or config_hash(run_config)
         self.rows: list[dict[str, Any]] = []
+        self.run_report: dict[str, Any] = {}
 
     def add_row(
         self,
@@ -166,12 +190,13 @@ class RunRecord:
         tiles: int = 0,
         seconds: float = 0.0,
         reason: str = "",
+        **extra: Any,
     ) -> None:
-        """One ``summary.json`` row (``complete``, ``skipped``, ``failed`` or ``interrupted``)."""
+        """One result row (``complete``, ``skipped``, ``failed`` or ``interrupted``); ``extra`` fields follow."""
         row: dict[str, Any] = {"slide": str(path)}
         if name is not None:
             row["name"] = name
-        row.update({"status": status, "tiles": tiles, "seconds": seconds, "reason": reason})
+        row.update({"status": status, "tiles": tiles, "seconds": seconds, "reason": reason, **extra})
         self.rows.append(row)
 
     def write_report(self, slide_dir: Path, report: dict[str, Any]) -> None:
@@ -186,6 +211,20 @@ class RunRecord:
             seconds=report["wall_time_s"],
             reason=report.get("error", ""),
         )
+
+    def write_run_report(self, fields: dict[str, Any]) -> Path:
+        """``output_dir/report.json`` for a run reported as a whole (patch mode): ``fields``, then the config hash,
+        provenance, config and every row. Returns its path."""
+        self.run_report = {
+            **fields,
+            "config_hash": self.hash,
+            "provenance": self.provenance,
+            "config": self.run_config,
+            "results": self.rows,
+        }
+        path = self.output_dir / "report.json"
+        write_json_atomic(path, self.run_report)
+        return path
 
     def write_summary(self, pending: Sequence[SlideTiles] | None = None) -> None:
         """``summary.json`` with every row so far. With ``pending`` (a run still going: its slides not yet written are

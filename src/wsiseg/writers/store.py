@@ -40,7 +40,8 @@ class BlendingAccumulator:
     """Weighted-sum accumulator over a (channels, height, width) output image, chunked on disk.
 
     Args:
-        path: folder for spilled chunks (created; removed by :meth:`delete`).
+        path: folder for spilled chunks (created; removed by :meth:`delete`); None keeps every chunk in memory (for
+            images small enough to hold whole, e.g. patch mode's).
         channels: probability channels per pixel.
         size: (W, H) of the output image, output px.
         chunk: chunk side, output px.
@@ -56,15 +57,24 @@ class BlendingAccumulator:
     """
 
     def __init__(
-        self, path: str | Path, channels: int, size: tuple[int, int], chunk: int = 512, cache_bytes: int = 128 << 20
+        self,
+        path: str | Path | None,
+        channels: int,
+        size: tuple[int, int],
+        chunk: int = 512,
+        cache_bytes: int = 128 << 20,
     ) -> None:
-        self.path = Path(path)
+        self.path = None if path is None else Path(path)
         self.channels, self.size, self.chunk = channels, tuple(size), chunk
         width, height = self.size
         self.chunk_grid = (math.ceil(height / chunk), math.ceil(width / chunk))
-        self.path.mkdir(parents=True, exist_ok=True)
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._cache_limit = max(1, cache_bytes // (self._planes * chunk * chunk * np.dtype(self._dtype).itemsize))
+        if self.path is None:
+            self._cache_limit = math.prod(self.chunk_grid)  # every chunk stays in memory
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            planes_bytes = self._planes * chunk * chunk * np.dtype(self._dtype).itemsize
+            self._cache_limit = max(1, cache_bytes // planes_bytes)
         self.touched: set[tuple[int, int]] = set()
         self._on_disk: set[tuple[int, int]] = set()
 
@@ -190,10 +200,21 @@ class BlendingAccumulator:
                 chunks.append((x0, *self._final(planes)))
             yield y0, y1 - y0, chunks
 
+    def read_all(self) -> np.ndarray:
+        """The whole image's (C, H, W) float32 weighted mean, 0 where no tile reached (consumes the store; for
+        images small enough to hold whole)."""
+        width, height = self.size
+        out = np.zeros((self.channels, height, width), np.float32)
+        for y0, rows, chunks in self.band_chunks():
+            for x0, value, _ in chunks:
+                out[:, y0 : y0 + rows, x0 : x0 + value.shape[-1]] = value
+        return out
+
     def delete(self) -> None:
-        """Remove the on-disk store."""
+        """Remove the on-disk store (and drop the chunks held in memory)."""
         self._cache.clear()
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 class TileMosaic(BlendingAccumulator):
