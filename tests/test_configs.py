@@ -16,6 +16,7 @@ from wsiseg.model import MilesialUNet
 
 CONF = config_dir()
 GROUP_FILES = sorted(p for p in CONF.glob("*/*.yaml"))
+NET_FILES = sorted(CONF.glob("model/net/*.yaml"))  # the network, a group of its own inside model
 ROOT_FILES = sorted(CONF.glob("*.yaml"))
 
 
@@ -39,7 +40,7 @@ def group_overrides(group: str, option: str, tmp_path: Path, slide: Path, demo: 
         elif option == "unet_camelyon":
             extra += ["model.net.base_width=8", "model.net.out_ch=1", f"model.checkpoint={demo}"]
         elif option == "onnx":
-            extra += ["model.net.base_width=8", f"model.onnx_path={probe_onnx(tmp_path)}"]
+            extra += [f"model.net.path={probe_onnx(tmp_path)}"]
     if group == "trainer" and not torch.cuda.is_available():
         extra += ["trainer.accelerator=cpu"]  # GPU configs are built for CPU here; their other values stay
         if option in ("gpu", "ddp"):
@@ -86,6 +87,21 @@ def test_group_option_composes_and_instantiates(
     else:
         obj = instantiate(node)
     assert obj is not None
+
+
+@pytest.mark.parametrize("path", NET_FILES, ids=lambda p: p.stem)
+def test_every_network_option_builds_inside_the_users_model(path: Path, tmp_path: Path) -> None:
+    """``model/net=<option>`` swaps only the network: the model around it (normalisation, reduction...) stays."""
+    option = path.stem
+    overrides = ["model=unet_camelyon", f"model/net={option}", "data.slides=x.svs", "model.checkpoint=random"]
+    if option == "onnx":
+        overrides += [f"model.net.path={probe_onnx(tmp_path)}", "model.mean=null", "model.std=null"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="predict", overrides=overrides)
+    assert cfg.model.reduction == "max" and cfg.model._target_.endswith("SegmentationModule")
+    module = instantiate(cfg.model)
+    assert type(module.net).__module__ + "." + type(module.net).__name__ == cfg.model.net._target_
+    assert len(NET_FILES) >= 4
 
 
 @pytest.mark.parametrize("path", ROOT_FILES, ids=lambda p: p.stem)

@@ -1,4 +1,4 @@
-"""``wsiseg-export`` (ONNX / TorchScript, verified) and the onnxruntime backend of the slide pipeline."""
+"""``wsiseg-export`` (ONNX / TorchScript, verified) and the ONNX network (``model/net=onnx``) in the slide pipeline."""
 
 from __future__ import annotations
 
@@ -30,15 +30,14 @@ from wsiseg.errors import UserInputError
 from wsiseg.export import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,
-    OnnxRuntimeNet,
     VerificationError,
     main,
     run_export,
-    sidecar_path,
     verify_onnx,
 )
 from wsiseg.model import Unet, load_checkpoint
 from wsiseg.module import SegmentationModule
+from wsiseg.onnx_net import OnnxRuntimeNet, sidecar_path
 from wsiseg.predict import run_predict
 
 SCRIPT = Path(sys.executable).with_name("wsiseg-export")
@@ -238,7 +237,7 @@ def _unwritable_folder(tmp_path: Path) -> Path:
         (["export.path=x.onnx"], r"model.checkpoint is required"),
         (["model.checkpoint=null"], r"model.checkpoint is required"),
         (["model.checkpoint=random"], r"model.checkpoint=random: wsiseg-export refuses untrained weights"),
-        (["model=onnx", "model.onnx_path=x.onnx"], r"model.backend=onnxruntime: wsiseg-export exports a PyTorch"),
+        (["model=onnx", "model.net.path=x.onnx"], r"model.net is an ONNX file: wsiseg-export exports a PyTorch"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -275,22 +274,20 @@ def test_onnxruntime_net_pickles_and_creates_its_session_lazily(demo_onnx: tuple
         assert clone._session is None
         assert torch.equal(clone(x), first)
     assert first.dtype == torch.float32 and first.device == x.device
-    with pytest.raises(UserInputError, match="model.onnx_path '.*missing.onnx' does not exist"):
+    with pytest.raises(UserInputError, match="model.net.path '.*missing.onnx' does not exist"):
         OnnxRuntimeNet(demo_onnx[0].with_name("missing.onnx"))
 
 
-def test_segmentation_module_onnxruntime_backend_matches_torch(
-    demo_onnx: tuple[Path, str], demo_checkpoint: Path
-) -> None:
+def test_segmentation_module_onnx_net_matches_torch(demo_onnx: tuple[Path, str], demo_checkpoint: Path) -> None:
     images = torch.randint(0, 256, (3, 3, 64, 96), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     outputs = {}
-    for backend in ("torch", "onnxruntime"):
-        module = SegmentationModule(
-            Unet(3, 1, base_width=8), checkpoint=str(demo_checkpoint), backend=backend, onnx_path=str(demo_onnx[0])
-        )
+    nets = {"torch": lambda: Unet(3, 1, base_width=8), "onnxruntime": lambda: OnnxRuntimeNet(demo_onnx[0])}
+    for backend, net in nets.items():
+        module = SegmentationModule(net(), checkpoint=str(demo_checkpoint))
         with torch.no_grad():
             outputs[backend] = module(images)
-    assert isinstance(module.net, OnnxRuntimeNet) and module.stride == 16
+    assert isinstance(module.net, OnnxRuntimeNet) and module.stride == 16  # the sidecar's stride
+    assert module.weights == str(demo_onnx[0].absolute()) and module.checkpoint is None  # the file's weights
     assert (outputs["torch"] - outputs["onnxruntime"]).abs().max() <= FP32_TOLERANCE
 
 
@@ -301,7 +298,7 @@ def _predict_mask(slide: Path, out: Path, extra: list[str]) -> np.ndarray:
             f"data.slides={slide}",
             "trainer=cpu",
             "trainer.precision=32",
-            "model=demo",
+            *([] if any(o.startswith("model=") for o in extra) else ["model=demo"]),
             "data.patch_size=256",
             "data.num_workers=0",
             "writer.output_downsample=4",
@@ -317,7 +314,7 @@ def _predict_mask(slide: Path, out: Path, extra: list[str]) -> np.ndarray:
 def test_real_slide_mask_onnxruntime_equals_torch(tmp_path: Path, demo_onnx: tuple[Path, str]) -> None:
     slide = shared_slide("CMU-1-Small-Region.svs")
     torch_mask = _predict_mask(slide, tmp_path / "torch", [])
-    ort_mask = _predict_mask(slide, tmp_path / "ort", ["model.backend=onnxruntime", f"model.onnx_path={demo_onnx[0]}"])
+    ort_mask = _predict_mask(slide, tmp_path / "ort", ["model=onnx", f"model.net.path={demo_onnx[0]}"])
     assert torch_mask.shape == ort_mask.shape and torch_mask.dtype == np.uint8
     assert int(torch_mask.max()) - int(torch_mask.min()) > 50, (
         "the mask has structure, so the comparison means something"
@@ -326,13 +323,13 @@ def test_real_slide_mask_onnxruntime_equals_torch(tmp_path: Path, demo_onnx: tup
     assert diff.max() <= 1, f"{(diff > 1).sum()} mask pixels differ by more than 1 grey level"
 
 
-# -- the sidecar read back by model.backend=onnxruntime -----------------------------------------------------------
+# -- the sidecar read back by model/net=onnx -----------------------------------------------------------------------
 PREDICT = Path(sys.executable).with_name("wsiseg-predict")
 
 
 def onnx_module(onnx_path: Path, **kwargs: object) -> SegmentationModule:
-    """``SegmentationModule`` on the onnxruntime backend; ``net`` only stands in (its architecture is not used)."""
-    return SegmentationModule(Unet(3, 3, base_width=4), backend="onnxruntime", onnx_path=str(onnx_path), **kwargs)
+    """``SegmentationModule`` running the ONNX file (no checkpoint: the file holds the weights)."""
+    return SegmentationModule(OnnxRuntimeNet(onnx_path), **kwargs)
 
 
 def copied_export(demo_onnx: tuple[Path, str], folder: Path) -> tuple[Path, dict]:
@@ -369,7 +366,7 @@ def test_channel_index_beyond_the_sidecar_channels_is_refused(demo_onnx: tuple[P
     assert "\n" not in message and str(sidecar_path(demo_onnx[0])) in message
     # the same through the config group: the sidecar's channel count, not model.net.out_ch=3, decides
     cfg = compose_cfg(
-        "predict", ["model=onnx", f"model.onnx_path={demo_onnx[0]}", "model.reduction=channel", "model.channel_index=2"]
+        "predict", ["model=onnx", f"model.net.path={demo_onnx[0]}", "model.reduction=channel", "model.channel_index=2"]
     )
     with pytest.raises(Exception, match=r"model.channel_index=2 but"):  # Hydra wraps the UserInputError
         instantiate(cfg.model)
@@ -384,7 +381,9 @@ def test_config_normalisation_differing_from_the_sidecar_is_refused(zero_one_onn
     with pytest.raises(UserInputError, match=r"model.activation=sigmoid but .*demo01\.onnx\.json says none"):
         onnx_module(zero_one_onnx, activation="sigmoid")
     # unet_camelyon's 0.5 / 0.5 meets a 0 / 1 export: refused, not silently run with the wrong normalisation
-    cfg = compose_cfg("predict", ["model=demo", "model.backend=onnxruntime", f"model.onnx_path={zero_one_onnx}"])
+    cfg = compose_cfg(
+        "predict", ["model=unet_camelyon", "model/net=onnx", "model.checkpoint=null", f"model.net.path={zero_one_onnx}"]
+    )
     with pytest.raises(Exception, match=r"model.mean=\[0.5, 0.5, 0.5\] but .*demo01\.onnx\.json"):
         instantiate(cfg.model)
 
@@ -392,7 +391,7 @@ def test_config_normalisation_differing_from_the_sidecar_is_refused(zero_one_onn
 def test_sidecar_normalisation_is_used_and_matches_torch(zero_one_onnx: Path, demo_checkpoint: Path) -> None:
     """``model=onnx`` repeats nothing: mean/std/activation come from the sidecar, and the outputs on uint8 tiles equal
     the torch module's with the same normalisation."""
-    cfg = compose_cfg("predict", ["model=onnx", f"model.onnx_path={zero_one_onnx}", "model.output_dtype=float32"])
+    cfg = compose_cfg("predict", ["model=onnx", f"model.net.path={zero_one_onnx}", "model.output_dtype=float32"])
     assert cfg.model.mean is None and cfg.model.checkpoint is None
     module = instantiate(cfg.model)
     assert module.mean.flatten().tolist() == [0.0, 0.0, 0.0] and module.std.flatten().tolist() == [1.0, 1.0, 1.0]
@@ -438,13 +437,13 @@ def test_probe_exports_without_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_cli_predict_with_model_onnx_needs_no_checkpoint(demo_onnx: tuple[Path, str], tmp_path: Path) -> None:
-    """The README's deploy line, as a user types it: ``model=onnx model.onnx_path=...`` and no model.checkpoint."""
+    """The README's deploy line, as a user types it: ``model=onnx model.net.path=...`` and no model.checkpoint."""
     slide = shared_slide("CMU-1-Small-Region.svs")
     result = subprocess.run(
         [
             str(PREDICT),
             "model=onnx",
-            f"model.onnx_path={demo_onnx[0]}",
+            f"model.net.path={demo_onnx[0]}",
             f"data.slides={slide}",
             "data.patch_size=256",
             "data.num_workers=0",
@@ -472,5 +471,5 @@ def test_onnx_patch_size_is_checked_against_the_files_stride_not_the_configs_net
 
     onnx_file = probe_onnx(tmp_path)
     slide = shared_slide("CMU-1-Small-Region.svs")
-    overrides = ["model=onnx", f"model.onnx_path={onnx_file}", "data.patch_size=100", "data.tissue.enabled=false"]
+    overrides = ["model=onnx", f"model.net.path={onnx_file}", "data.patch_size=100", "data.tissue.enabled=false"]
     assert predict(slide, tmp_path / "out", [*overrides, "data.level=0", "writer.output_downsample=4"]) == 0

@@ -13,9 +13,9 @@ After writing, the command loads the file back (onnxruntime, or ``torch.jit.load
 PyTorch model on random normalised images of two batch sizes and two spatial sizes, prints the largest absolute
 difference of the probabilities and fails above ``export.tolerance`` (default 1e-4 for float32, 5e-2 for float16).
 
-:class:`OnnxRuntimeNet` runs such a file inside ``SegmentationModule`` (``model=onnx model.onnx_path=unet.onnx``, or
-``model.backend=onnxruntime``); :func:`onnx_backend` reads the sidecar back there, so mean, std, activation and stride
-come from the export and a config that contradicts it is refused.
+:class:`wsiseg.onnx_net.OnnxRuntimeNet` runs such a file inside ``SegmentationModule`` (``model=onnx
+model.net.path=unet.onnx``); :func:`wsiseg.onnx_net.onnx_settings` reads the sidecar back there, so mean, std,
+activation and stride come from the export and a config that contradicts it is refused.
 
 The weights must be trained ones: ``model.checkpoint=random`` is refused; a network with fixed weights
 (``model=probe``) exports without a checkpoint.
@@ -27,7 +27,6 @@ import contextlib
 import copy
 import hashlib
 import io
-import json
 import logging
 import tempfile
 import warnings
@@ -37,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -47,23 +45,18 @@ from wsiseg.atomic import atomic_path, write_json_atomic
 from wsiseg.cli import user_errors
 from wsiseg.config import config_dir
 from wsiseg.errors import UserInputError
-from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, load_checkpoint, network_stride
+from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
+from wsiseg.onnx_net import OnnxRuntimeNet, sidecar_path
 
 __all__ = [
     "FORMATS",
     "FP32_TOLERANCE",
     "FP16_TOLERANCE",
     "MIN_OPSET",
-    "OnnxBackend",
-    "OnnxRuntimeNet",
-    "OnnxSidecar",
     "VerificationError",
     "VerifyResult",
     "export_onnx",
     "export_torchscript",
-    "onnx_backend",
-    "onnx_output_channels",
-    "read_sidecar",
     "verify_onnx",
     "verify_torchscript",
     "run_export",
@@ -268,277 +261,6 @@ def export_onnx(
     return path
 
 
-def default_providers() -> list[str]:
-    """onnxruntime providers: CUDA first when this onnxruntime build has it, CPU always."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-class OnnxRuntimeNet(nn.Module):
-    """An ONNX file from ``wsiseg-export`` behind the ``nn.Module`` interface ``SegmentationModule`` expects.
-
-    ``forward`` takes the normalised float N×3×H×W batch (any device) and returns the graph's first output as a float32
-    tensor on the input's device. The onnxruntime session is created on the first call (so the module pickles and
-    deep-copies without it) and uses the CUDA execution provider when onnxruntime has it (with TF32 off, so results
-    match float32 PyTorch), otherwise the CPU one with as many threads as torch uses. Data crosses via host memory.
-
-    Args:
-        path: the ``.onnx`` file.
-        stride: input height/width must be multiples of this (the network's stride, 16 for the U-Nets).
-        providers: onnxruntime execution providers to use instead of the default.
-    """
-
-    def __init__(self, path: str | Path, stride: int = 16, providers: Sequence[str] | None = None) -> None:
-        super().__init__()
-        self.path = Path(str(path)).expanduser().absolute()
-        if not self.path.is_file():
-            raise UserInputError(
-                f"model.onnx_path '{self.path}' does not exist: export one with "
-                f"wsiseg-export export.format=onnx export.path={self.path}"
-            )
-        self.stride = int(stride)
-        self.providers = list(providers) if providers else None
-        self._session: Any = None
-        self._device_id: int | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_session"] = None  # onnxruntime sessions do not pickle; the copy makes its own on first use
-        return state
-
-    def extra_repr(self) -> str:
-        return f"path={str(self.path)!r}, stride={self.stride}"
-
-    @property
-    def session(self) -> Any:
-        """The onnxruntime ``InferenceSession`` (created on first access, on GPU 0 if CUDA is used)."""
-        if self._session is None:
-            self._session = self._create_session(0)
-        return self._session
-
-    def _create_session(self, device_id: int) -> Any:
-        import onnxruntime as ort
-
-        providers: list[Any] = list(self.providers or default_providers())
-        providers = [
-            ("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}) if p == "CUDAExecutionProvider" else p
-            for p in providers
-        ]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, torch.get_num_threads())
-        options.log_severity_level = 3
-        # Idle worker threads sleep instead of spinning: the DataLoader workers and the writer share these cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as exc:
-            raise UserInputError(
-                f"model.onnx_path '{self.path}' cannot be loaded by onnxruntime {ort.__version__}: "
-                f"{str(exc).splitlines()[0]}; re-export it with wsiseg-export (e.g. export.opset=17)"
-            ) from None
-        self._device_id = device_id
-        return session
-
-    @property
-    def active_providers(self) -> list[str]:
-        """Providers the session really uses (onnxruntime drops unavailable ones)."""
-        return list(self.session.get_providers())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device_id = (x.device.index or 0) if x.is_cuda else 0
-        if self._session is None or (x.is_cuda and self._device_id != device_id):
-            self._session = self._create_session(device_id)
-        inp = self._session.get_inputs()[0]
-        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy().astype(dtype, copy=False)
-        (out, *_) = self._session.run(None, {inp.name: array})
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
-
-
-# -- the sidecar, read back for model.backend=onnxruntime ------------------------------------------------------
-@dataclass(frozen=True)
-class OnnxSidecar:
-    """What ``wsiseg-export`` recorded in ``<file>.onnx.json`` that decides how the file's input is made and its
-    output read.
-
-    Attributes:
-        path: the sidecar file.
-        mean: per-channel mean the graph's input was normalised with, /255 scale.
-        std: per-channel std, /255 scale.
-        activation: activation still to apply to the graph's output (``none`` when the graph applies it).
-        channels: output channels.
-        stride: input height and width must be multiples of this, px.
-    """
-
-    path: Path
-    mean: list[float]
-    std: list[float]
-    activation: str
-    channels: int
-    stride: int
-
-
-def read_sidecar(onnx_path: str | Path) -> OnnxSidecar | None:
-    """The sidecar of ``onnx_path`` (:func:`sidecar_path`), or None when there is none.
-
-    Raises:
-        UserInputError: the sidecar exists but is not JSON or lacks ``normalisation.mean/std``,
-            ``activation_to_apply``, ``output.channels`` or ``input.height_width_multiple_of``.
-    """
-    path = sidecar_path(Path(str(onnx_path)).expanduser().absolute())
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        return OnnxSidecar(
-            path=path,
-            mean=[float(v) for v in data["normalisation"]["mean"]],
-            std=[float(v) for v in data["normalisation"]["std"]],
-            activation=str(data["activation_to_apply"]),
-            channels=int(data["output"]["channels"]),
-            stride=int(data["input"]["height_width_multiple_of"]),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserInputError(
-            f"'{path}' is not a wsiseg-export sidecar ({type(exc).__name__}: {exc}): re-export the model with "
-            "wsiseg-export or delete the file"
-        ) from None
-
-
-def onnx_output_channels(path: str | Path, stride: int) -> int:
-    """Output channels of the ONNX file at ``path``: the graph's static channel axis, or (when that axis is symbolic)
-    the channels of one ``stride``×``stride`` zero tile run on the CPU.
-
-    Raises:
-        UserInputError: the file is not ONNX, or its first output is not N×C×H×W.
-    """
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise UserInputError(
-            f"model.onnx_path '{path}' is not an ONNX file ({type(exc).__name__}: {str(exc)[:200].splitlines()[0]}): "
-            "export one with wsiseg-export"
-        ) from None
-    dims = proto.graph.output[0].type.tensor_type.shape.dim if proto.graph.output else []
-    if len(dims) == 4 and dims[1].HasField("dim_value"):
-        return int(dims[1].dim_value)
-    runner = OnnxRuntimeNet(path, stride=stride, providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        shape = tuple(runner(torch.zeros(1, 3, stride, stride)).shape)
-    if len(shape) != 4:
-        raise UserInputError(
-            f"model.onnx_path '{path}' returns shape {shape} for a 1x3x{stride}x{stride} input, not N×C×H×W: "
-            "export the network with wsiseg-export"
-        )
-    return int(shape[1])
-
-
-@dataclass
-class OnnxBackend:
-    """The ONNX runner and the settings :func:`onnx_backend` resolved for it."""
-
-    net: OnnxRuntimeNet
-    mean: list[float]
-    std: list[float]
-    activation: str
-    channels: int
-    sidecar: OnnxSidecar | None
-
-
-def _agreed(option: str, given: Any, recorded: Any, sidecar: OnnxSidecar) -> Any:
-    """``recorded`` when ``given`` is None or equal to it; otherwise the one-line refusal."""
-    if given is None:
-        return recorded
-    same = (
-        given == recorded
-        if isinstance(recorded, str)
-        else len(given) == len(recorded) and all(abs(float(a) - b) <= 1e-6 for a, b in zip(given, recorded))
-    )
-    if not same:
-        shown = given if isinstance(given, str) else [float(v) for v in given]
-        raise UserInputError(
-            f"{option}={shown} but {sidecar.path} says {recorded}: drop the override (model=onnx takes it from the "
-            "sidecar) or re-export the model with that setting"
-        )
-    return recorded
-
-
-def onnx_backend(
-    onnx_path: str | Path,
-    *,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    activation: str | None,
-    reduction: str,
-    channel_index: int,
-    stride: int,
-) -> OnnxBackend:
-    """Open ``onnx_path`` for ``SegmentationModule(backend="onnxruntime")`` and resolve its settings.
-
-    The sidecar ``<onnx_path>.json`` (written by ``wsiseg-export``) is the source of truth:
-
-    - ``mean``, ``std``, ``activation``: None takes the sidecar's value; a value equal to the sidecar's is accepted;
-      a different one is refused (the graph was exported for the sidecar's, so another would silently change every
-      output).
-    - the stride (input multiple) is the sidecar's; ``stride`` (from the configured ``net``) is used only without one.
-    - the ONNX file's real output channel count must equal the sidecar's (a swapped or hand-edited sidecar is refused),
-      and ``reduction="channel"`` needs ``0 <= channel_index < channels``.
-
-    Without a sidecar a warning says mean/std/activation come from the arguments unchecked, and all three must then be
-    given (not None).
-
-    Args:
-        onnx_path: the ``.onnx`` file.
-        mean, std: normalisation, /255 scale, or None for the sidecar's.
-        activation: ``none`` | ``sigmoid`` | ``softmax``, or None for the sidecar's.
-        reduction: the module's channel reduction (``max`` | ``channel`` | ``none``).
-        channel_index: channel kept by ``reduction="channel"``.
-        stride: the configured network's stride, px (used when there is no sidecar).
-
-    Raises:
-        UserInputError: one line naming the option, both values and the file, for each refusal above.
-    """
-    sidecar = read_sidecar(onnx_path)
-    net = OnnxRuntimeNet(onnx_path, stride=sidecar.stride if sidecar else stride)
-    channels = onnx_output_channels(net.path, net.stride)
-    if sidecar is not None:
-        if sidecar.channels != channels:
-            raise UserInputError(
-                f"model.onnx_path '{net.path}' outputs {channels} channel(s) but {sidecar.path} says "
-                f"{sidecar.channels}: the sidecar belongs to another export; re-export with wsiseg-export"
-            )
-        mean = _agreed("model.mean", mean, sidecar.mean, sidecar)
-        std = _agreed("model.std", std, sidecar.std, sidecar)
-        activation = _agreed("model.activation", activation, sidecar.activation, sidecar)
-        log.info("model.backend=onnxruntime: mean, std, activation and stride from %s", sidecar.path)
-    else:
-        log.warning(
-            "model.onnx_path '%s' has no sidecar %s: model.mean, model.std and model.activation come from the "
-            "config unchecked",
-            net.path,
-            sidecar_path(net.path).name,
-        )
-        unset = [name for name, value in (("mean", mean), ("std", std), ("activation", activation)) if value is None]
-        if unset:
-            raise UserInputError(
-                f"model.onnx_path '{net.path}' has no sidecar {sidecar_path(net.path).name} to take "
-                f"{', '.join('model.' + n for n in unset)} from: pass them (e.g. model.mean=[0.5,0.5,0.5] "
-                "model.std=[0.5,0.5,0.5] model.activation=none) or re-export with wsiseg-export"
-            )
-    if reduction == "channel" and not 0 <= channel_index < channels:
-        where = f" ({sidecar.path})" if sidecar else ""
-        raise UserInputError(
-            f"model.channel_index={channel_index} but model.onnx_path '{net.path}' outputs {channels} channel(s)"
-            f"{where}: use model.channel_index between 0 and {channels - 1}, or model.reduction=max"
-        )
-    assert mean is not None and std is not None and activation is not None
-    return OnnxBackend(net, [float(v) for v in mean], [float(v) for v in std], str(activation), channels, sidecar)
-
-
 # -- TorchScript -------------------------------------------------------------------------------------------------
 def export_torchscript(
     net: nn.Module, path: str | Path, *, fp16: bool = False, example_size: Sequence[int] = (64, 64)
@@ -725,9 +447,9 @@ def build_network(cfg: DictConfig) -> tuple[nn.Module, str | None]:
     Raises:
         UserInputError: no checkpoint, ``random``, or a checkpoint that is missing or does not match ``model.net``.
     """
-    if cfg.model.get("backend", "torch") != "torch":
+    if holds_weights(get_class(cfg.model.net._target_)):
         raise UserInputError(
-            f"model.backend={cfg.model.backend}: wsiseg-export exports a PyTorch checkpoint; use a torch model config "
+            "model.net is an ONNX file: wsiseg-export exports a PyTorch checkpoint; use a torch model config "
             "(e.g. model=unet_camelyon model.checkpoint=/path/to/UNet_17.pth)"
         )
     checkpoint = OmegaConf.select(cfg, "model.checkpoint", default=None)
@@ -747,12 +469,6 @@ def build_network(cfg: DictConfig) -> tuple[nn.Module, str | None]:
 def _output_channels(net: nn.Module, stride: int) -> int:
     with torch.no_grad():
         return int(copy.deepcopy(net).cpu().float().eval()(torch.zeros(1, 3, stride, stride)).shape[1])
-
-
-def sidecar_path(path: str | Path) -> Path:
-    """``unet.onnx`` → ``unet.onnx.json``."""
-    path = Path(path)
-    return path.with_name(path.name + ".json")
 
 
 def run_export(cfg: DictConfig) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from wsiseg.errors import UserInputError
 from wsiseg.malloc import keep_freed_memory
-from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, load_checkpoint, network_stride
+from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
 
 __all__ = ["SegmentationModule", "ACTIVATIONS", "REDUCTIONS", "RANDOM_WEIGHTS", "FIXED_WEIGHTS"]
 
@@ -63,15 +63,15 @@ class SegmentationModule(pl.LightningModule):
 
     Weights are never random by accident. ``checkpoint`` is a file loaded strictly into ``net``; ``"random"`` keeps
     ``net``'s initial weights and logs a warning that the masks are meaningless (benchmarks); None or empty is refused
-    with a UserInputError, except for a network that declares ``fixed_weights = True`` (``ProbeNet``) and under
-    ``backend="onnxruntime"``, where the ONNX file holds the weights and ``checkpoint`` is not used.
-    :attr:`weights` records which: the absolute checkpoint or ONNX path, ``"random"`` or ``"fixed"``.
+    with a UserInputError, except for a network that declares ``fixed_weights = True`` (``ProbeNet``) and for an
+    ONNX network (:class:`wsiseg.onnx_net.OnnxRuntimeNet`, ``model/net=onnx``), whose file holds the weights, so
+    ``checkpoint`` is not used. :attr:`weights` records which: the absolute checkpoint or ONNX path, ``"random"`` or
+    ``"fixed"``.
 
-    With ``backend="onnxruntime"`` the ``<onnx_path>.json`` sidecar written by ``wsiseg-export`` is the source of
-    truth (:func:`wsiseg.export.onnx_backend`): ``mean``/``std``/``activation`` left None take the sidecar's values,
-    values equal to the sidecar's are accepted and different ones are refused; the stride is the sidecar's; the file's
-    real output channel count must match the sidecar's, and ``reduction="channel"`` needs ``channel_index`` below
-    it. ``net``'s architecture is not used then (only its stride, when there is no sidecar). Without a sidecar a
+    For an ONNX network the ``<file>.json`` sidecar written by ``wsiseg-export`` is the source of truth
+    (:func:`wsiseg.onnx_net.onnx_settings`): ``mean``/``std``/``activation`` left None take the sidecar's values,
+    values equal to the sidecar's are accepted and different ones are refused; the file's real output channel count
+    must match the sidecar's, and ``reduction="channel"`` needs ``channel_index`` below it. Without a sidecar a
     warning says mean/std/activation come from the config unchecked, and they must be given.
 
     Args:
@@ -79,11 +79,11 @@ class SegmentationModule(pl.LightningModule):
         checkpoint: weights to load into ``net``: a file path, or ``"random"`` for the initial weights (see above).
         trust_checkpoint: allow a checkpoint that needs full unpickling (a whole pickled model), which can run code
             while loading; off, only ``torch.load(weights_only=True)`` reads it (:func:`wsiseg.model.read_state_dict`).
-        mean: per-channel mean on the /255 scale (0.5 for the users' network). None: the ONNX sidecar's under
-            ``backend="onnxruntime"``, else 0.5.
+        mean: per-channel mean on the /255 scale (0.5 for the users' network). None: an ONNX network's sidecar's,
+            else 0.5.
         std: per-channel std on the /255 scale (0.5 for the users' network). None: as for ``mean``.
         activation: ``none`` when the network already outputs probabilities (sigmoid inside ``forward``),
-            ``sigmoid`` or ``softmax`` for logits. None: the ONNX sidecar's under ``backend="onnxruntime"``, else
+            ``sigmoid`` or ``softmax`` for logits. None: an ONNX network's sidecar's, else
             ``none``.
         reduction: ``max`` — one tumour probability = max over channels; ``channel`` — keep ``channel_index``;
             ``none`` — keep all channels (the writer stores class labels = argmax).
@@ -96,9 +96,6 @@ class SegmentationModule(pl.LightningModule):
         compile_min_tiles: tiles a CPU run needs for ``compile=auto`` to compile.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
             limit of the largest activation); bigger batches are split.
-        backend: ``torch`` runs ``net``; ``onnxruntime`` runs the exported model at ``onnx_path`` instead (the
-            normalisation, activation, reduction and pooling around it stay the same; settings from its sidecar).
-        onnx_path: ONNX file for ``backend=onnxruntime`` (from ``wsiseg-export``).
         output_dtype: dtype of the maps sent back to the host (float16 halves the transfer; float32 is exact).
 
     Example::
@@ -124,8 +121,6 @@ class SegmentationModule(pl.LightningModule):
         compile: bool | str = "auto",
         compile_min_tiles: int = 500,
         max_chunk: int | None = None,
-        backend: str = "torch",
-        onnx_path: str | None = None,
         output_dtype: str = "float16",
         trust_checkpoint: bool = False,
     ) -> None:
@@ -133,34 +128,23 @@ class SegmentationModule(pl.LightningModule):
         if output_dtype not in ("float16", "float32"):
             raise UserInputError(f"model.output_dtype must be float16 or float32, got '{output_dtype}'")
         self.output_dtype = getattr(torch, output_dtype)
-        if backend not in ("torch", "onnxruntime"):
-            raise UserInputError(f"model.backend must be 'torch' or 'onnxruntime', got '{backend}'")
         if activation is not None and activation not in ACTIVATIONS:
             raise UserInputError(f"model.activation must be one of {', '.join(ACTIVATIONS)}; got '{activation}'")
         if reduction not in REDUCTIONS:
             raise UserInputError(f"model.reduction must be one of {', '.join(REDUCTIONS)}; got '{reduction}'")
         if output_downsample < 1:
             raise UserInputError(f"writer.output_downsample must be >= 1, got {output_downsample}")
-        if backend == "onnxruntime":
-            if not onnx_path:
-                raise UserInputError("model.backend=onnxruntime needs model.onnx_path=<file exported by wsiseg-export>")
-            from wsiseg.export import onnx_backend
+        if holds_weights(net):  # an ONNX file: its weights and settings are the export's
+            from wsiseg.onnx_net import onnx_settings
 
-            onnx = onnx_backend(
-                onnx_path,
-                mean=mean,
-                std=std,
-                activation=activation,
-                reduction=reduction,
-                channel_index=channel_index,
-                stride=network_stride(net),
+            onnx = onnx_settings(
+                net, mean=mean, std=std, activation=activation, reduction=reduction, channel_index=channel_index
             )
-            net, mean, std, activation = onnx.net, onnx.mean, onnx.std, onnx.activation
-            self.weights = str(onnx.net.path)
+            mean, std, activation = onnx.mean, onnx.std, onnx.activation
+            self.weights = str(net.path)
             checkpoint, channels_last, compile = None, False, False
         else:
             self.weights = self._load_weights(net, checkpoint, bool(trust_checkpoint))
-        self.backend = backend
         self.net = net.eval()
         self.checkpoint = checkpoint
         mean = (0.5, 0.5, 0.5) if mean is None else mean

@@ -20,7 +20,7 @@ REQUIRED_HINTS: dict[str, str] = {
     "data.input_dir": "data.input_dir=/path/to/patches",
     "model.checkpoint": "model.checkpoint=/path/to/weights.pth (model=demo runs the built-in demo network; "
     "model.checkpoint=random runs untrained weights, for benchmarks only)",
-    "model.onnx_path": "model.onnx_path=/path/to/unet.onnx (written by wsiseg-export)",
+    "model.net.path": "model.net.path=/path/to/unet.onnx (written by wsiseg-export; with model=onnx)",
     "export.path": "export.path=unet.onnx",
 }
 

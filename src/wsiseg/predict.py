@@ -22,6 +22,7 @@ from wsiseg.config import config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.plan import slide_identity
 from wsiseg.errors import UserInputError
+from wsiseg.model import holds_weights
 from wsiseg.options import check_required, check_trainer_device
 from wsiseg.run_lock import run_folder_lock
 from wsiseg.writers.patch_writer import PatchWriter
@@ -50,8 +51,9 @@ def predict_in_folder(cfg: DictConfig) -> int:
     """
     check_trainer_device(cfg)
     slide_mode = _check_mode_pairing(cfg)
-    if cfg.model.get("backend", "torch") == "torch":  # an ONNX file's stride is known once its sidecar is read
-        _check_patch_size(cfg, int(getattr(get_class(cfg.model.net._target_), "stride", 1)))
+    net_class = get_class(cfg.model.net._target_)
+    if not holds_weights(net_class):  # an ONNX file's stride is known once its sidecar is read
+        _check_patch_size(cfg, int(getattr(net_class, "stride", 1)))
     run_config = OmegaConf.to_container(cfg, resolve=True)
     provenance = run_provenance(cfg)
     writer_options = OmegaConf.to_container(cfg.writer, resolve=True)
@@ -129,7 +131,7 @@ def resume_check(output_dir: Path, run_config: dict[str, Any]) -> Callable[[str,
 
 def run_provenance(cfg: DictConfig) -> dict[str, Any]:
     """What produced a run's outputs, for ``report.json``: library versions and the weights file with its SHA-256
-    (the ONNX file for ``model.backend=onnxruntime``; ``random`` for untrained weights)."""
+    (the ONNX file for ``model/net=onnx``; ``random`` for untrained weights)."""
     from importlib.metadata import version
 
     import lightning
@@ -138,7 +140,7 @@ def run_provenance(cfg: DictConfig) -> dict[str, Any]:
     from wsiseg.export import sha256_file
 
     model = cfg.model
-    weights = model.get("onnx_path") if model.get("backend") == "onnxruntime" else model.get("checkpoint")
+    weights = model.net.get("path") if holds_weights(get_class(model.net._target_)) else model.get("checkpoint")
     path = Path(str(weights)).expanduser() if weights else None
     return {
         "wsiseg_version": wsiseg.__version__,
