@@ -184,3 +184,15 @@ def test_bench_warns_when_figures_cannot_be_trusted() -> None:
     [drift] = bench_warnings(0.9, [15.0, 19.5])
     assert "naive halves differ by 30%" in drift
     assert len(bench_warnings(1.2, [10.0, 20.0])) == 2
+
+
+def test_bench_section_is_checked_when_built() -> None:
+    """``bench`` is a structured section (``BenchOptions``): a bad value is one line naming the key."""
+    from wsiseg.bench import BenchOptions
+    from wsiseg.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"bench.max_tiles must be a positive integer, got 0"):
+        BenchOptions(max_tiles=0)
+    with pytest.raises(UserInputError, match=r"bench.ddp_ranks must list rank counts >= 1"):
+        BenchOptions(ddp_ranks=[2, 0])
+    assert BenchOptions(ddp_ranks=[1, 2]).naive_tiles == 128

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from wsiseg.atomic import write_json_atomic
 from wsiseg.batch_size import resolve_batch_size
 from wsiseg.cli import user_errors
-from wsiseg.config import config_dir
+from wsiseg.config import build, config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.jpeg_tiles import decode_batch
 from wsiseg.data.slide import read_rgb
@@ -319,10 +319,43 @@ def _ddp_throughput(cfg: DictConfig, slide: Path, ranks: int, out_dir: Path) -> 
     return {"ranks": ranks, "tiles": tiles, "seconds": round(seconds, 2), "patches_per_s": round(tiles / seconds, 2)}
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """The ``bench`` section of ``wsiseg-bench`` (its ``_target_``), checked on construction.
+
+    Attributes:
+        slide: the slide to time; None generates a synthetic one in the run folder.
+        generated_size: side of the generated slide, px.
+        seed: seed of the generated slide.
+        max_tiles: tissue tiles every case runs on.
+        naive_tiles: the naive loop runs on the first this many of them.
+        model_batches: batches timed for the model bound.
+        ddp_ranks: rank counts of the whole-run CPU DDP timings (e.g. ``[1, 2]``); empty: none.
+
+    Raises:
+        UserInputError: one line naming the ``bench.*`` key.
+    """
+
+    slide: str | None = None
+    generated_size: int = 4096
+    seed: int = 3
+    max_tiles: int = 256
+    naive_tiles: int = 128
+    model_batches: int = 16
+    ddp_ranks: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        for key in ("generated_size", "max_tiles", "naive_tiles", "model_batches"):
+            if int(getattr(self, key)) < 1:
+                raise UserInputError(f"bench.{key} must be a positive integer, got {getattr(self, key)}")
+        if any(int(r) < 1 for r in self.ddp_ranks):
+            raise UserInputError(f"bench.ddp_ranks must list rank counts >= 1, got {list(self.ddp_ranks)}")
+
+
 def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run every case on the same tiles; returns the dict written to ``bench.json``."""
+    bench: BenchOptions = build(cfg.bench)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bench = cfg.bench
     slide_path = Path(bench.slide) if bench.slide else None
     if slide_path is None:
         slide_path = out_dir / "bench_slide.tif"

@@ -9,11 +9,20 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-__all__ = ["config_dir", "asset_path", "cpu_precision", "default_workers", "register_resolvers", "usable_cores"]
+__all__ = [
+    "config_dir",
+    "asset_path",
+    "build",
+    "cpu_precision",
+    "default_workers",
+    "register_resolvers",
+    "usable_cores",
+]
 
 
 def config_dir() -> Path:
@@ -25,6 +34,25 @@ def config_dir() -> Path:
     if (checkout / "predict.yaml").is_file():
         return checkout
     raise FileNotFoundError(f"wsiseg configs not found in {packaged} or {checkout}: reinstall wsiseg")
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)``, with a UserInputError raised by the target re-raised as itself
+    (Hydra wraps constructor errors in ``InstantiationException``), so a bad option stays one line."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from wsiseg.errors import UserInputError
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, UserInputError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def asset_path(name: str) -> str:

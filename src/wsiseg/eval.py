@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from wsiseg.annotations import DEFAULT_EXCLUDE, find_annotation, ground_truth_mask
 from wsiseg.atomic import atomic_path, write_json_atomic
 from wsiseg.cli import user_errors
-from wsiseg.config import config_dir
+from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
 
 __all__ = [
@@ -511,24 +511,14 @@ def draw_froc(curve: dict[str, Any], path: str | Path, width: int = 640, height:
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Run :func:`evaluate` from the composed ``eval`` config."""
-    section = cfg.eval
+    """Run :func:`evaluate` with the composed ``eval`` section as its arguments (the section's ``_target_``)."""
     for key in ("predictions", "annotations"):
-        if OmegaConf.is_missing(section, key):
+        if OmegaConf.is_missing(cfg.eval, key):
             raise UserInputError(
                 f"eval.{key} is required: wsiseg-eval eval.predictions=<wsiseg-predict run folder> "
                 "eval.annotations=<folder of annotations named by slide>"
             )
-    return evaluate(
-        predictions=section.predictions,
-        annotations=section.annotations,
-        level=int(section.level),
-        threshold=float(section.threshold),
-        merge_um=float(section.merge_um),
-        itc_um=float(section.itc_um),
-        exclude=[str(name) for name in section.exclude],
-        output_dir=section.output_dir,
-    )
+    return build(cfg.eval)()
 
 
 @hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")

@@ -43,7 +43,7 @@ from torch import nn
 
 from wsiseg.atomic import atomic_path, write_json_atomic
 from wsiseg.cli import user_errors
-from wsiseg.config import config_dir
+from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
 from wsiseg.onnx_net import OnnxRuntimeNet, sidecar_path
@@ -52,6 +52,7 @@ __all__ = [
     "FORMATS",
     "FP32_TOLERANCE",
     "FP16_TOLERANCE",
+    "ExportOptions",
     "MIN_OPSET",
     "VerificationError",
     "VerifyResult",
@@ -471,24 +472,62 @@ def _output_channels(net: nn.Module, stride: int) -> int:
         return int(copy.deepcopy(net).cpu().float().eval()(torch.zeros(1, 3, stride, stride)).shape[1])
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """The ``export`` section of ``wsiseg-export`` (its ``_target_``), checked on construction.
+
+    Attributes:
+        format: ``onnx`` or ``torchscript``.
+        path: the output file (its folder must exist and accept files); the sidecar is ``<path>.json``.
+        opset: ONNX opset (ignored for TorchScript).
+        fp16: float16 weights and arithmetic inside; input and output stay float32.
+        verify: run the written file against eager float32 PyTorch and fail above ``tolerance``.
+        tolerance: largest absolute probability difference; None: 1e-4 (fp32) or 5e-2 (fp16).
+        batches: verification batch sizes, each >= 1.
+        sizes: verification [height, width] pairs, px (checked against the network's stride by :func:`run_export`).
+
+    Raises:
+        UserInputError: one line naming the ``export.*`` key.
+    """
+
+    format: str = "onnx"
+    path: str | Path | None = None
+    opset: int = 17
+    fp16: bool = False
+    verify: bool = True
+    tolerance: float | None = None
+    batches: Sequence[int] = (1, 3)
+    sizes: Sequence[Sequence[int]] = ((64, 64), (96, 128))
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UserInputError(f"export.format must be one of {', '.join(FORMATS)}; got '{self.format}'")
+        if self.path in (None, ""):
+            raise UserInputError("export.path is required: pass export.path=unet.onnx (or unet.pt for torchscript)")
+        object.__setattr__(self, "path", _check_output_path(self.path))
+        if self.format == "onnx":
+            object.__setattr__(self, "opset", check_opset(int(self.opset)))
+        if self.tolerance is None:
+            object.__setattr__(self, "tolerance", FP16_TOLERANCE if self.fp16 else FP32_TOLERANCE)
+        if not self.sizes or not self.batches or min(int(b) for b in self.batches) < 1:
+            raise UserInputError("export.batches and export.sizes need at least one entry each (batches >= 1)")
+
+
 def run_export(cfg: DictConfig) -> dict[str, Any]:
-    """Export, verify and describe the network of ``cfg.model`` as ``cfg.export`` says; returns the sidecar dict."""
+    """Export, verify and describe the network of ``cfg.model`` as ``cfg.export`` (:class:`ExportOptions`) says;
+    returns the sidecar dict."""
     import wsiseg
 
-    ex = cfg.export
-    fmt = str(ex.format)
-    if fmt not in FORMATS:
-        raise UserInputError(f"export.format must be one of {', '.join(FORMATS)}; got '{fmt}'")
-    path = _check_output_path(_required(cfg, "export.path", "pass export.path=unet.onnx (or unet.pt for torchscript)"))
-    fp16 = bool(ex.fp16)
-    opset = check_opset(int(ex.opset)) if fmt == "onnx" else None
-    tolerance = float(ex.tolerance) if ex.get("tolerance") is not None else (FP16_TOLERANCE if fp16 else FP32_TOLERANCE)
+    if OmegaConf.is_missing(cfg.export, "path"):
+        raise UserInputError("export.path is required: pass export.path=unet.onnx (or unet.pt for torchscript)")
+    ex: ExportOptions = build(cfg.export)
+    fmt, path, fp16 = ex.format, Path(ex.path or ""), bool(ex.fp16)
+    opset = ex.opset if fmt == "onnx" else None
+    tolerance = float(ex.tolerance or 0.0)
     net, checkpoint = build_network(cfg)
     stride = network_stride(net)
     sizes = [_check_size(s, stride) for s in ex.sizes]
     batches = [int(b) for b in ex.batches]
-    if not sizes or not batches or min(batches) < 1:
-        raise UserInputError("export.batches and export.sizes need at least one entry each (batches >= 1)")
     activation = str(cfg.model.get("activation", "none"))
     mean = [float(v) for v in cfg.model.get("mean", (0.0, 0.0, 0.0))]
     std = [float(v) for v in cfg.model.get("std", (1.0, 1.0, 1.0))]
