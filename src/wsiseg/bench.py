@@ -366,7 +366,9 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     module: SegmentationModule = instantiate(cfg.model)
     trainer = instantiate(cfg.trainer, callbacks=[])
     device = trainer.strategy.root_device
-    datamodule.batch_size = resolve_batch_size(datamodule.batch_size, module, datamodule.patch_size, device, trainer)
+    datamodule = datamodule.with_batch_size(
+        resolve_batch_size(datamodule.batch_size, module, datamodule.patch_size, device, trainer)
+    )
     tiles = datamodule.keep_first_tiles(bench.max_tiles)
     if tiles == 0:
         raise UserInputError(

@@ -25,6 +25,7 @@ from wsiseg.errors import UserInputError
 from wsiseg.model import holds_weights
 from wsiseg.options import check_required, check_trainer_device
 from wsiseg.run_lock import run_folder_lock
+from wsiseg.writers.options import slide_writer_options
 from wsiseg.writers.patch_writer import PatchWriter
 from wsiseg.writers.run_record import config_hash, read_complete_report
 from wsiseg.writers.slide_writer import SlideWriter
@@ -59,7 +60,7 @@ def predict_in_folder(cfg: DictConfig) -> int:
     writer_options = OmegaConf.to_container(cfg.writer, resolve=True)
     output_dir = Path(cfg.writer.output_dir)
     if slide_mode:
-        SlideWriter.options(**writer_options)  # before any slide is opened
+        slide_writer_options(**_without(writer_options, "_target_", "output_dir", "output_downsample"))  # checked early
         keep = resume_check(output_dir, run_config) if cfg.get("resume") else None
         datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep)  # a callable: not through OmegaConf
     else:
@@ -77,8 +78,8 @@ def predict_in_folder(cfg: DictConfig) -> int:
             f"patch mode (data=patches) runs on one device, the trainer has {trainer.world_size}: "
             "set trainer.devices=1 (or trainer=gpu / trainer=cpu)"
         )
-    datamodule.batch_size = resolve_batch_size(
-        datamodule.batch_size, module, datamodule.patch_size, trainer.strategy.root_device, trainer
+    datamodule = datamodule.with_batch_size(
+        resolve_batch_size(datamodule.batch_size, module, datamodule.patch_size, trainer.strategy.root_device, trainer)
     )
     # Patch pieces come in several shapes, each a recompilation: compile=auto weighs only slide tiles.
     module.prepare(trainer.strategy.root_device.type, planned_tiles=plan.tiles if slide_mode else None)
@@ -94,6 +95,10 @@ def predict_in_folder(cfg: DictConfig) -> int:
                 raise KeyboardInterrupt from None
             raise
     return 0 if all(row["status"] == "complete" for row in writer.results) else 1
+
+
+def _without(options: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in keys}
 
 
 def _check_mode_pairing(cfg: DictConfig) -> bool:

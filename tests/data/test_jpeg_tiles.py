@@ -33,6 +33,7 @@ from wsiseg.data.jpeg_tiles import (
     merge_tables,
     tile_stream,
 )
+from wsiseg.data.readers import resolve_reader
 from wsiseg.data.slide import read_rgb, rgba_to_rgb
 from wsiseg.data.synthetic import SyntheticSlide
 
@@ -318,9 +319,9 @@ def decoded_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = jpeg_tiles.decode_batch
 
-    def counting(batch: dict, device: torch.device) -> dict:
+    def counting(batch: dict, device: torch.device, colour_checked: dict | None = None) -> dict:
         calls.append(len(batch["jpeg_tiles"]))
-        return real(batch, device)
+        return real(batch, device, colour_checked)
 
     monkeypatch.setattr(jpeg_tiles, "decode_batch", counting)
     return calls
@@ -428,15 +429,15 @@ def test_nvjpeg_patches_equal_openslide_reads(synthetic_slide: Path, slide: str,
     dm = _datamodule(path, 0, patch, overlap)
     plan = dm.dataset.slides[0]
     diffs = []
+    checks: dict[int, bool] = {}  # colour kinds checked against libjpeg, kept over the batches as the reader does
     with openslide.OpenSlide(str(path)) as handle:
         for batch in dm.predict_dataloader():
-            out = decode_batch(batch, "cuda")
+            out = decode_batch(batch, "cuda", checks)
             assert out["image"].is_cuda
             for n, (x, y) in enumerate(zip(out["x"].tolist(), out["y"].tolist())):
                 expected = read_rgb(handle, x, y, plan.level, patch, patch)
                 diffs.append(np.abs(out["image"][n].permute(1, 2, 0).cpu().numpy().astype(int) - expected))
     diff = np.stack(diffs)
-    checks = jpeg_tiles._colour_checked
     print(f"\nnvJPEG {path.name}: mean |diff| {diff.mean():.4f}, max {diff.max()}, colour checks {checks}")
     assert diff.mean() <= MEAN_LIMIT
 
@@ -448,7 +449,7 @@ def test_auto_reader_reads_jpeg_tiles_on_cpu_only_runs_without_workers(synthetic
     dm = SlideTileDataModule([str(synthetic_slide)], patch_size=256, num_workers=workers, reader="auto")
     dm.setup("predict")
     expect_jpeg = workers == 0 and not torch.cuda.is_available()
-    assert dm.tile_reader == ("jpeg" if expect_jpeg else "openslide")
+    assert dm.tile_reader.name == ("jpeg" if expect_jpeg else "openslide")
     dataset = dm.predict_dataloader().dataset
     assert isinstance(dataset, JpegTileDataset) == expect_jpeg
 
@@ -460,7 +461,7 @@ def test_auto_reader_falls_back_without_a_warning(caplog: pytest.LogCaptureFixtu
     dm.setup("predict")
     with caplog.at_level(logging.INFO, logger="wsiseg"):
         dataset = dm.predict_dataloader().dataset
-    assert type(dataset).__name__ == "SlideTileDataset"
-    if dm.tile_reader == "jpeg":  # this CPU-only machine; with CUDA auto picks OpenSlide without trying
+    assert type(dataset).__name__ == "SlideTileDataset" and dm.tile_reader.name == "openslide"
+    if resolve_reader("auto", 0) == "jpeg":  # this CPU-only machine; with CUDA auto picks OpenSlide without trying
         fallbacks = [r for r in caplog.records if "not JPEG-tiled" in r.getMessage()]
         assert fallbacks and all(r.levelno == logging.INFO for r in fallbacks)

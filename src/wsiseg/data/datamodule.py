@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import glob
 import logging
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from wsiseg.config import default_workers, usable_cores
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
 from wsiseg.data.grid import TileGrid
 from wsiseg.data.plan import RunPlan, output_names, slide_identity
+from wsiseg.data.readers import READERS, TileReader, choose_reader
 from wsiseg.data.slide import choose_level, open_slide
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
 from wsiseg.errors import UserInputError
@@ -57,9 +59,6 @@ def expand_slide_paths(slides: str | Sequence[str]) -> list[Path]:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) and not literal else [pattern]
         paths.extend(Path(m) for m in (matches or [pattern]))
     return paths
-
-
-READERS = ("auto", "openslide", "jpeg", "gpu_jpeg")
 
 
 class SlideTileDataModule(pl.LightningDataModule):
@@ -153,7 +152,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.reader = reader
         self.keep_complete = keep_complete or (lambda name, path: False)
         self._plan: RunPlan | None = None
-        self._jpeg_layouts: list[Any] | None = None  # JPEG tile layouts of the plan's slides (reader=jpeg)
+        self._reader: TileReader | None = None  # chosen once per plan
         self._dataset: SlideTileDataset | None = None
 
     def plan_slide(self, path: Path, name: str) -> SlideTiles:
@@ -247,7 +246,7 @@ class SlideTileDataModule(pl.LightningDataModule):
 
     def _use(self, plan: RunPlan) -> None:
         self._plan = plan
-        self._jpeg_layouts = None
+        self._reader = None
         self._dataset = SlideTileDataset(list(plan.slides), self._read_threads())
 
     @property
@@ -289,47 +288,29 @@ class SlideTileDataModule(pl.LightningDataModule):
             raise RuntimeError("SlideTileDataModule.setup() has not run")
         return self._dataset
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Only the pixels go to the device; tile indices and errors stay on the host, so the writer reads them without
-        waiting for the device (a ``.tolist()`` of a CUDA tensor would synchronise with the running batch). Batches of
-        compressed JPEG tiles are decoded and assembled on ``device`` here, so ``predict_step`` sees only pixels."""
-        if isinstance(batch, dict) and ("image" in batch or "jpeg_tiles" in batch):
-            moved = dict(batch)
-            if "image" in moved:
-                moved["image"] = moved["image"].to(device, non_blocking=True)
-            if "jpeg_tiles" in moved:
-                from wsiseg.data import jpeg_tiles
+    @property
+    def tile_reader(self) -> TileReader:
+        """The reader of this plan's tiles (chosen once per plan from ``data.reader``; :mod:`wsiseg.data.readers`)."""
+        if self._reader is None:
+            self._reader = choose_reader(self.reader, self.plan.slides, self.num_workers)
+        return self._reader
 
-                moved = jpeg_tiles.decode_batch(moved, device)  # moves the compressed bytes itself
-            return moved
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Only the pixels go to the device (the reader decodes compressed tiles there); tile indices and errors stay
+        on the host, so the writer reads them without waiting for the device (a ``.tolist()`` of a CUDA tensor would
+        synchronise with the running batch)."""
+        if isinstance(batch, dict) and ("image" in batch or "jpeg_tiles" in batch):
+            return self.tile_reader.to_device(batch, device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    @property
-    def tile_reader(self) -> str:
-        """The reader ``data.reader`` resolves to: ``openslide`` or ``jpeg``."""
-        if self.reader == "auto":
-            # JPEG tiles decoded in the main process read faster than OpenSlide on CPU-only runs without workers
-            # (docs/performance.md); GPU decoding (nvJPEG) is not measured yet
-            return "jpeg" if self.num_workers == 0 and not torch.cuda.is_available() else "openslide"
-        return "openslide" if self.reader == "openslide" else "jpeg"
+    def with_batch_size(self, batch_size: int) -> SlideTileDataModule:
+        """A copy of this data module (same options and plan) that batches ``batch_size`` tiles: how the entry point
+        applies a resolved ``batch_size=auto`` without changing a built object."""
+        clone = copy.copy(self)
+        clone.batch_size = int(batch_size)
+        return clone
 
     def predict_dataloader(self) -> DataLoader:
-        if self.tile_reader == "jpeg":
-            from wsiseg.data.jpeg_dataset import jpeg_dataloader, jpeg_layouts
-
-            if self._jpeg_layouts is None:  # once per plan, so the fallback is said once
-                self._jpeg_layouts = jpeg_layouts(self.plan.slides, self.reader, quiet=self.reader == "auto")
-            if any(layout is not None for layout in self._jpeg_layouts):
-                return jpeg_dataloader(
-                    self.dataset, self._jpeg_layouts, self.batch_size, self.num_workers, self.prefetch_factor
-                )
-        workers = self.num_workers
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+        return self.tile_reader.dataloader(
+            self.dataset, int(self.batch_size), self.num_workers, self.pin_memory, self.prefetch_factor
         )

@@ -367,11 +367,6 @@ class CompressedTiles:
         return [data[int(a) : int(b)] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
 
-# Per process, per colour kind: True once nvJPEG was found to agree with libjpeg, False when it did not (that kind is
-# then decoded on the CPU).
-_colour_checked: dict[int, bool] = {}
-
-
 def _decode(streams: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -405,21 +400,25 @@ def colour_mismatch(reference: torch.Tensor, candidate: torch.Tensor) -> float |
     return diff if diff > _COLOUR_CHECK_TOLERANCE else None
 
 
-def decode_streams(tiles: CompressedTiles, device: torch.device) -> tuple[list[torch.Tensor], list[str]]:
+def decode_streams(
+    tiles: CompressedTiles, device: torch.device, colour_checked: dict[int, bool] | None = None
+) -> tuple[list[torch.Tensor], list[str]]:
     """Decode the batch's unique streams to (3, h, w) uint8 RGB tensors on ``device``.
 
-    CUDA: one batched nvJPEG call. The first time each colour kind (RGB-in-JPEG, YCbCr) is met in a process, one
-    tile is also decoded on the CPU; if nvJPEG disagrees on the colour conversion the kind is decoded on the CPU from
-    then on (one warning). A batch that fails to decode is retried stream by stream (on the CPU when the device
-    refuses a stream): a stream no decoder takes becomes a white tile and an error message for the patches using it
-    (the writer then fails that slide only).
+    CUDA: one batched nvJPEG call. The first time each colour kind (RGB-in-JPEG, YCbCr) is met (``colour_checked``,
+    per colour kind: True once nvJPEG was found to agree with libjpeg, False when it did not; the reader keeps it for
+    its run, None checks afresh), one tile is also decoded on the CPU; if nvJPEG disagrees on the colour conversion
+    the kind is decoded on the CPU from then on (one warning). A batch that fails to decode is retried stream by
+    stream (on the CPU when the device refuses a stream): a stream no decoder takes becomes a white tile and an error
+    message for the patches using it (the writer then fails that slide only).
 
     Returns:
         (decoded tiles, per-stream error messages: empty when decoded).
     """
     streams = tiles.streams
     errors = [""] * len(streams)
-    on_cpu = [device.type != "cuda" or _colour_checked.get(int(c)) is False for c in tiles.colours]
+    colour_checked = {} if colour_checked is None else colour_checked
+    on_cpu = [device.type != "cuda" or colour_checked.get(int(c)) is False for c in tiles.colours]
     decoded: list[torch.Tensor | None] = [None] * len(streams)
     for cpu in (False, True):
         indices = [i for i in range(len(streams)) if on_cpu[i] == cpu]
@@ -437,18 +436,22 @@ def decode_streams(tiles: CompressedTiles, device: torch.device) -> tuple[list[t
                     except RuntimeError as exc:
                         errors[i] = f"{tiles.labels[i]}: JPEG tile cannot be decoded: {str(exc).splitlines()[0]}"
     if device.type == "cuda":
-        _check_device_colours(tiles, streams, decoded, on_cpu)
+        _check_device_colours(tiles, streams, decoded, on_cpu, colour_checked)
     white = torch.full((3, 1, 1), 255, dtype=torch.uint8)
     return [(white if image is None else image).to(device, non_blocking=True) for image in decoded], errors
 
 
 def _check_device_colours(
-    tiles: CompressedTiles, streams: list[torch.Tensor], decoded: list[torch.Tensor | None], on_cpu: list[bool]
+    tiles: CompressedTiles,
+    streams: list[torch.Tensor],
+    decoded: list[torch.Tensor | None],
+    on_cpu: list[bool],
+    colour_checked: dict[int, bool],
 ) -> None:
     """Compare the device decode of the largest stream of each not-yet-checked colour kind with libjpeg; switch the
     kind to CPU decoding (for later batches, and this one) when they disagree."""
     for colour in sorted({int(c) for c in tiles.colours}):
-        if colour in _colour_checked:
+        if colour in colour_checked:
             continue
         members = [
             i for i, c in enumerate(tiles.colours) if int(c) == colour and not on_cpu[i] and decoded[i] is not None
@@ -461,7 +464,7 @@ def _check_device_colours(
         except RuntimeError:
             continue  # check on a later batch
         mismatch = colour_mismatch(reference, decoded[probe])  # type: ignore[arg-type]
-        _colour_checked[colour] = mismatch is None
+        colour_checked[colour] = mismatch is None
         if mismatch is not None:
             kind = "RGB-in-JPEG" if colour == COLOUR_RGB else "YCbCr"
             log.warning(
@@ -519,15 +522,18 @@ def assemble_patches(decoded: Sequence[torch.Tensor], tiles: CompressedTiles, de
     return pixels.view(count, size, size, 3).permute(0, 3, 1, 2)
 
 
-def decode_batch(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+def decode_batch(
+    batch: dict[str, Any], device: torch.device | str, colour_checked: dict[int, bool] | None = None
+) -> dict[str, Any]:
     """Replace ``batch["jpeg_tiles"]`` (a :class:`CompressedTiles`) by ``batch["image"]``: (N, 3, P, P) uint8 RGB
     decoded and assembled on ``device`` (nvJPEG on CUDA, libjpeg-turbo on the CPU otherwise). Patches using a tile
     that cannot be decoded come back white with ``batch["error"]`` set, as the OpenSlide reader reports them. In a
     batch that mixes in patches OpenSlide read (``image``, ``image_rows``, ``jpeg_rows`` from
-    :func:`~wsiseg.data.jpeg_dataset.collate_jpeg_tiles`) every patch takes its row of the batch."""
+    :func:`~wsiseg.data.jpeg_dataset.collate_jpeg_tiles`) every patch takes its row of the batch. ``colour_checked``:
+    see :func:`decode_streams`."""
     device = torch.device(device)
     tiles: CompressedTiles = batch["jpeg_tiles"]
-    decoded, stream_errors = decode_streams(tiles, device)
+    decoded, stream_errors = decode_streams(tiles, device, colour_checked)
     out = {k: v for k, v in batch.items() if k not in ("jpeg_tiles", "image_rows", "jpeg_rows")}
     patches = assemble_patches(decoded, tiles, device)
     rows = list(range(len(tiles)))

@@ -14,6 +14,7 @@ batches, so the network always sees rectangular batches; the batch plan is fixed
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -457,6 +458,13 @@ class PatchFolderDataModule(pl.LightningDataModule):
     def batch_plan(self) -> list[list[tuple[int, int]]]:
         """The batches ``predict_dataloader`` yields: ``(image index, piece index)`` pairs, one piece shape each."""
         return plan_batches(self.plan.images, self.plan.todo, self.batch_size)
+
+    def with_batch_size(self, batch_size: int) -> PatchFolderDataModule:
+        """A copy of this data module (same options and plan) that batches ``batch_size`` tiles: how the entry point
+        applies a resolved ``batch_size=auto`` without changing a built object."""
+        clone = copy.copy(self)
+        clone.batch_size = int(batch_size)
+        return clone
 
     def predict_dataloader(self) -> DataLoader:
         workers = self.num_workers

@@ -18,13 +18,16 @@ from typing import Any
 
 from wsiseg.atomic import write_json_atomic
 from wsiseg.data.datasets import SlideTiles
+from wsiseg.data.plan import RunPlan
 from wsiseg.errors import UserInputError
+from wsiseg.writers.render import OUTPUT_FILES
 
 __all__ = [
     "RunRecord",
     "config_hash",
     "read_complete_report",
     "remove_stale",
+    "discard_unreported",
     "check_writable",
     "base_report",
 ]
@@ -85,6 +88,16 @@ def remove_stale(slide_dir: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+
+
+def discard_unreported(slide_dir: Path) -> None:
+    """A slide stopped while its files were written has no ``report.json``: remove every output it may have left
+    (:data:`wsiseg.writers.render.OUTPUT_FILES`) with the stale scratch files, so none looks complete."""
+    if (slide_dir / "report.json").exists():
+        return
+    for name in OUTPUT_FILES:
+        (slide_dir / name).unlink(missing_ok=True)
+    remove_stale(slide_dir)
 
 
 def check_writable(folder: Path) -> None:
@@ -181,6 +194,14 @@ class RunRecord:
         self.rows: list[dict[str, Any]] = []
         self.run_report: dict[str, Any] = {}
 
+    def start(self, plan: RunPlan) -> None:
+        """Begin the run's rows afresh with the plan's skipped (cannot be processed) and resumed slides."""
+        self.rows.clear()
+        for path, reason in plan.failed:
+            self.add_row(path, "skipped", reason=reason)
+        for path, name in plan.resumed:
+            self.add_row(path, "complete", name=name, reason="resumed: complete outputs kept")
+
     def add_row(
         self,
         path: Path,
@@ -225,6 +246,19 @@ class RunRecord:
         path = self.output_dir / "report.json"
         write_json_atomic(path, self.run_report)
         return path
+
+    def write_interrupted(self, unfinished: Sequence[SlideTiles], started: set[str], exception: BaseException) -> None:
+        """The run stopped on ``exception``: list the ``unfinished`` slides as ``interrupted`` (log the ``started``
+        ones by name: they are left without outputs) and write ``summary.json``."""
+        kind = type(exception).__name__
+        if started:
+            names = ", ".join(s.name for s in unfinished if s.name in started)
+            log.error("interrupted (%s): unfinished slide(s) %s left without outputs", kind, names)
+        for slide in unfinished:
+            self.add_row(
+                slide.path, "interrupted", name=slide.name, reason=f"interrupted ({kind}) before this slide was written"
+            )
+        self.write_summary()
 
     def write_summary(self, pending: Sequence[SlideTiles] | None = None) -> None:
         """``summary.json`` with every row so far. With ``pending`` (a run still going: its slides not yet written are

@@ -1,15 +1,9 @@
-"""``SlideWriter``: the Lightning callback that routes predicted tiles to the stitcher and finished slides to output
-rendering and the run record.
-
-It holds no geometry, rendering or bookkeeping of its own: :mod:`~wsiseg.writers.stitcher` blends tiles into per-slide
-stores, :mod:`~wsiseg.writers.render` writes ``mask.tif``/``heatmap.png``/contours, :mod:`~wsiseg.writers.run_record`
-writes ``report.json``/``summary.json``, and :mod:`~wsiseg.writers.distribution` decides which rank blends which tile
-and which rank writes which slide.
-"""
+"""``SlideWriter``: Lightning hooks routing predicted tiles to the :mod:`~wsiseg.writers.stitcher`, finished slides to
+:mod:`~wsiseg.writers.render` and the :mod:`~wsiseg.writers.run_record`; :mod:`~wsiseg.writers.distribution` decides
+which rank blends which tile and writes which slide. It holds no geometry, rendering or bookkeeping of its own."""
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,20 +11,16 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from wsiseg.contours import contour_formats
 from wsiseg.data.plan import RunPlan
-from wsiseg.errors import UserInputError
 from wsiseg.writers._batch import as_ints, to_host_async
 from wsiseg.writers.distribution import Distribution, SingleProcess, distribution_for
-from wsiseg.writers.render import OUTPUT_FILES, RenderOptions
-from wsiseg.writers.run_record import RunRecord, check_writable, remove_stale
+from wsiseg.writers.options import slide_writer_options
+from wsiseg.writers.run_record import RunRecord, check_writable, discard_unreported, remove_stale
 from wsiseg.writers.slide_outputs import write_slide
-from wsiseg.writers.stitcher import Stitcher, StoreOptions
+from wsiseg.writers.stitcher import Stitcher
 from wsiseg.writers.worker import OrderedWorker
 
 __all__ = ["SlideWriter"]
-
-log = logging.getLogger(__name__)
 
 
 class SlideWriter(BasePredictionWriter):
@@ -43,21 +33,10 @@ class SlideWriter(BasePredictionWriter):
     Args:
         output_dir: run folder; one sub-folder per slide.
         plan: the run's plan (slides to stitch, skipped and resumed ones), built by the entry point.
-        blend: ``none`` | ``linear`` | ``gaussian`` (see :func:`wsiseg.data.grid.blend_window`).
         output_downsample: read-level px per mask px (the module pools on the device by the same factor).
-        sigma_scale: Gaussian width relative to the tile side (``blend=gaussian``).
-        threshold: probability at or above which a pixel counts as tumour (area, contours), in (0, 1].
-        chunk: store chunk side, output px; a multiple of ``2 × tiff_tile``.
-        cache_mb: memory for store chunks held in RAM, MiB.
-        tiff_tile: TIFF tile side, px; a multiple of 16.
-        compression: lossless TIFF compression, ``zlib`` or ``zstd``.
-        heatmap_max_side: longer side of ``heatmap.png``.
         run_config: the composed config, stored in each report (its hash decides what ``resume=true`` keeps).
-        contours: ``geojson`` and/or ``asap_xml`` (list or comma-separated), or None / ``none``.
-        min_area_um2: contour regions smaller than this are dropped (µm², or level-0 px² without mpp).
-        blend_thread: blend on a background thread (``true``) or between batches (``false``); ``auto``: a thread on
-            GPUs (the host blends while the device runs), none on CPUs (the network's threads use every core).
         provenance: what produced the outputs (versions, weights and their SHA-256), copied into each report.
+        options: blending, rendering and threading (:func:`wsiseg.writers.options.slide_writer_options`).
 
     Raises:
         UserInputError: an option outside its allowed values (the message names it), or an unwritable output folder.
@@ -72,38 +51,16 @@ class SlideWriter(BasePredictionWriter):
         self,
         output_dir: str | Path,
         plan: RunPlan,
-        blend: str = "gaussian",
         output_downsample: int = 1,
-        sigma_scale: float = 0.125,
-        threshold: float = 0.5,
-        chunk: int = 512,
-        cache_mb: int = 128,
-        tiff_tile: int = 256,
-        compression: str = "zlib",
-        heatmap_max_side: int = 2048,
         run_config: dict[str, Any] | None = None,
-        contours: str | list[str] | None = None,
-        min_area_um2: float = 0.0,
-        blend_thread: bool | str = "auto",
         provenance: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(write_interval="batch")
-        self.store, self.render = self.options(
-            blend,
-            sigma_scale,
-            chunk,
-            cache_mb,
-            threshold,
-            tiff_tile,
-            compression,
-            heatmap_max_side,
-            contours,
-            min_area_um2,
-            blend_thread,
-        )
-        self.output_dir, self.plan = Path(output_dir), plan
+        checked = slide_writer_options(**options)
+        self.store, self.render, self.blend_thread = checked.store, checked.render, checked.blend_thread
+        self.output_dir, self.plan, self.output_downsample = Path(output_dir), plan, output_downsample
         check_writable(self.output_dir)
-        self.output_downsample, self.blend_thread = output_downsample, blend_thread
         self.record = RunRecord(self.output_dir, run_config, provenance)
         self.results = self.record.rows
         self._distribution: Distribution = SingleProcess()
@@ -114,47 +71,14 @@ class SlideWriter(BasePredictionWriter):
         self._worker: OrderedWorker | None = None
         self._batch_clock, self._batch_size = time.perf_counter(), 0
 
-    @staticmethod
-    def options(
-        blend: str = "gaussian",
-        sigma_scale: float = 0.125,
-        chunk: int = 512,
-        cache_mb: int = 128,
-        threshold: float = 0.5,
-        tiff_tile: int = 256,
-        compression: str = "zlib",
-        heatmap_max_side: int = 2048,
-        contours: str | list[str] | None = None,
-        min_area_um2: float = 0.0,
-        blend_thread: bool | str = "auto",
-        **_: Any,
-    ) -> tuple[StoreOptions, RenderOptions]:
-        """The writer's options checked (UserInputError naming the ``writer.*`` key), without building a writer: the
-        entry point calls it with ``cfg.writer`` before any slide is opened."""
-        if blend_thread not in ("auto", True, False):
-            raise UserInputError(f"writer.blend_thread must be auto, true or false; got '{blend_thread}'")
-        render = RenderOptions(
-            threshold, tiff_tile, compression, heatmap_max_side, contour_formats(contours), float(min_area_um2)
-        )
-        if chunk % (2 * tiff_tile):
-            raise UserInputError(
-                f"writer.chunk ({chunk}) must be a multiple of 2 x writer.tiff_tile ({tiff_tile}), e.g. "
-                f"{2 * tiff_tile * max(1, round(chunk / (2 * tiff_tile)))}"
-            )
-        return StoreOptions(blend, sigma_scale, chunk, cache_mb << 20), render
-
     def _begin(self, distribution: Distribution) -> None:
         self._distribution = distribution
         self._stitcher = Stitcher(
             list(self.plan.slides), self.output_dir, self.output_downsample, self.store, distribution.rank
         )
-        self.record.rows.clear()
+        self.record.start(self.plan)
         self._finished, self._batch_clock = set(), time.perf_counter()
         self._in_order = 0  # slides before this index are written (one process: tiles arrive in slide order)
-        for path, reason in self.plan.failed:
-            self.record.add_row(path, "skipped", reason=reason)
-        for path, name in self.plan.resumed:
-            self.record.add_row(path, "complete", name=name, reason="resumed: complete outputs kept")
         if distribution.rank == 0:  # before any rank writes (under DDP the claiming all-gather is the barrier)
             for index in range(len(self.plan.slides)):
                 remove_stale(self._stitcher.slide_dir(index))
@@ -219,25 +143,11 @@ class SlideWriter(BasePredictionWriter):
         unfinished = [i for i in range(len(self.plan.slides)) if i not in self._finished]
         for index in unfinished:
             self._stitcher.release(index)
-        if self._distribution.rank != 0:
-            return
-        for index in unfinished:  # a slide stopped while its files were written: no report, so none of them stays
-            slide_dir = self._stitcher.slide_dir(index)
-            if not (slide_dir / "report.json").exists():
-                for name in OUTPUT_FILES:
-                    (slide_dir / name).unlink(missing_ok=True)
-                remove_stale(slide_dir)
-        started = [self.plan.slides[i].name for i in unfinished if i in self._stitcher.states]
-        if started:
-            log.error(
-                "interrupted (%s): unfinished slide(s) %s left without outputs",
-                type(exception).__name__,
-                ", ".join(started),
-            )
-        reason = f"interrupted ({type(exception).__name__}) before this slide was written"
-        for slide in (self.plan.slides[i] for i in unfinished):
-            self.record.add_row(slide.path, "interrupted", name=slide.name, reason=reason)
-        self.record.write_summary()
+        if self._distribution.rank == 0:
+            for index in unfinished:  # a slide stopped while its files were written: none of them stays
+                discard_unreported(self._stitcher.slide_dir(index))
+            started = {self.plan.slides[i].name for i in unfinished if i in self._stitcher.states}
+            self.record.write_interrupted([self.plan.slides[i] for i in unfinished], started, exception)
 
     def write_without_tiles(self) -> None:
         """Write every planned slide when no slide has a tissue tile (Lightning runs no predict hooks then): each

@@ -1,0 +1,114 @@
+"""Tile readers: how the planned tiles are read by the DataLoader workers and turned into pixels on the device.
+
+One interface, :class:`TileReader`, two implementations chosen once per plan by :func:`choose_reader`
+(``data.reader``): :class:`OpenSlideReader` (workers read RGB tiles with OpenSlide) and :class:`JpegTileReader`
+(workers read the slide's compressed JPEG tiles; :meth:`JpegTileReader.to_device` decodes them on the device, nvJPEG on
+CUDA and libjpeg-turbo on the CPU; slides without JPEG tiles at the read level are read by OpenSlide in the same
+batches). Either way ``predict_step`` sees only ``batch["image"]``, (N, 3, H, W) uint8 RGB on its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader
+
+from wsiseg.data.datasets import SlideTileDataset, SlideTiles
+
+__all__ = ["READERS", "TileReader", "OpenSlideReader", "JpegTileReader", "choose_reader", "resolve_reader"]
+
+READERS = ("auto", "openslide", "jpeg", "gpu_jpeg")
+
+
+class TileReader(Protocol):
+    """Reads a plan's tiles in batches and moves them to the device as pixels."""
+
+    name: str
+
+    def dataloader(
+        self, dataset: SlideTileDataset, batch_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int
+    ) -> DataLoader:
+        """The DataLoader over ``dataset``'s tiles, in dataset order."""
+        ...
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """``batch`` with ``image`` as (N, 3, H, W) uint8 on ``device``; indices and errors stay on the host."""
+        ...
+
+
+@dataclass(frozen=True)
+class OpenSlideReader:
+    """Workers read RGB tiles with OpenSlide (:class:`~wsiseg.data.datasets.SlideTileDataset`)."""
+
+    name: str = "openslide"
+
+    def dataloader(
+        self, dataset: SlideTileDataset, batch_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=pin_memory and torch.cuda.is_available(),
+            persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        )
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        moved = dict(batch)
+        moved["image"] = moved["image"].to(device, non_blocking=True)
+        return moved
+
+
+@dataclass(frozen=True)
+class JpegTileReader:
+    """Workers read compressed JPEG tiles (one layout per slide, None: that slide is read by OpenSlide) and the
+    device decodes them (:func:`wsiseg.data.jpeg_tiles.decode_batch`); ``colour_checked`` remembers, for this reader's
+    run, which colour kinds nvJPEG decodes like libjpeg."""
+
+    layouts: tuple[Any, ...]
+    name: str = "jpeg"
+    colour_checked: dict[int, bool] = field(default_factory=dict, compare=False)
+
+    def dataloader(
+        self, dataset: SlideTileDataset, batch_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int
+    ) -> DataLoader:
+        from wsiseg.data.jpeg_dataset import jpeg_dataloader
+
+        return jpeg_dataloader(dataset, list(self.layouts), batch_size, num_workers, prefetch_factor)
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        from wsiseg.data import jpeg_tiles
+
+        moved = dict(batch)
+        if "image" in moved:  # tiles of slides OpenSlide read
+            moved["image"] = moved["image"].to(device, non_blocking=True)
+        if "jpeg_tiles" in moved:
+            moved = jpeg_tiles.decode_batch(moved, device, self.colour_checked)  # moves the compressed bytes itself
+        return moved
+
+
+def resolve_reader(option: str, num_workers: int) -> str:
+    """``data.reader`` as ``openslide`` or ``jpeg``. ``auto``: JPEG tiles when no CUDA device is visible and the main
+    process reads (``num_workers=0``), where decoding them beats OpenSlide (docs/performance.md); GPU decoding (nvJPEG)
+    is not measured yet, so CUDA runs read with OpenSlide."""
+    if option == "auto":
+        return "jpeg" if num_workers == 0 and not torch.cuda.is_available() else "openslide"
+    return "openslide" if option == "openslide" else "jpeg"
+
+
+def choose_reader(option: str, slides: Sequence[SlideTiles], num_workers: int) -> TileReader:
+    """The reader for ``slides`` under ``data.reader=option``: :class:`JpegTileReader` when JPEG tiles are chosen and
+    at least one slide has them at its read level (the others are named once, as a warning unless chosen by
+    ``auto``), else :class:`OpenSlideReader`."""
+    if resolve_reader(option, num_workers) == "jpeg":
+        from wsiseg.data.jpeg_dataset import jpeg_layouts
+
+        layouts = jpeg_layouts(slides, option, quiet=option == "auto")
+        if any(layout is not None for layout in layouts):
+            return JpegTileReader(tuple(layouts))
+    return OpenSlideReader()
