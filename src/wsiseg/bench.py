@@ -43,13 +43,14 @@ from omegaconf import DictConfig, OmegaConf
 from wsiseg.atomic import write_json_atomic
 from wsiseg.batch_size import resolve_batch_size
 from wsiseg.cli import user_errors
-from wsiseg.config import build, config_dir
+from wsiseg.config import build, build_trainer, config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.jpeg_tiles import decode_batch
 from wsiseg.data.slide import read_rgb
 from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 from wsiseg.errors import UserInputError
 from wsiseg.module import SegmentationModule
+from wsiseg.options import check_option_types
 
 __all__ = ["CaseResult", "PeakMemory", "main", "run_bench"]
 
@@ -364,7 +365,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             write_synthetic_slide(slide_path, spec)
     datamodule: SlideTileDataModule = instantiate(cfg.data, slides=[str(slide_path)])
     module: SegmentationModule = instantiate(cfg.model)
-    trainer = instantiate(cfg.trainer, callbacks=[])
+    trainer = build_trainer(cfg.trainer, callbacks=[])
     device = trainer.strategy.root_device
     datamodule = datamodule.with_batch_size(
         resolve_batch_size(datamodule.batch_size, module, datamodule.patch_size, device, trainer)
@@ -430,7 +431,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     # 2. optimised: the real trainer.predict with the writer
     writer = instantiate(cfg.writer, output_dir=str(out_dir / "predict"), _partial_=True)(plan=datamodule.plan)
-    predict_trainer = instantiate(cfg.trainer, callbacks=[writer])
+    predict_trainer = build_trainer(cfg.trainer, callbacks=[writer])
     results["optimised"] = _timed(
         "optimised",
         device,
@@ -512,7 +513,7 @@ def run_patch_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     datamodule = instantiate(cfg.data)
     module: SegmentationModule = instantiate(cfg.model)
-    trainer = instantiate(cfg.trainer, callbacks=[])
+    trainer = build_trainer(cfg.trainer, callbacks=[])
     device = trainer.strategy.root_device
     images = list_images(datamodule.input_dir, datamodule.extensions)
     if not images:
@@ -538,7 +539,7 @@ def run_patch_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     results = {"naive": _timed("naive", device, len(images), naive)}
     plan = datamodule.plan_run(module.stride)
     writer = instantiate(cfg.writer, _partial_=True)(output_dir=str(out_dir / "predict"), plan=plan)
-    predict_trainer = instantiate(cfg.trainer, callbacks=[writer])
+    predict_trainer = build_trainer(cfg.trainer, callbacks=[writer])
     results["optimised"] = _timed(
         "optimised",
         device,
@@ -612,6 +613,7 @@ def format_table(report: dict[str, Any]) -> str:
 @hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("wsiseg-bench"):
+        check_option_types(cfg, ("bench", "data", "model", "model.net", "trainer"))
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         if str(cfg.data.get("_target_", "")).endswith("PatchFolderDataModule"):
             run_patch_bench(cfg, out_dir)

@@ -18,6 +18,7 @@ __all__ = [
     "config_dir",
     "asset_path",
     "build",
+    "build_trainer",
     "cpu_precision",
     "default_workers",
     "register_resolvers",
@@ -53,6 +54,26 @@ def build(node: Any, **kwargs: Any) -> Any:
         if cause is None:
             raise
         raise cause from None
+
+
+def build_trainer(node: Any, **kwargs: Any) -> Any:
+    """The Lightning ``Trainer`` of ``node`` (``cfg.trainer``); an option Lightning refuses while building it (an
+    unknown accelerator, precision or device count) becomes one UserInputError line, ``trainer: <Lightning's reason>``.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from wsiseg.errors import UserInputError
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise UserInputError(f"trainer: {first}") from None
+        raise
 
 
 def asset_path(name: str) -> str:

@@ -38,6 +38,7 @@ from wsiseg.atomic import atomic_path, write_json_atomic
 from wsiseg.cli import user_errors
 from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
+from wsiseg.options import check_option_types
 
 __all__ = [
     "FP_RATES",
@@ -518,6 +519,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                 f"eval.{key} is required: wsiseg-eval eval.predictions=<wsiseg-predict run folder> "
                 "eval.annotations=<folder of annotations named by slide>"
             )
+    check_option_types(cfg, ("eval",))
     return build(cfg.eval)()
 
 

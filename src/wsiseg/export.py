@@ -47,6 +47,7 @@ from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
 from wsiseg.onnx_net import OnnxRuntimeNet, sidecar_path
+from wsiseg.options import check_option_types
 
 __all__ = [
     "FORMATS",
@@ -520,6 +521,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
 
     if OmegaConf.is_missing(cfg.export, "path"):
         raise UserInputError("export.path is required: pass export.path=unet.onnx (or unet.pt for torchscript)")
+    check_option_types(cfg, ("export", "model", "model.net"))
     ex: ExportOptions = build(cfg.export)
     fmt, path, fp16 = ex.format, Path(ex.path or ""), bool(ex.fp16)
     opset = ex.opset if fmt == "onnx" else None

@@ -82,6 +82,7 @@ class Unet(nn.Module):
 
     def __init__(self, in_ch: int = 3, out_ch: int = 3, base_width: int = 64) -> None:
         super().__init__()
+        check_widths(in_ch=in_ch, out_ch=out_ch, base_width=base_width)
         w = [base_width * m for m in (1, 2, 4, 8, 16)]
         self.conv1 = DoubleConv(in_ch, w[0])
         self.pool1 = nn.MaxPool2d(2)
@@ -182,6 +183,7 @@ class MilesialUNet(nn.Module):
 
     def __init__(self, n_channels: int = 3, n_classes: int = 2, bilinear: bool = False, base_width: int = 64) -> None:
         super().__init__()
+        check_widths(n_channels=n_channels, n_classes=n_classes, base_width=base_width)
         self.n_channels, self.n_classes, self.bilinear = n_channels, n_classes, bilinear
         w = [base_width * m for m in (1, 2, 4, 8, 16)]
         factor = 2 if bilinear else 1
@@ -232,6 +234,17 @@ class ProbeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
+
+
+def check_widths(**values: int) -> None:
+    """Network shape arguments (channels, widths) are positive integers.
+
+    Raises:
+        UserInputError: ``model.net.<name> must be a positive integer``.
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserInputError(f"model.net.{name} must be a positive integer, got {value!r}")
 
 
 def network_stride(net: nn.Module) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -51,6 +51,24 @@ def compile_options(device_type: str) -> dict[str, Any]:
     ``torch.compile(options=...)`` the weights stay graph inputs and nothing is folded (see docs/performance.md). It
     applies only under ``torch.no_grad``/``inference_mode`` (``trainer.predict``). CUDA keeps Inductor's defaults."""
     return {"freezing": True} if device_type == "cpu" else {}
+
+
+def _check_channel_index(net: nn.Module, channel_index: int) -> None:
+    """``reduction=channel`` keeps a channel the network has: counted on one stride-sized zero tile (CPU, float32),
+    so a wrong index fails before any slide is read, not after inference.
+
+    Raises:
+        UserInputError: naming ``model.channel_index`` and the network's channel count.
+    """
+    stride = network_stride(net)
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        channels = int(net.eval()(torch.zeros(1, 3, stride, stride, device=device)).shape[1])
+    if not 0 <= channel_index < channels:
+        raise UserInputError(
+            f"model.channel_index={channel_index} but the network outputs {channels} channel(s): use "
+            f"model.channel_index between 0 and {channels - 1}, or model.reduction=max"
+        )
 
 
 class SegmentationModule(pl.LightningModule):
@@ -118,7 +136,7 @@ class SegmentationModule(pl.LightningModule):
         channel_index: int = 0,
         output_downsample: int = 1,
         channels_last: bool = True,
-        compile: bool | str = "auto",
+        compile: bool | Literal["auto"] = "auto",
         compile_min_tiles: int = 500,
         max_chunk: int | None = None,
         output_dtype: str = "float16",
@@ -134,6 +152,12 @@ class SegmentationModule(pl.LightningModule):
             raise UserInputError(f"model.reduction must be one of {', '.join(REDUCTIONS)}; got '{reduction}'")
         if output_downsample < 1:
             raise UserInputError(f"writer.output_downsample must be >= 1, got {output_downsample}")
+        if channel_index < 0:
+            raise UserInputError(f"model.channel_index must be >= 0, got {channel_index}")
+        if max_chunk is not None and max_chunk < 1:
+            raise UserInputError(f"model.max_chunk must be >= 1 or null (derived), got {max_chunk}")
+        if compile_min_tiles < 0:
+            raise UserInputError(f"model.compile_min_tiles must be >= 0, got {compile_min_tiles}")
         if holds_weights(net):  # an ONNX file: its weights and settings are the export's
             from wsiseg.onnx_net import onnx_settings
 
@@ -145,11 +169,19 @@ class SegmentationModule(pl.LightningModule):
             checkpoint, channels_last, compile = None, False, False
         else:
             self.weights = self._load_weights(net, checkpoint, bool(trust_checkpoint))
+            if reduction == "channel":
+                _check_channel_index(net, channel_index)
         self.net = net.eval()
         self.checkpoint = checkpoint
         mean = (0.5, 0.5, 0.5) if mean is None else mean
         std = (0.5, 0.5, 0.5) if std is None else std
         activation = "none" if activation is None else activation
+        for key, values in (("model.mean", mean), ("model.std", std)):
+            if len(values) != 3 or (key == "model.std" and min(values) <= 0):
+                raise UserInputError(
+                    f"{key} must be 3 numbers (R, G, B on the /255 scale{', each > 0' if key == 'model.std' else ''}), "
+                    f"got {list(values)}"
+                )
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.activation, self.reduction, self.channel_index = activation, reduction, channel_index

@@ -18,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from wsiseg.batch_size import resolve_batch_size
 from wsiseg.cli import exit_if_version_asked, user_errors
-from wsiseg.config import config_dir
+from wsiseg.config import build_trainer, config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.plan import slide_identity
 from wsiseg.errors import UserInputError
 from wsiseg.model import holds_weights
-from wsiseg.options import check_required, check_trainer_device
+from wsiseg.options import check_bool, check_option_types, check_required, check_trainer_device
 from wsiseg.run_lock import run_folder_lock
 from wsiseg.writers.options import slide_writer_options
 from wsiseg.writers.patch_writer import PatchWriter
@@ -36,6 +36,8 @@ __all__ = ["main", "run_predict"]
 def run_predict(cfg: DictConfig) -> int:
     """:func:`predict_in_folder` holding the output folder's lock (one run per folder; see :mod:`wsiseg.run_lock`)."""
     check_required(cfg)
+    check_bool(cfg, "resume")
+    check_option_types(cfg, ("data", "writer", "model", "model.net", "trainer"))
     with run_folder_lock(Path(cfg.writer.output_dir)):
         return predict_in_folder(cfg)
 
@@ -72,7 +74,7 @@ def predict_in_folder(cfg: DictConfig) -> int:
     # Opens and tiles the slides, or reads the images' headers: the plan every part gets through its constructor.
     plan = datamodule.plan_run() if slide_mode else datamodule.plan_run(module.stride)
     writer = instantiate(cfg.writer, _partial_=True)(plan=plan, run_config=run_config, provenance=provenance)
-    trainer = instantiate(cfg.trainer, callbacks=[writer])
+    trainer = build_trainer(cfg.trainer, callbacks=[writer])
     if not slide_mode and trainer.world_size > 1:
         raise UserInputError(
             f"patch mode (data=patches) runs on one device, the trainer has {trainer.world_size}: "

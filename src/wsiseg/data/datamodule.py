@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -43,6 +43,20 @@ class TissueOptions:
     thumbnail_max_side: int = 2048
     min_saturation: int = 20
     min_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Raises UserInputError naming the ``data.tissue.*`` key outside its range."""
+        if self.thumbnail_max_side < 16:
+            raise UserInputError(
+                f"data.tissue.thumbnail_max_side must be at least 16 px, got {self.thumbnail_max_side} (default 2048)"
+            )
+        if not 0 <= self.min_saturation <= 255:
+            raise UserInputError(f"data.tissue.min_saturation must be in 0-255, got {self.min_saturation}")
+        if not 0.0 <= self.min_fraction < 1.0:
+            raise UserInputError(
+                f"data.tissue.min_fraction must be in [0, 1) (a tile's tissue fraction above it is processed), "
+                f"got {self.min_fraction}"
+            )
 
 
 def expand_slide_paths(slides: str | Sequence[str]) -> list[Path]:
@@ -109,7 +123,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         overlap: int = 0,
         output_downsample: int = 1,
         tissue: TissueOptions | dict[str, Any] | None = None,
-        batch_size: int | str = 16,
+        batch_size: int | Literal["auto"] = 16,
         num_workers: int | None = None,
         pin_memory: bool = True,
         prefetch_factor: int = 4,
@@ -132,6 +146,12 @@ class SlideTileDataModule(pl.LightningDataModule):
             )
         if batch_size != "auto" and (isinstance(batch_size, str) or batch_size < 1):
             raise UserInputError(f"data.batch_size must be a positive integer or 'auto', got {batch_size}")
+        if slides in ("", None) or (not isinstance(slides, str) and not any(str(s) for s in slides)):
+            raise UserInputError("data.slides is empty: pass data.slides=/path/to/slide.svs or a glob")
+        if prefetch_factor < 1:
+            raise UserInputError(
+                f"data.prefetch_factor must be >= 1 (batches read ahead per worker), got {prefetch_factor}"
+            )
         self.slide_paths = expand_slide_paths(slides)
         if not self.slide_paths:
             raise UserInputError("data.slides is empty: pass data.slides=/path/to/slide.svs or a glob")
@@ -141,6 +161,8 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.patch_size, self.overlap, self.output_downsample = patch_size, overlap, output_downsample
         self.tissue = tissue if isinstance(tissue, TissueOptions) else TissueOptions(**dict(tissue or {}))
         self.batch_size = batch_size
+        if num_workers is not None and num_workers < 0:
+            raise UserInputError(f"data.num_workers must be >= 0 (0 reads in the main process), got {num_workers}")
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.on_error = on_error

@@ -383,6 +383,12 @@ class PatchFolderDataModule(pl.LightningDataModule):
             raise UserInputError(f"data.batch_size must be a positive integer, got {batch_size}")
         if not input_dir:
             raise UserInputError("data.input_dir is empty: pass data.input_dir=/path/to/patches")
+        if num_workers < 0:
+            raise UserInputError(f"data.num_workers must be >= 0 (0 reads in the main process), got {num_workers}")
+        if prefetch_factor < 1:
+            raise UserInputError(
+                f"data.prefetch_factor must be >= 1 (batches read ahead per worker), got {prefetch_factor}"
+            )
         self.input_dir = Path(str(input_dir)).expanduser()
         self.patch_size, self.overlap, self.pad_multiple, self.pad = patch_size, overlap, pad_multiple, pad
         self.extensions = tuple(extensions)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from wsiseg.contours import contour_formats
 from wsiseg.errors import UserInputError
@@ -33,7 +33,7 @@ def slide_writer_options(
     heatmap_max_side: int = 2048,
     contours: str | list[str] | None = None,
     min_area_um2: float = 0.0,
-    blend_thread: bool | str = "auto",
+    blend_thread: bool | Literal["auto"] = "auto",
     **unknown: Any,
 ) -> SlideWriterOptions:
     """Check the slide writer's options and group them.
@@ -58,12 +58,14 @@ def slide_writer_options(
     """
     if unknown:
         raise UserInputError(f"writer.{sorted(unknown)[0]} is not an option of writer=slide: drop it")
+    if cache_mb < 1:
+        raise UserInputError(f"writer.cache_mb must be >= 1 (MiB of store chunks kept in memory), got {cache_mb}")
     if blend_thread not in ("auto", True, False):
         raise UserInputError(f"writer.blend_thread must be auto, true or false; got '{blend_thread}'")
     render = RenderOptions(
         threshold, tiff_tile, compression, heatmap_max_side, contour_formats(contours), float(min_area_um2)
     )
-    if chunk % (2 * tiff_tile):
+    if chunk < 1 or chunk % (2 * tiff_tile):
         raise UserInputError(
             f"writer.chunk ({chunk}) must be a multiple of 2 x writer.tiff_tile ({tiff_tile}), e.g. "
             f"{2 * tiff_tile * max(1, round(chunk / (2 * tiff_tile)))}"

@@ -29,7 +29,7 @@ from wsiseg.data.patches import PatchImage, PatchPlan
 from wsiseg.errors import UserInputError
 from wsiseg.writers._batch import as_ints
 from wsiseg.writers.heatmap import colour_map, render_heatmap
-from wsiseg.writers.run_record import RunRecord, config_hash
+from wsiseg.writers.run_record import RunRecord, check_writable, config_hash
 from wsiseg.writers.store import BlendingAccumulator
 
 __all__ = ["PatchWriter", "PatchOutputs", "HEATMAP_SUFFIX", "MASK_SUFFIX"]
@@ -186,10 +186,13 @@ class PatchWriter(BasePredictionWriter):
                 f"writer.output_downsample must be 1 in patch mode (outputs keep the input's pixels), got "
                 f"{output_downsample}: drop the override"
             )
+        if not sigma_scale > 0:
+            raise UserInputError(f"writer.sigma_scale must be > 0 (Gaussian width / tile side), got {sigma_scale}")
         if not 0.0 <= opacity <= 1.0:
             raise UserInputError(f"writer.opacity must be in [0, 1], got {opacity}")
         if write_workers < 0:
             raise UserInputError(f"writer.write_workers must be >= 0, got {write_workers}")
+        check_writable(Path(output_dir))
         rendering = {"overlay": overlay, "opacity": opacity, "blend": blend, "sigma_scale": sigma_scale}
         return PatchOutputs(Path(output_dir), bool(mask), config_hash(run_config, extra=rendering))
 

@@ -52,6 +52,12 @@ class RenderOptions:
         """Raises UserInputError naming the ``writer.*`` option outside its allowed values."""
         if not 0.0 < self.threshold <= 1.0:
             raise UserInputError(f"writer.threshold must be in (0, 1], got {self.threshold}")
+        if self.heatmap_max_side < 1:
+            raise UserInputError(
+                f"writer.heatmap_max_side must be a positive number of px, got {self.heatmap_max_side}"
+            )
+        if self.min_area_um2 < 0:
+            raise UserInputError(f"writer.min_area_um2 must be >= 0 (0 keeps every region), got {self.min_area_um2}")
         if self.compression not in ENCODERS:
             raise UserInputError(
                 f"writer.compression must be one of {', '.join(ENCODERS)} (lossless TIFF codecs OpenSlide reads); "

@@ -47,6 +47,8 @@ class SlideWriter(BasePredictionWriter):
         Trainer(callbacks=[writer]).predict(module, datamodule=dm, return_predictions=False)
     """
 
+    options_signature = staticmethod(slide_writer_options)  # what ``**options`` takes (checked from the config)
+
     def __init__(
         self,
         output_dir: str | Path,

@@ -42,6 +42,8 @@ class StoreOptions:
         """Raises UserInputError naming ``writer.blend`` when it is not one of :data:`BLEND_MODES`."""
         if self.blend not in BLEND_MODES:
             raise UserInputError(f"writer.blend must be one of {', '.join(BLEND_MODES)}; got '{self.blend}'")
+        if not self.sigma_scale > 0:
+            raise UserInputError(f"writer.sigma_scale must be > 0 (Gaussian width / tile side), got {self.sigma_scale}")
 
 
 @dataclass
