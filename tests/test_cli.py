@@ -50,6 +50,10 @@ USER_ERRORS = {
         ["model=demo", "data.slides={slide}", "writer.tiff_tile=100"],
         "wsiseg-predict: error: writer.tiff_tile must be a positive multiple of 16",
     ),
+    "run folder that cannot be created": (
+        ["model=demo", "data.slides={slide}", "hydra.run.dir=/proc/wsiseg-no/run"],
+        "wsiseg-predict: error: hydra.run.dir '/proc/wsiseg-no/run' cannot be created",
+    ),
     "gpu trainer without a gpu": (
         ["model=demo", "data.slides={slide}", "trainer=gpu"],
         "wsiseg-predict: error: trainer.accelerator=gpu but no CUDA GPU is visible",

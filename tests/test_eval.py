@@ -191,3 +191,27 @@ def test_bad_prediction_folders_and_annotations(predicted: dict[str, Path], tmp_
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"wsiseg-eval: error: {broken / 'synth.xml'}:4: not well-formed" in done.stderr
+
+
+def test_an_unreadable_mask_leaves_that_slide_out_and_unmatched_annotations_warn(
+    predicted: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(predicted["run"], run)
+    mask = run / "normal" / "mask.tif"
+    data = mask.read_bytes()
+    mask.write_bytes(data[: len(data) // 3])  # truncated: its tiles do not decode
+    result = evaluate(run, predicted["annotations"])
+    assert [s["slide"] for s in result["slides"]] == ["synth"]  # the readable slide is still scored
+    (left_out,) = [row for row in result["skipped"] if row["slide"] == "normal"]
+    assert "mask.tif' cannot be read" in left_out["reason"] and "re-run wsiseg-predict" in left_out["reason"]
+
+    empty = tmp_path / "no_annotations"
+    empty.mkdir()
+    with caplog.at_level(logging.WARNING, logger="wsiseg"):
+        scored = evaluate(predicted["run"], empty)
+    assert scored["overall"]["tumour_slides"] == 0
+    assert any("matches any of the 2 slide(s)" in r.getMessage() for r in caplog.records)

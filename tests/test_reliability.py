@@ -323,3 +323,25 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path: Path, good_slide: 
     assert f"is in use by another wsiseg run (PID {first.pid})" in line, line
     assert (run_dir / "good" / "report.json").read_bytes() == good_report
     assert not (run_dir / ".wsiseg.lock").exists()
+
+
+def test_a_killed_dataloader_worker_is_one_line_and_keeps_finished_slides(tmp_path: Path, good_slide: Path) -> None:
+    """A worker killed by a signal (the kernel's OOM killer sends SIGKILL): exit 1 with one line saying what happened
+    and how to finish, the finished slide kept, the unfinished one left without outputs and listed as interrupted."""
+    import psutil
+
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=10))
+    run_dir = tmp_path / "run"
+    process = start_and_wait_for_first_slide(two_slide_args(good_slide, second, workers=1), run_dir)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert workers, "no DataLoader worker process to kill"
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("wsiseg-predict: error: ")]
+    assert len(errors) == 1 and "DataLoader worker" in errors[0] and "resume=true" in errors[0], output[-3000:]
+    assert "Traceback" not in output
+    assert json.loads((run_dir / "good" / "report.json").read_text())["status"] == "complete"
+    assert not (run_dir / "second" / "mask.tif").exists() and not (run_dir / "second" / "report.json").exists()
+    assert summary(run_dir)["second.tif"]["status"] == "interrupted"

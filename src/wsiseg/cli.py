@@ -20,6 +20,7 @@ __all__ = [
     "user_errors",
     "find_user_error",
     "quiet_library_noise",
+    "exit_if_run_dir_unusable",
     "exit_if_version_asked",
     "discard_unused_run_dir",
     "ProgressBarSafeHandler",
@@ -67,6 +68,33 @@ def quiet_library_noise() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
     _route_console_logs_around_progress_bar()
+
+
+def exit_if_run_dir_unusable(command: str) -> None:
+    """Hydra creates the run folder (``hydra.run.dir=...``; by default under ``outputs/`` in the working folder)
+    before any wsiseg code runs, and a folder it cannot create ends in its traceback. Check first: one line and exit
+    status 2 when the folder cannot be created. Nothing is created here."""
+    import tempfile
+
+    given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    target = Path(given[-1]).expanduser() if given else Path.cwd() / "outputs"
+    if "${" in str(target):
+        target = Path(str(target).split("${", 1)[0] or ".")
+    ancestor = target.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    key = "hydra.run.dir" if given else "the working folder"
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(f"'{ancestor}' is a file")
+        Path(tempfile.mkdtemp(prefix=".wsiseg-probe-", dir=ancestor)).rmdir()
+    except OSError as exc:
+        print(
+            f"{command}: error: {key} '{target}' cannot be created ({exc.strerror or exc}): choose a writable "
+            "folder with hydra.run.dir=/path/to/run",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def exit_if_version_asked(command: str) -> None:
@@ -127,6 +155,17 @@ def discard_unused_run_dir(run_dir: Path) -> None:
         parent = parent.parent
 
 
+def _dead_worker(exc: BaseException) -> str | None:
+    """PyTorch's message when a DataLoader worker process died (killed by a signal, e.g. the kernel's OOM killer)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).strip().splitlines()[0] if str(seen).strip() else ""
+        if isinstance(seen, RuntimeError) and "DataLoader worker" in text:
+            return text.rstrip(". ")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 @contextmanager
 def user_errors(command: str, run_dir: Path | None = None) -> Iterator[None]:
     """Print user errors as ``<command>: error: <message>`` and exit with status 2; on Ctrl-C (exit 130) or SIGTERM
@@ -155,7 +194,16 @@ def user_errors(command: str, run_dir: Path | None = None) -> Iterator[None]:
         sys.exit(128 + signal.SIGTERM if terminated else INTERRUPTED)
     except Exception as exc:
         user_error = find_user_error(exc)
-        if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("WSISEG_DEBUG") == "1":
+        debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("WSISEG_DEBUG") == "1"
+        worker = _dead_worker(exc)
+        if worker and not debug:
+            print(
+                f"{command}: error: {worker}: usually the machine ran out of memory (fewer data.num_workers or a "
+                "smaller data.batch_size need less); completed slides are kept, re-run with resume=true to finish",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        if user_error is None or debug:
             raise
         if run_dir is not None:
             logging.shutdown()  # closes Hydra's log file before its folder goes

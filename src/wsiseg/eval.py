@@ -264,8 +264,11 @@ def load_prediction(slide_dir: Path, report: dict[str, Any], downsample: float, 
             levels = tif.series[0].levels
             index = max((i for i in range(len(levels)) if per_mask_px * 2**i <= downsample), default=0)
             image = levels[index].asarray()
-    except (OSError, ValueError, tifffile.TiffFileError) as exc:
-        raise UserInputError(f"prediction '{path}' cannot be read ({exc}): re-run wsiseg-predict for it") from None
+    except Exception as exc:  # tifffile, or its codec on a truncated or corrupt tile (e.g. imagecodecs.DeflateError)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserInputError(
+            f"prediction '{path}' cannot be read ({type(exc).__name__}: {first}): re-run wsiseg-predict for it"
+        ) from None
     values = (image > 0).astype(np.float32) if labels else image.astype(np.float32) / 255.0
     scale = per_mask_px * 2**index / downsample
     target = (max(1, round(values.shape[1] * scale)), max(1, round(values.shape[0] * scale)))
@@ -363,9 +366,14 @@ def evaluate(
     for folder, report in complete:
         level0_size = (int(report["level0_size"][0]), int(report["level0_size"][1]))
         size = (math.ceil(level0_size[0] / downsample), math.ceil(level0_size[1] / downsample))
+        try:
+            probability = load_prediction(folder, report, downsample, size)
+        except UserInputError as exc:  # one unreadable mask leaves that slide out, not the others
+            log.error("slide %s left out: %s", folder.name, exc)
+            skipped.append({"slide": folder.name, "reason": str(exc)})
+            continue
         annotation = find_annotation(annotations, _names(report, folder))
         truth = ground_truth_mask(annotation, level0_size, downsample, exclude)
-        probability = load_prediction(folder, report, downsample, size)
         predicted = probability >= threshold
         mpp = report.get("mpp_level0")
         eval_mpp = None if not mpp else float(mpp) * downsample
@@ -391,6 +399,18 @@ def evaluate(
                 detections=detections,
                 lesion_scores=lesion_scores,
             )
+        )
+    if not results:
+        raise UserInputError(
+            f"eval.predictions '{predictions}': none of its {len(complete)} complete slide(s) could be read "
+            "(reasons above): re-run wsiseg-predict for them"
+        )
+    if all(r.annotation is None for r in results):
+        log.warning(
+            "no file in eval.annotations '%s' matches any of the %d slide(s), so every slide is scored tumour-free: "
+            "check the folder (annotations are named by slide: <name>.xml, <name>.geojson or <name>_mask.tif)",
+            annotations,
+            len(results),
         )
     tp, fp, fn = (sum(getattr(r, key) for r in results) for key in ("tp", "fp", "fn"))
     dices = [d for d in (pixel_metrics(r.tp, r.fp, r.fn)["dice"] for r in results) if d is not None]

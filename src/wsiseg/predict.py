@@ -17,7 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from wsiseg.batch_size import resolve_batch_size
-from wsiseg.cli import exit_if_version_asked, user_errors
+from wsiseg.cli import exit_if_run_dir_unusable, exit_if_version_asked, user_errors
 from wsiseg.config import build_trainer, config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.plan import slide_identity
@@ -170,6 +170,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point ``wsiseg-predict`` (``--help`` lists the required keys and examples)."""
     exit_if_version_asked("wsiseg-predict")
+    exit_if_run_dir_unusable("wsiseg-predict")
     _hydra_main()
 
 
