@@ -142,6 +142,13 @@ def test_unopenable_slides_are_named_skipped_and_others_finish(tmp_path: Path, g
 
     assert "missing.svs" in user_error([bad_inputs[0], good_slide], tmp_path / "raise", [*FAST, "data.on_error=raise"])
 
+    # Every slide unusable: one line naming the first and where every reason is (summary.json, written for it).
+    none = tmp_path / "none"
+    message = user_error(bad_inputs[:3], none, FAST)
+    assert message.startswith("none of the 3 slides in data.slides can be processed; the first: ")
+    assert message.endswith(f"every slide's reason: {none / 'summary.json'}")
+    assert [row["status"] for row in json.loads((none / "summary.json").read_text())["slides"]] == ["skipped"] * 3
+
 
 def test_bad_options_fail_before_reading_with_one_line(tmp_path: Path, good_slide: Path) -> None:
     cases = {

@@ -9,3 +9,11 @@ class UserInputError(ValueError):
 
 class SlideReadError(RuntimeError):
     """A slide could not be read mid-run (corrupt tile); fails that slide only."""
+
+
+class NoProcessableSlideError(UserInputError):
+    """Every slide of ``data.slides`` failed to open or plan; ``failed`` holds ``(path, reason)`` for each."""
+
+    def __init__(self, message: str, failed: list[tuple[object, str]]) -> None:
+        super().__init__(message)
+        self.failed = failed

@@ -20,14 +20,14 @@ from wsiseg.batch_size import resolve_batch_size
 from wsiseg.cli import exit_if_run_dir_unusable, exit_if_version_asked, user_errors
 from wsiseg.config import build_trainer, config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
-from wsiseg.data.plan import slide_identity
-from wsiseg.errors import UserInputError
+from wsiseg.data.plan import RunPlan, slide_identity
+from wsiseg.errors import NoProcessableSlideError, UserInputError
 from wsiseg.model import holds_weights
 from wsiseg.options import check_bool, check_option_types, check_required, check_trainer_device
 from wsiseg.run_lock import run_folder_lock
 from wsiseg.writers.options import slide_writer_options
 from wsiseg.writers.patch_writer import PatchWriter
-from wsiseg.writers.run_record import config_hash, read_complete_report
+from wsiseg.writers.run_record import RunRecord, config_hash, read_complete_report
 from wsiseg.writers.slide_writer import SlideWriter
 
 __all__ = ["main", "run_predict"]
@@ -72,7 +72,16 @@ def predict_in_folder(cfg: DictConfig) -> int:
     module = instantiate(cfg.model)
     _check_patch_size(cfg, module.stride)
     # Opens and tiles the slides, or reads the images' headers: the plan every part gets through its constructor.
-    plan = datamodule.plan_run() if slide_mode else datamodule.plan_run(module.stride)
+    try:
+        plan = datamodule.plan_run() if slide_mode else datamodule.plan_run(module.stride)
+    except NoProcessableSlideError as exc:
+        if len(exc.failed) == 1:
+            raise
+        record = RunRecord(output_dir, run_config, provenance)  # every slide's reason, where a script finds it
+        record.start(RunPlan(failed=tuple((Path(str(p)), r) for p, r in exc.failed)))
+        record.write_summary()
+        reasons = output_dir / "summary.json"
+        raise NoProcessableSlideError(f"{exc}; every slide's reason: {reasons}", exc.failed) from None
     writer = instantiate(cfg.writer, _partial_=True)(plan=plan, run_config=run_config, provenance=provenance)
     trainer = build_trainer(cfg.trainer, callbacks=[writer])
     if not slide_mode and trainer.world_size > 1:

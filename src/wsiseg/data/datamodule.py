@@ -21,7 +21,7 @@ from wsiseg.data.plan import RunPlan, output_names, slide_identity
 from wsiseg.data.readers import READERS, TileReader, choose_reader
 from wsiseg.data.slide import choose_level, open_slide
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
-from wsiseg.errors import UserInputError
+from wsiseg.errors import NoProcessableSlideError, UserInputError
 
 __all__ = ["SlideTileDataModule", "TissueOptions", "expand_slide_paths"]
 
@@ -252,10 +252,9 @@ class SlideTileDataModule(pl.LightningDataModule):
         elif not slides:
             first = failed[0][1]
             if len(failed) == 1:
-                raise UserInputError(first)
-            raise UserInputError(
-                f"none of the {len(failed)} slides in data.slides can be processed; the first: {first} "
-                "(each slide's reason is in the log above)"
+                raise NoProcessableSlideError(first, failed)
+            raise NoProcessableSlideError(
+                f"none of the {len(failed)} slides in data.slides can be processed; the first: {first}", failed
             )
         self._use(RunPlan(tuple(slides), tuple(failed), tuple(resumed)))
         log.info(
