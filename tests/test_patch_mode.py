@@ -497,3 +497,20 @@ def test_cli_exit_status_and_report(patch_dir: Path, tmp_path: Path) -> None:
     assert run_predict(cfg) == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["images"], report["done"], report["skipped"], report["failed"]) == (2, 0, 2, 0)
+
+
+def test_a_killed_runs_temporary_files_are_removed(patch_dir: Path, tmp_path: Path) -> None:
+    """kill -9 mid-write leaves ``.<name>.<pid>.tmp`` (atomic_path's temporary name): the next run removes exactly
+    those, not other hidden files."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(patch_dir / "small_100x70.png", src / "small.png")
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    leftover = out / "sub" / ".small_heatmap.png.4242.tmp"
+    leftover.write_bytes(b"half a PNG")
+    kept = out / ".notes.tmp"  # not of atomic_path's pattern
+    kept.write_text("mine")
+    writer = run_patches(src, out, probe_module())
+    assert outcome(writer) == {"small.png": "done"}
+    assert not leftover.exists() and kept.exists()

@@ -352,3 +352,45 @@ def test_a_killed_dataloader_worker_is_one_line_and_keeps_finished_slides(tmp_pa
     assert json.loads((run_dir / "good" / "report.json").read_text())["status"] == "complete"
     assert not (run_dir / "second" / "mask.tif").exists() and not (run_dir / "second" / "report.json").exists()
     assert summary(run_dir)["second.tif"]["status"] == "interrupted"
+
+
+def test_outputs_an_earlier_run_left_never_look_complete(tmp_path: Path, good_slide: Path) -> None:
+    """A slide that cannot be processed on a re-run loses the earlier run's outputs (eval must not score them), and a
+    killed ``resume=true`` run with a changed option leaves neither old-config outputs nor the old summary saying
+    complete: summary.json describes the run that wrote it from its first moment."""
+    from wsiseg.eval import find_predictions
+
+    other = write_synthetic_slide(tmp_path / "other.tif", SyntheticSlide(1024, 768, seed=12))
+    out = tmp_path / "out"
+    assert predict([good_slide, other], out, FAST) == 0
+    other.write_text("no longer a slide\n" * 10)  # the same path, now unreadable
+    assert predict([good_slide, other], out, FAST) == 1
+    assert not (out / "other" / "report.json").exists() and not (out / "other" / "mask.tif").exists()
+    assert summary(out)["other.tif"]["status"] == "skipped"
+    assert [folder.name for folder, _ in find_predictions(out)[0]] == ["good"]
+
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=10))
+    run_dir = tmp_path / "run"
+    args = two_slide_args(good_slide, second, workers=0)
+    subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={run_dir}"], check=True, capture_output=True, timeout=300)
+    assert {row["status"] for row in summary(run_dir).values()} == {"complete"}
+    changed = subprocess.Popen(
+        [str(SCRIPT), *args, "resume=true", "writer.threshold=0.3", f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and "pending" not in (run_dir / "summary.json").read_text():
+        time.sleep(0.02)
+    changed.kill()  # SIGKILL: no handler runs
+    changed.wait(timeout=60)
+    rows = summary(run_dir)
+    assert rows["second.tif"]["status"] == "pending"  # killed at its start: the large slide cannot have finished
+    for name in ("good", "second"):
+        report = run_dir / name / "report.json"
+        if report.exists():  # finished by the killed run itself: then with the new option
+            assert json.loads(report.read_text())["config"]["writer"]["threshold"] == 0.3
+            assert rows[f"{name}.tif"]["status"] == "complete"
+        else:
+            assert rows[f"{name}.tif"]["status"] == "pending"
+            assert not (run_dir / name / "mask.tif").exists(), f"{name}: an old-config mask.tif was left"

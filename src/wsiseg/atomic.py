@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json_atomic"]
+__all__ = ["atomic_path", "write_json_atomic", "remove_leftovers"]
 
 
 @contextmanager
@@ -32,3 +32,15 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def remove_leftovers(folder: str | Path) -> int:
+    """Delete the temporary files :func:`atomic_path` leaves when a process is killed mid-write (``.<name>.<pid>.tmp``)
+    under ``folder``, recursively; returns how many. Only files of that exact pattern go."""
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        parts = tmp.name[1:-4].rsplit(".", 1)
+        if tmp.is_file() and len(parts) == 2 and parts[1].isdigit():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed

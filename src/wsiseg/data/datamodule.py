@@ -232,6 +232,7 @@ class SlideTileDataModule(pl.LightningDataModule):
             return self._plan
         slides: list[SlideTiles] = []
         failed: list[tuple[Path, str]] = []
+        failed_names: list[str] = []
         resumed: list[tuple[Path, str]] = []
         for path, name in zip(self.slide_paths, output_names(self.slide_paths)):
             if self.keep_complete(name, path):
@@ -245,6 +246,7 @@ class SlideTileDataModule(pl.LightningDataModule):
                     raise
                 log.error("%s; skipped", exc)
                 failed.append((path, str(exc)))
+                failed_names.append(name)
         if not slides and resumed:
             log.info(
                 "nothing left to process: %d slide(s) already complete (resume), %d skipped", len(resumed), len(failed)
@@ -256,7 +258,7 @@ class SlideTileDataModule(pl.LightningDataModule):
             raise NoProcessableSlideError(
                 f"none of the {len(failed)} slides in data.slides can be processed; the first: {first}", failed
             )
-        self._use(RunPlan(tuple(slides), tuple(failed), tuple(resumed)))
+        self._use(RunPlan(tuple(slides), tuple(failed), tuple(resumed), tuple(failed_names)))
         log.info(
             "%d slide(s), %d tiles in grid, %d with tissue to process",
             len(slides),

@@ -65,11 +65,13 @@ class RunPlan:
         slides: slides to process, in ``data.slides`` order (dataset indices run over them in this order).
         failed: ``(path, one-line reason)`` of slides that cannot be processed (skipped).
         resumed: ``(path, output name)`` of slides whose outputs are complete for this config (``resume=true``).
+        failed_names: output folder names of the ``failed`` slides (whatever an earlier run left there is cleared).
     """
 
     slides: tuple[SlideTiles, ...] = ()
     failed: tuple[tuple[Path, str], ...] = ()
     resumed: tuple[tuple[Path, str], ...] = ()
+    failed_names: tuple[str, ...] = ()
 
     @property
     def tiles(self) -> int:

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from wsiseg.atomic import atomic_path
+from wsiseg.atomic import atomic_path, remove_leftovers
 from wsiseg.data.grid import BLEND_MODES, blend_window
 from wsiseg.data.patches import PatchImage, PatchPlan
 from wsiseg.errors import UserInputError
@@ -204,6 +204,8 @@ class PatchWriter(BasePredictionWriter):
         self._counts = {"done": 0, "skipped": 0, "failed": 0}
         self._batch_size = 0
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if removed := remove_leftovers(self.output_dir):  # a killed run's half-written PNGs
+            log.info("removed %d temporary file(s) an interrupted run left in %s", removed, self.output_dir)
         if self.write_workers:
             self._executor = ThreadPoolExecutor(self.write_workers, thread_name_prefix="wsiseg-write")
         for path, reason in self.plan.failed:

@@ -28,6 +28,7 @@ __all__ = [
     "read_complete_report",
     "remove_stale",
     "discard_unreported",
+    "clear_outputs",
     "check_writable",
     "base_report",
 ]
@@ -90,14 +91,20 @@ def remove_stale(slide_dir: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def discard_unreported(slide_dir: Path) -> None:
-    """A slide stopped while its files were written has no ``report.json``: remove every output it may have left
-    (:data:`wsiseg.writers.render.OUTPUT_FILES`) with the stale scratch files, so none looks complete."""
-    if (slide_dir / "report.json").exists():
-        return
+def clear_outputs(slide_dir: Path) -> None:
+    """Remove a slide folder's report, outputs (:data:`wsiseg.writers.render.OUTPUT_FILES`) and scratch files: the
+    slide is redone by this run, or cannot be processed by it, so nothing an earlier run wrote there may look like
+    this run's result. The folder itself stays."""
     for name in OUTPUT_FILES:
         (slide_dir / name).unlink(missing_ok=True)
     remove_stale(slide_dir)
+
+
+def discard_unreported(slide_dir: Path) -> None:
+    """A slide stopped while its files were written has no ``report.json``: remove every output it may have left
+    (:func:`clear_outputs`), so none looks complete."""
+    if not (slide_dir / "report.json").exists():
+        clear_outputs(slide_dir)
 
 
 def check_writable(folder: Path) -> None:

@@ -15,7 +15,7 @@ from wsiseg.data.plan import RunPlan
 from wsiseg.writers._batch import as_ints, to_host_async
 from wsiseg.writers.distribution import Distribution, SingleProcess, distribution_for
 from wsiseg.writers.options import slide_writer_options
-from wsiseg.writers.run_record import RunRecord, check_writable, discard_unreported, remove_stale
+from wsiseg.writers.run_record import RunRecord, check_writable, clear_outputs, discard_unreported
 from wsiseg.writers.slide_outputs import write_slide
 from wsiseg.writers.stitcher import Stitcher
 from wsiseg.writers.worker import OrderedWorker
@@ -82,8 +82,11 @@ class SlideWriter(BasePredictionWriter):
         self._finished, self._batch_clock = set(), time.perf_counter()
         self._in_order = 0  # slides before this index are written (one process: tiles arrive in slide order)
         if distribution.rank == 0:  # before any rank writes (under DDP the claiming all-gather is the barrier)
-            for index in range(len(self.plan.slides)):
-                remove_stale(self._stitcher.slide_dir(index))
+            for index in range(len(self.plan.slides)):  # redone: an earlier run's outputs must not look complete
+                clear_outputs(self._stitcher.slide_dir(index))
+            for name in self.plan.failed_names:  # cannot be processed now: neither may theirs
+                clear_outputs(self.output_dir / name)
+            self.record.write_summary(pending=self.plan.slides)  # summary.json describes this run from its start
 
     # -- Lightning hooks -----------------------------------------------------------------------------------------
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
