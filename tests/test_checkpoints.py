@@ -119,3 +119,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(tmp_path: Pa
         module = SegmentationModule(Unet(3, 3, base_width=4), checkpoint=str(whole), trust_checkpoint=True)
     assert any("trust_checkpoint=true" in r.getMessage() for r in caplog.records)
     torch.testing.assert_close(module.net.conv1.conv[0].weight, net.conv1.conv[0].weight)
+
+
+def test_a_checkpoint_folder_is_named_as_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(UserInputError, match=r"model.checkpoint '.*weights' is a folder: pass the .pth/.pt/.ckpt file"):
+        SegmentationModule(Unet(3, 3, base_width=4), checkpoint=str(tmp_path / "weights"))

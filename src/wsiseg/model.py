@@ -296,6 +296,11 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
         UserInputError: the file is missing, is not a PyTorch checkpoint, or needs unpickling without ``trust``.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserInputError(
+            f"model.checkpoint '{path}' is a folder: pass the .pth/.pt/.ckpt file inside it "
+            f"(e.g. model.checkpoint={path / 'UNet_17.pth'})"
+        )
     if not path.is_file():
         raise UserInputError(f"model.checkpoint '{path}' does not exist: pass the path of a .pth/.pt/.ckpt file")
     try:

@@ -28,3 +28,16 @@ def test_an_interrupt_while_a_slide_is_written_leaves_none_of_its_files(tmp_path
     assert (tmp_path / "written" / "mask.tif").exists(), "a finished slide keeps its outputs"
     rows = {row["name"]: row for row in json.loads((tmp_path / "summary.json").read_text())["slides"]}
     assert rows["half"]["status"] == "interrupted" and "written" not in rows
+
+
+def test_a_full_disk_is_named_in_the_slide_reason() -> None:
+    import errno
+    import os
+
+    from wsiseg.writers.slide_outputs import _reason
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert _reason(full).startswith("no space left on the output device")
+    short = OSError("2304000 requested and 798592 written")  # how a short TIFF write reads
+    assert "choose another writer.output_dir" in _reason(short)
+    assert _reason(ValueError("tile 3: corrupt\nTraceback-like detail")) == "tile 3: corrupt"  # one line

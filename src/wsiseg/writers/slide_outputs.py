@@ -6,6 +6,7 @@ Plain code, no Lightning: the slide writer calls :func:`write_slide` once per sl
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def write_slide(
         )
         report.update(fields, status="complete")
     except Exception as exc:
-        report.update(status="failed", error=str(exc))
+        report.update(status="failed", error=_reason(exc))
         for name in OUTPUT_FILES:
             (out_dir / name).unlink(missing_ok=True)
         log.error("slide '%s' failed: %s", slide.path, exc)
@@ -79,3 +80,12 @@ def write_slide(
             out_dir,
         )
     return str(report["status"])
+
+
+def _reason(exc: BaseException) -> str:
+    """A failed slide's one-line reason; a full disk says so (TIFF writers report it as "N requested and M written")."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    full = getattr(exc, "errno", None) == errno.ENOSPC or ("requested and" in text and "written" in text)
+    if full:
+        return f"no space left on the output device ({text}): free space or choose another writer.output_dir"
+    return text
