@@ -39,7 +39,7 @@ def group_overrides(group: str, option: str, tmp_path: Path, slide: Path, demo: 
             extra += ["model.net.base_width=4", f"model.checkpoint={path}"]
         elif option == "unet_camelyon":
             extra += ["model.net.base_width=8", "model.net.out_ch=1", f"model.checkpoint={demo}"]
-        elif option == "onnx":
+        elif option in ("onnx", "openvino"):
             extra += [f"model.net.path={probe_onnx(tmp_path)}"]
     if group == "trainer" and not torch.cuda.is_available():
         extra += ["trainer.accelerator=cpu"]  # GPU configs are built for CPU here; their other values stay
@@ -94,14 +94,14 @@ def test_every_network_option_builds_inside_the_users_model(path: Path, tmp_path
     """``model/net=<option>`` swaps only the network: the model around it (normalisation, reduction...) stays."""
     option = path.stem
     overrides = ["model=unet_camelyon", f"model/net={option}", "data.slides=x.svs", "model.checkpoint=random"]
-    if option == "onnx":
+    if option in ("onnx", "openvino"):
         overrides += [f"model.net.path={probe_onnx(tmp_path)}", "model.mean=null", "model.std=null"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="predict", overrides=overrides)
     assert cfg.model.reduction == "max" and cfg.model._target_.endswith("SegmentationModule")
     module = instantiate(cfg.model)
     assert type(module.net).__module__ + "." + type(module.net).__name__ == cfg.model.net._target_
-    assert len(NET_FILES) >= 4
+    assert len(NET_FILES) >= 5
 
 
 @pytest.mark.parametrize("path", ROOT_FILES, ids=lambda p: p.stem)

@@ -323,6 +323,38 @@ def test_real_slide_mask_onnxruntime_equals_torch(tmp_path: Path, demo_onnx: tup
     assert diff.max() <= 1, f"{(diff > 1).sum()} mask pixels differ by more than 1 grey level"
 
 
+def test_openvino_net_matches_torch_and_onnxruntime(demo_onnx: tuple[Path, str], demo_checkpoint: Path) -> None:
+    """The same exported file compiled by OpenVINO (FP32): outputs equal eager PyTorch FP32 within the export
+    tolerance, it pickles without its compiled model, and bad options are one line."""
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (pip install 'wsiseg[openvino]')")
+    from wsiseg.openvino_net import OpenVinoNet
+
+    images = torch.randint(0, 256, (3, 3, 64, 96), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    torch_module = SegmentationModule(Unet(3, 1, base_width=8), checkpoint=str(demo_checkpoint))
+    ov_module = SegmentationModule(OpenVinoNet(demo_onnx[0]))
+    with torch.no_grad():
+        reference, outputs = torch_module(images), ov_module(images)
+        again = ov_module(images[:1, :, :32, :48])  # another batch and size: dynamic shapes
+    assert (reference.float() - outputs.float()).abs().max() <= FP32_TOLERANCE
+    assert again.shape == (1, 1, 32, 48) and ov_module.stride == 16
+    clone = pickle.loads(pickle.dumps(ov_module.net))
+    assert clone._compiled is None and torch.equal(
+        clone(torch.zeros(1, 3, 32, 32)), ov_module.net(torch.zeros(1, 3, 32, 32))
+    )
+    with pytest.raises(UserInputError, match="model.net.precision must be one of f32, bf16, f16; got 'int4'"):
+        OpenVinoNet(demo_onnx[0], precision="int4")
+
+
+def test_real_slide_mask_openvino_equals_torch(tmp_path: Path, demo_onnx: tuple[Path, str]) -> None:
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (pip install 'wsiseg[openvino]')")
+    slide = shared_slide("CMU-1-Small-Region.svs")
+    torch_mask = _predict_mask(slide, tmp_path / "torch", [])
+    ov_mask = _predict_mask(slide, tmp_path / "ov", ["model=openvino", f"model.net.path={demo_onnx[0]}"])
+    assert torch_mask.shape == ov_mask.shape and int(torch_mask.max()) - int(torch_mask.min()) > 50
+    diff = np.abs(torch_mask.astype(np.int16) - ov_mask.astype(np.int16))
+    assert diff.max() <= 1, f"{(diff > 1).sum()} mask pixels differ by more than 1 grey level"
+
+
 # -- the sidecar read back by model/net=onnx -----------------------------------------------------------------------
 PREDICT = Path(sys.executable).with_name("wsiseg-predict")
 

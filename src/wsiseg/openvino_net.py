@@ -1,0 +1,109 @@
+"""OpenVINO as a network: a file written by ``wsiseg-export`` (ONNX) compiled by OpenVINO for the CPU, behind the
+``nn.Module`` interface :class:`~wsiseg.module.SegmentationModule` expects (``model=openvino model.net.path=u.onnx``).
+
+The same file and sidecar as :class:`~wsiseg.onnx_net.OnnxRuntimeNet` (mean, std, activation and stride are the
+export's, resolved by :func:`wsiseg.onnx_net.onnx_settings`); only the runtime differs. OpenVINO is an optional
+dependency (``pip install 'wsiseg[openvino]'``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsiseg.errors import UserInputError
+from wsiseg.onnx_net import OnnxRuntimeNet
+
+__all__ = ["OpenVinoNet", "INFERENCE_PRECISIONS"]
+
+INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
+
+
+class OpenVinoNet(OnnxRuntimeNet):
+    """An ONNX file from ``wsiseg-export`` compiled by OpenVINO for the CPU.
+
+    ``forward`` takes the normalised float N×3×H×W batch and returns the graph's first output as float32 on the
+    input's device. The compiled model is created on the first call (so the module pickles and deep-copies without
+    it), for dynamic batch and spatial sizes.
+
+    Args:
+        path: the ``.onnx`` file (``model.net.path``).
+        stride: input height/width multiple, px; None: the sidecar's, else 16.
+        threads: CPU threads OpenVINO infers with (``INFERENCE_NUM_THREADS``); None: as many as torch uses, so the
+            DataLoader workers and the writer keep theirs.
+        precision: ``f32`` (exact, the default), or ``bf16`` / ``f16`` where the CPU runs them natively
+            (``INFERENCE_PRECISION_HINT``; OpenVINO would otherwise pick bf16 on AVX-512-BF16 CPUs by itself).
+        cache_dir: folder where OpenVINO caches compiled models between runs (``CACHE_DIR``); None: no cache.
+
+    Raises:
+        UserInputError: OpenVINO is not installed, an option is outside its values, or the file does not compile.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        stride: int | None = None,
+        threads: int | None = None,
+        precision: str = "f32",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(path, stride=stride)
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise UserInputError(
+                "model/net=openvino needs OpenVINO: pip install 'wsiseg[openvino]' (or use model=onnx)"
+            ) from None
+        if precision not in INFERENCE_PRECISIONS:
+            raise UserInputError(
+                f"model.net.precision must be one of {', '.join(INFERENCE_PRECISIONS)}; got '{precision}'"
+            )
+        if threads is not None and threads < 1:
+            raise UserInputError(f"model.net.threads must be >= 1 or null (torch's thread count), got {threads}")
+        self.threads, self.precision, self.cache_dir = threads, precision, cache_dir
+        self._compiled: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_compiled"] = None  # compiled models do not pickle; a copy compiles its own on first use
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, runtime=openvino, precision={self.precision}"
+
+    @property
+    def compiled(self) -> Any:
+        """The OpenVINO ``CompiledModel`` (compiled on first access)."""
+        if self._compiled is None:
+            import openvino as ov
+
+            core = ov.Core()
+            config = {
+                "INFERENCE_NUM_THREADS": int(self.threads or max(1, torch.get_num_threads())),
+                "PERFORMANCE_HINT": "LATENCY",  # one request at a time: the pipeline's own batches
+                "INFERENCE_PRECISION_HINT": self.precision,
+            }
+            if self.cache_dir:
+                Path(self.cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
+                config["CACHE_DIR"] = str(Path(self.cache_dir).expanduser())
+            try:
+                self._compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserInputError(
+                    f"model.net.path '{self.path}' cannot be compiled by OpenVINO {ov.__version__}: {first}; "
+                    "re-export it with wsiseg-export"
+                ) from None
+        return self._compiled
+
+    @property
+    def active_providers(self) -> list[str]:
+        return ["OpenVINO CPU"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self.compiled(array)[0]
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
