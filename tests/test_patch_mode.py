@@ -78,7 +78,7 @@ def run_patches(
     ``resume`` keeps and which files are this run's own; the plan goes to the writer); returns the writer."""
     data = {"patch_size": 256, "batch_size": 4, "num_workers": 0, **(data or {})}
     writer = {"write_workers": 0, **writer}
-    outputs = PatchWriter.options(output_dir, **writer)
+    outputs = PatchWriter.outputs_for(output_dir, **writer)
     datamodule = PatchFolderDataModule(
         input_dir, **data, keep_complete=outputs.is_complete if resume else None, outputs_of=outputs.written
     )
@@ -430,7 +430,7 @@ def test_user_errors_name_the_option(patch_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="data.pad_multiple must be a positive integer"):
         PatchFolderDataModule(patch_dir, pad_multiple=0)
     with pytest.raises(UserInputError, match="writer.output_downsample must be 1"):
-        PatchWriter.options(tmp_path / "out", output_downsample=2)
+        PatchWriter.outputs_for(tmp_path / "out", output_downsample=2)
     with pytest.raises(UserInputError, match="writer.opacity must be in"):
         PatchWriter(tmp_path / "out", plan=PatchPlan(patch_dir), opacity=2)
 

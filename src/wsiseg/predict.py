@@ -66,7 +66,7 @@ def predict_in_folder(cfg: DictConfig) -> int:
         keep = resume_check(output_dir, run_config) if cfg.get("resume") else None
         datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep)  # a callable: not through OmegaConf
     else:
-        outputs = PatchWriter.options(**{**writer_options, "run_config": run_config})
+        outputs = PatchWriter.outputs_for(run_config=run_config, **_without(writer_options, "_target_"))
         keep = outputs.is_complete if cfg.get("resume") else None
         datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep, outputs_of=outputs.written)
     module = instantiate(cfg.model)

@@ -32,7 +32,7 @@ from wsiseg.writers.heatmap import colour_map, render_heatmap
 from wsiseg.writers.run_record import RunRecord, check_writable, config_hash
 from wsiseg.writers.store import BlendingAccumulator
 
-__all__ = ["PatchWriter", "PatchOutputs", "HEATMAP_SUFFIX", "MASK_SUFFIX"]
+__all__ = ["PatchWriter", "PatchOutputs", "PatchWriterOptions", "patch_writer_options", "HEATMAP_SUFFIX", "MASK_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,65 @@ class PatchOutputs:
         }
 
 
+@dataclass(frozen=True)
+class PatchWriterOptions:
+    """The patch writer's checked options (see :func:`patch_writer_options`)."""
+
+    mask: bool
+    overlay: bool
+    opacity: float
+    blend: str
+    sigma_scale: float
+    write_workers: int
+
+    @property
+    def rendering(self) -> dict[str, Any]:
+        """What changes a heatmap's pixels (part of the outputs' hash)."""
+        return {"overlay": self.overlay, "opacity": self.opacity, "blend": self.blend, "sigma_scale": self.sigma_scale}
+
+
+def patch_writer_options(
+    mask: bool = False,
+    overlay: bool = True,
+    opacity: float = 0.6,
+    blend: str = "gaussian",
+    sigma_scale: float = 0.125,
+    output_downsample: int = 1,
+    write_workers: int = 2,
+    **unknown: Any,
+) -> PatchWriterOptions:
+    """Check the patch writer's options (``writer.*`` of ``writer=patches``).
+
+    Args:
+        mask: also write ``<key>_mask.png``: uint8 probability 0-255, or class labels for ``model.reduction=none``.
+        overlay: blend the colour-mapped probability over the input; False writes the colour map alone.
+        opacity: overlay opacity where the probability is 1 (scaled by the probability; labels use it as is).
+        blend: ``none`` | ``linear`` | ``gaussian`` weights for the tiles of images larger than ``data.patch_size``.
+        sigma_scale: Gaussian width relative to the tile side (``blend=gaussian``).
+        output_downsample: must be 1 (outputs keep the input's pixels); the model's config reads it from here.
+        write_workers: threads encoding and writing PNGs (0 writes on the main thread).
+
+    Raises:
+        UserInputError: an option outside its values, or one the patch writer does not have (naming the key).
+    """
+    if unknown:
+        raise UserInputError(f"writer.{sorted(unknown)[0]} is not an option of writer=patches: drop it")
+    if blend not in BLEND_MODES:
+        raise UserInputError(f"writer.blend must be one of {', '.join(BLEND_MODES)}; got '{blend}'")
+    if output_downsample != 1:
+        raise UserInputError(
+            f"writer.output_downsample must be 1 in patch mode (outputs keep the input's pixels), got "
+            f"{output_downsample}: drop the override"
+        )
+    if not sigma_scale > 0:
+        raise UserInputError(f"writer.sigma_scale must be > 0 (Gaussian width / tile side), got {sigma_scale}")
+    if not 0.0 <= opacity <= 1.0:
+        raise UserInputError(f"writer.opacity must be in [0, 1], got {opacity}")
+    if write_workers < 0:
+        raise UserInputError(f"writer.write_workers must be >= 0, got {write_workers}")
+    return PatchWriterOptions(bool(mask), overlay, opacity, blend, sigma_scale, write_workers)
+
+
 @dataclass
 class _ImageState:
     """Predictions of one image gathered so far (image px frame, cropped to the image)."""
@@ -112,15 +171,9 @@ class PatchWriter(BasePredictionWriter):
     Args:
         output_dir: output folder (the Hydra run folder by default).
         plan: the run's plan (:meth:`wsiseg.data.patches.PatchFolderDataModule.plan_run`).
-        mask: also write ``<key>_mask.png``: uint8 probability 0-255, or class labels for ``model.reduction=none``.
-        overlay: blend the colour-mapped probability over the input; False writes the colour map alone.
-        opacity: overlay opacity where the probability is 1 (scaled by the probability; labels use it as is).
-        blend: ``none`` | ``linear`` | ``gaussian`` weights for the tiles of images larger than ``data.patch_size``.
-        sigma_scale: Gaussian width relative to the tile side (``blend=gaussian``).
-        output_downsample: must be 1 (outputs keep the input's pixels); the model's config reads it from here.
-        write_workers: threads encoding and writing PNGs (0 writes on the main thread).
         run_config: the composed config (set by the entry point); its hash is stored in each output and the report.
         provenance: what produced the outputs (versions, the weights and their SHA-256), stored in the report.
+        options: masks, overlay, blending and writer threads (:func:`patch_writer_options`).
 
     Raises:
         UserInputError: an option outside its allowed values (the message names it).
@@ -132,27 +185,22 @@ class PatchWriter(BasePredictionWriter):
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     """
 
+    options_signature = staticmethod(patch_writer_options)  # what ``**options`` takes (checked from the config)
+
     def __init__(
         self,
         output_dir: str | Path,
         plan: PatchPlan,
-        mask: bool = False,
-        overlay: bool = True,
-        opacity: float = 0.6,
-        blend: str = "gaussian",
-        sigma_scale: float = 0.125,
-        output_downsample: int = 1,
-        write_workers: int = 2,
         run_config: dict[str, Any] | None = None,
         provenance: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(write_interval="batch")
-        self.outputs = self.options(
-            output_dir, mask, overlay, opacity, blend, sigma_scale, output_downsample, write_workers, run_config
-        )
-        self.plan, self.output_dir, self.mask = plan, self.outputs.output_dir, mask
-        self.overlay, self.opacity, self.blend, self.sigma_scale = overlay, opacity, blend, sigma_scale
-        self.write_workers = write_workers
+        self.outputs = self.outputs_for(output_dir, run_config, **options)
+        checked = patch_writer_options(**options)
+        self.plan, self.output_dir, self.mask = plan, self.outputs.output_dir, checked.mask
+        self.overlay, self.opacity, self.blend = checked.overlay, checked.opacity, checked.blend
+        self.sigma_scale, self.write_workers = checked.sigma_scale, checked.write_workers
         self.record = RunRecord(self.output_dir, run_config, provenance, hash=self.outputs.hash)
         self.results = self.record.rows
         self.report: dict[str, Any] = {}
@@ -165,36 +213,12 @@ class PatchWriter(BasePredictionWriter):
         self._batch_size = 0  # the largest batch seen
 
     @staticmethod
-    def options(
-        output_dir: str | Path,
-        mask: bool = False,
-        overlay: bool = True,
-        opacity: float = 0.6,
-        blend: str = "gaussian",
-        sigma_scale: float = 0.125,
-        output_downsample: int = 1,
-        write_workers: int = 2,
-        run_config: dict[str, Any] | None = None,
-        **_: Any,
-    ) -> PatchOutputs:
-        """The writer's options checked (UserInputError naming the ``writer.*`` key) and its outputs' naming and hash,
+    def outputs_for(output_dir: str | Path, run_config: dict[str, Any] | None = None, **options: Any) -> PatchOutputs:
+        """The outputs' naming and hash for these options (checked: UserInputError naming the ``writer.*`` key),
         without building a writer: the entry point calls it with ``cfg.writer`` before any image is read."""
-        if blend not in BLEND_MODES:
-            raise UserInputError(f"writer.blend must be one of {', '.join(BLEND_MODES)}; got '{blend}'")
-        if output_downsample != 1:
-            raise UserInputError(
-                f"writer.output_downsample must be 1 in patch mode (outputs keep the input's pixels), got "
-                f"{output_downsample}: drop the override"
-            )
-        if not sigma_scale > 0:
-            raise UserInputError(f"writer.sigma_scale must be > 0 (Gaussian width / tile side), got {sigma_scale}")
-        if not 0.0 <= opacity <= 1.0:
-            raise UserInputError(f"writer.opacity must be in [0, 1], got {opacity}")
-        if write_workers < 0:
-            raise UserInputError(f"writer.write_workers must be >= 0, got {write_workers}")
+        checked = patch_writer_options(**options)
         check_writable(Path(output_dir))
-        rendering = {"overlay": overlay, "opacity": opacity, "blend": blend, "sigma_scale": sigma_scale}
-        return PatchOutputs(Path(output_dir), bool(mask), config_hash(run_config, extra=rendering))
+        return PatchOutputs(Path(output_dir), checked.mask, config_hash(run_config, extra=checked.rendering))
 
     # -- Lightning hooks (setup and teardown run even when every image is kept and no batch is predicted) ---------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
