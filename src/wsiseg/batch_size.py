@@ -10,13 +10,20 @@ import torch
 from wsiseg.errors import UserInputError
 from wsiseg.module import SegmentationModule
 
-__all__ = ["resolve_batch_size", "probe_max_batch"]
+__all__ = ["resolve_batch_size", "probe_max_batch", "default_batch_size", "CPU_AUTO_BATCH", "GPU_DEFAULT_BATCH"]
 
 log = logging.getLogger(__name__)
 
 # On CPU small batches keep activations in cache, so throughput falls as the batch grows; batch 2 keeps most of batch
 # 1's rate while amortising per-batch overhead (measurements: docs/performance.md, "Batch size on CPU").
 CPU_AUTO_BATCH = 2
+GPU_DEFAULT_BATCH = 16  # data.batch_size=null on a GPU (auto probes the memory instead)
+
+
+def default_batch_size(device_type: str) -> int:
+    """``data.batch_size=null`` (the default): what is fast on the device kind, :data:`CPU_AUTO_BATCH` on CPUs and
+    :data:`GPU_DEFAULT_BATCH` elsewhere."""
+    return CPU_AUTO_BATCH if device_type == "cpu" else GPU_DEFAULT_BATCH
 
 
 def probe_max_batch(
@@ -46,9 +53,12 @@ def probe_max_batch(
 
 
 def resolve_batch_size(
-    batch_size: int | str, module: SegmentationModule, patch_size: int, device: torch.device, trainer: Any
+    batch_size: int | str | None, module: SegmentationModule, patch_size: int, device: torch.device, trainer: Any
 ) -> int:
-    """``batch_size`` as an int; ``auto`` probes CUDA memory (on CPU it is :data:`CPU_AUTO_BATCH`)."""
+    """``batch_size`` as an int: None is the device's default (:func:`default_batch_size`); ``auto`` probes CUDA
+    memory (on CPU it is :data:`CPU_AUTO_BATCH`)."""
+    if batch_size is None:
+        return default_batch_size(device.type)
     if batch_size != "auto":
         return int(batch_size)
     if device.type != "cuda":

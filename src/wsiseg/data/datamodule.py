@@ -90,7 +90,9 @@ class SlideTileDataModule(pl.LightningDataModule):
         overlap: overlap between neighbouring tiles, read-level px, ``0 <= overlap < patch_size``.
         output_downsample: read-level px per mask px (``writer.output_downsample``).
         tissue: tissue detection settings.
-        batch_size: tiles per batch, or ``auto`` (largest that fits in GPU memory; resolved by the entry point).
+        batch_size: tiles per batch; None (the default): the device's default, 2 on CPUs (small batches keep the
+            activations in cache) and 16 on GPUs; ``auto``: the largest that fits in GPU memory (2 on CPUs). Resolved
+            by the entry point (:func:`wsiseg.batch_size.resolve_batch_size`).
         num_workers: DataLoader worker processes (each holds its own OpenSlide handles); None: the config default
             (:func:`wsiseg.config.default_workers`).
         pin_memory: pin host batches (only takes effect with CUDA).
@@ -123,7 +125,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         overlap: int = 0,
         output_downsample: int = 1,
         tissue: TissueOptions | dict[str, Any] | None = None,
-        batch_size: int | Literal["auto"] = 16,
+        batch_size: int | Literal["auto"] | None = None,
         num_workers: int | None = None,
         pin_memory: bool = True,
         prefetch_factor: int = 4,
@@ -144,8 +146,8 @@ class SlideTileDataModule(pl.LightningDataModule):
                 f"writer.output_downsample ({output_downsample}) must be >= 1 and divide data.patch_size "
                 f"({patch_size}) and data.overlap ({overlap})"
             )
-        if batch_size != "auto" and (isinstance(batch_size, str) or batch_size < 1):
-            raise UserInputError(f"data.batch_size must be a positive integer or 'auto', got {batch_size}")
+        if batch_size not in ("auto", None) and (isinstance(batch_size, str) or batch_size < 1):
+            raise UserInputError(f"data.batch_size must be a positive integer, 'auto' or null, got {batch_size}")
         if slides in ("", None) or (not isinstance(slides, str) and not any(str(s) for s in slides)):
             raise UserInputError("data.slides is empty: pass data.slides=/path/to/slide.svs or a glob")
         if prefetch_factor < 1:
@@ -326,6 +328,13 @@ class SlideTileDataModule(pl.LightningDataModule):
             return self.tile_reader.to_device(batch, device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def _loader_batch_size(self) -> int:
+        if isinstance(self.batch_size, int):
+            return self.batch_size
+        from wsiseg.batch_size import default_batch_size  # not resolved by an entry point: the device's default
+
+        return default_batch_size("cuda" if torch.cuda.is_available() else "cpu")
+
     def with_batch_size(self, batch_size: int) -> SlideTileDataModule:
         """A copy of this data module (same options and plan) that batches ``batch_size`` tiles: how the entry point
         applies a resolved ``batch_size=auto`` without changing a built object."""
@@ -335,5 +344,5 @@ class SlideTileDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.tile_reader.dataloader(
-            self.dataset, int(self.batch_size), self.num_workers, self.pin_memory, self.prefetch_factor
+            self.dataset, self._loader_batch_size(), self.num_workers, self.pin_memory, self.prefetch_factor
         )

@@ -337,7 +337,7 @@ class PatchFolderDataModule(pl.LightningDataModule):
             :meth:`plan_run`).
         pad: ``white`` (as past a slide's edge) or ``replicate`` (edge pixels) for the padding.
         extensions: file endings read (case-insensitive).
-        batch_size: pieces per batch.
+        batch_size: pieces per batch; None: the device's default (2 on CPUs, 16 on GPUs), resolved by the entry point.
         num_workers: DataLoader worker processes decoding images.
         pin_memory: pin host batches (only takes effect with CUDA).
         prefetch_factor: batches prefetched per worker.
@@ -361,7 +361,7 @@ class PatchFolderDataModule(pl.LightningDataModule):
         pad_multiple: int | None = None,
         pad: str = "white",
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         num_workers: int = 2,
         pin_memory: bool = True,
         prefetch_factor: int = 4,
@@ -379,8 +379,8 @@ class PatchFolderDataModule(pl.LightningDataModule):
             )
         if pad not in PAD_MODES:
             raise UserInputError(f"data.pad must be one of {', '.join(PAD_MODES)}; got '{pad}'")
-        if isinstance(batch_size, str) or batch_size < 1:
-            raise UserInputError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if batch_size is not None and (isinstance(batch_size, str) or batch_size < 1):
+            raise UserInputError(f"data.batch_size must be a positive integer or null (the device's), got {batch_size}")
         if not input_dir:
             raise UserInputError("data.input_dir is empty: pass data.input_dir=/path/to/patches")
         if num_workers < 0:
@@ -463,6 +463,12 @@ class PatchFolderDataModule(pl.LightningDataModule):
 
     def batch_plan(self) -> list[list[tuple[int, int]]]:
         """The batches ``predict_dataloader`` yields: ``(image index, piece index)`` pairs, one piece shape each."""
+        if self.batch_size is None:  # not resolved by an entry point: the device's default
+            from wsiseg.batch_size import default_batch_size
+
+            return plan_batches(
+                self.plan.images, self.plan.todo, default_batch_size("cuda" if torch.cuda.is_available() else "cpu")
+            )
         return plan_batches(self.plan.images, self.plan.todo, self.batch_size)
 
     def with_batch_size(self, batch_size: int) -> PatchFolderDataModule:
