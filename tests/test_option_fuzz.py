@@ -4,6 +4,7 @@ left behind. The seed is printed; set WSISEG_FUZZ_SEED to draw other values."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
@@ -145,10 +146,18 @@ def run_main(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
 
     monkeypatch.setattr(sys, "argv", ["wsiseg-predict", *argv])
     capsys.readouterr()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         main()
     except SystemExit as exc:
         return int(exc.code or 0), capsys.readouterr().err
+    finally:  # Hydra configured logging for this run (a file in its run folder, the captured streams): undo it
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
     return 0, capsys.readouterr().err  # the run went ahead
 
 
