@@ -27,7 +27,7 @@ from wsiseg.options import check_bool, check_option_types, check_required, check
 from wsiseg.run_lock import run_folder_lock
 from wsiseg.writers.options import slide_writer_options
 from wsiseg.writers.patch_writer import PatchWriter
-from wsiseg.writers.run_record import RunRecord, config_hash, read_complete_report
+from wsiseg.writers.run_record import RunRecord, config_hash, read_complete_report, reported_tiles
 from wsiseg.writers.slide_writer import SlideWriter
 
 __all__ = ["main", "run_predict"]
@@ -92,8 +92,11 @@ def predict_in_folder(cfg: DictConfig) -> int:
     datamodule = datamodule.with_batch_size(
         resolve_batch_size(datamodule.batch_size, module, datamodule.patch_size, trainer.strategy.root_device, trainer)
     )
-    # Patch pieces come in several shapes, each a recompilation: compile=auto weighs only slide tiles.
-    module.prepare(trainer.strategy.root_device.type, planned_tiles=plan.tiles if slide_mode else None)
+    # compile=auto weighs the whole run's slide tiles, resumed ones included (so a resumed run compiles, or not, as the
+    # uninterrupted run did: compiled and eager outputs may differ by a grey level); patch pieces come in several
+    # shapes, each a recompilation, so patch mode is not weighed.
+    whole_run = plan.tiles + reported_tiles(output_dir, [name for _, name in plan.resumed]) if slide_mode else None
+    module.prepare(trainer.strategy.root_device.type, planned_tiles=whole_run)
     if slide_mode and plan.tiles == 0:
         # No tissue anywhere, or everything resumed: Lightning would run no hooks, so write the outputs directly.
         if trainer.global_rank == 0:

@@ -465,3 +465,14 @@ def test_auto_reader_falls_back_without_a_warning(caplog: pytest.LogCaptureFixtu
     if resolve_reader("auto", 0) == "jpeg":  # this CPU-only machine; with CUDA auto picks OpenSlide without trying
         fallbacks = [r for r in caplog.records if "not JPEG-tiled" in r.getMessage()]
         assert fallbacks and all(r.levelno == logging.INFO for r in fallbacks)
+
+
+def test_decoder_errors_keep_the_reason_not_the_decoders_build_path() -> None:
+    from wsiseg.data.jpeg_tiles import decoder_reason
+
+    raised = RuntimeError(
+        "Error while decoding JPEG images: Corrupt JPEG data Exception raised from decode_jpegs_cuda at "
+        "/__w/vision/vision/pytorch/vision/torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp:123\nframe #0: ..."
+    )
+    assert decoder_reason(raised) == "Error while decoding JPEG images: Corrupt JPEG data"
+    assert decoder_reason(RuntimeError("Not a JPEG file (in /build/x/decode.cpp)")) == "Not a JPEG file"

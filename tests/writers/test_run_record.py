@@ -88,3 +88,15 @@ def test_unwritable_output_dir_names_the_option(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(UserInputError, match=r"writer.output_dir '.*file/out' is not writable"):
         check_writable(blocker / "out")
+
+
+def test_reported_tiles_count_what_resumed_slides_processed(tmp_path: Path) -> None:
+    """A resumed run weighs its own tiles plus these for model.compile=auto, as the uninterrupted run did."""
+    from wsiseg.writers.run_record import reported_tiles
+
+    for name, tiles in (("a", 300), ("b", 250)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps({"status": "complete", "tiles_processed": tiles}))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "report.json").write_text("{not json")
+    assert reported_tiles(tmp_path, ["a", "b", "c", "missing"]) == 550

@@ -24,6 +24,7 @@ import functools
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -400,6 +401,14 @@ def colour_mismatch(reference: torch.Tensor, candidate: torch.Tensor) -> float |
     return diff if diff > _COLOUR_CHECK_TOLERANCE else None
 
 
+def decoder_reason(exc: BaseException) -> str:
+    """The decoder's own reason, without the source location torchvision appends (``Exception raised from
+    decode_jpeg at /path/of/its/build/...``), which says nothing about the slide."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"\s*Exception raised from .*$", "", text)
+    return re.sub(r"\s*\(?(?:at|in) /\S+\)?", "", text).strip() or type(exc).__name__
+
+
 def decode_streams(
     tiles: CompressedTiles, device: torch.device, colour_checked: dict[int, bool] | None = None
 ) -> tuple[list[torch.Tensor], list[str]]:
@@ -434,7 +443,7 @@ def decode_streams(
                         errors[i] = ""
                         break
                     except RuntimeError as exc:
-                        errors[i] = f"{tiles.labels[i]}: JPEG tile cannot be decoded: {str(exc).splitlines()[0]}"
+                        errors[i] = f"{tiles.labels[i]}: JPEG tile cannot be decoded: {decoder_reason(exc)}"
     if device.type == "cuda":
         _check_device_colours(tiles, streams, decoded, on_cpu, colour_checked)
     white = torch.full((3, 1, 1), 255, dtype=torch.uint8)

@@ -27,6 +27,7 @@ __all__ = [
     "config_hash",
     "read_complete_report",
     "remove_stale",
+    "reported_tiles",
     "discard_unreported",
     "clear_outputs",
     "check_writable",
@@ -78,6 +79,18 @@ def read_complete_report(
     if not (slide_dir / "mask.tif").is_file() or not (slide_dir / "heatmap.png").is_file():
         return None
     return report
+
+
+def reported_tiles(output_dir: Path, names: Sequence[str]) -> int:
+    """Tiles the complete reports of ``output_dir/<name>`` processed (0 for a report that cannot be read): a resumed
+    run counts them with its own, so ``model.compile=auto`` decides as the uninterrupted run did."""
+    total = 0
+    for name in names:
+        try:
+            total += int(json.loads((output_dir / name / "report.json").read_text()).get("tiles_processed", 0))
+        except (OSError, ValueError, TypeError):
+            continue
+    return total
 
 
 def remove_stale(slide_dir: Path) -> None:
