@@ -75,6 +75,23 @@ def test_user_errors_are_one_line_exit_2_and_leave_no_run_folder(tmp_path: Path,
     assert list(tmp_path.iterdir()) == [], "a refused run left a folder behind"
 
 
+@pytest.mark.parametrize("command", ["wsiseg-eval", "wsiseg-export", "wsiseg-bench"])
+def test_the_other_commands_refuse_a_run_folder_they_cannot_create(tmp_path: Path, command: str) -> None:
+    done = subprocess.run(
+        [str(SCRIPT.with_name(command)), "hydra.run.dir=/proc/wsiseg-no/run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"{command}: error: hydra.run.dir '/proc/wsiseg-no/run' cannot be created (No such file or directory): "
+        "choose a writable folder with hydra.run.dir=/path/to/run"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_refused_run_keeps_an_existing_run_folder(tmp_path: Path, small_slide: Path) -> None:
     run_dir = tmp_path / "night1"
     (run_dir / "other").mkdir(parents=True)

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wsiseg.atomic import write_json_atomic
 from wsiseg.batch_size import resolve_batch_size
-from wsiseg.cli import user_errors
+from wsiseg.cli import exit_if_run_dir_unusable, user_errors
 from wsiseg.config import build, build_trainer, config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.jpeg_tiles import decode_batch
@@ -611,7 +611,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 @hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     with user_errors("wsiseg-bench"):
         check_option_types(cfg, ("bench", "data", "model", "model.net", "trainer"))
         out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -619,6 +619,12 @@ def main(cfg: DictConfig) -> None:
             run_patch_bench(cfg, out_dir)
         else:
             run_bench(cfg, out_dir)
+
+
+def main() -> None:
+    """Console entry point ``wsiseg-bench``; a run folder Hydra cannot create is one line, exit 2."""
+    exit_if_run_dir_unusable("wsiseg-bench")
+    _hydra_main()
 
 
 if __name__ == "__main__":

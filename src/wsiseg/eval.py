@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wsiseg.annotations import DEFAULT_EXCLUDE, find_annotation, ground_truth_mask
 from wsiseg.atomic import atomic_path, write_json_atomic
-from wsiseg.cli import user_errors
+from wsiseg.cli import exit_if_run_dir_unusable, user_errors
 from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
 from wsiseg.options import check_option_types
@@ -544,11 +544,17 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     with user_errors("wsiseg-eval"):
         result = run_eval(cfg)
     print(format_table(result))
     print(f"wrote {Path(cfg.eval.output_dir) / 'eval.json'} and froc.png")
+
+
+def main() -> None:
+    """Console entry point ``wsiseg-eval``; a run folder Hydra cannot create is one line, exit 2."""
+    exit_if_run_dir_unusable("wsiseg-eval")
+    _hydra_main()
 
 
 if __name__ == "__main__":

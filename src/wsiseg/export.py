@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from wsiseg.atomic import atomic_path, write_json_atomic
-from wsiseg.cli import user_errors
+from wsiseg.cli import exit_if_run_dir_unusable, user_errors
 from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
@@ -613,9 +613,15 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path=str(config_dir()), config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     with user_errors("wsiseg-export"):
         run_export(cfg)
+
+
+def main() -> None:
+    """Console entry point ``wsiseg-export``; a run folder Hydra cannot create is one line, exit 2."""
+    exit_if_run_dir_unusable("wsiseg-export")
+    _hydra_main()
 
 
 if __name__ == "__main__":
