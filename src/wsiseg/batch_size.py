@@ -20,9 +20,11 @@ CPU_AUTO_BATCH = 2
 GPU_DEFAULT_BATCH = 16  # data.batch_size=null on a GPU (auto probes the memory instead)
 
 
-def default_batch_size(device_type: str) -> int:
+def default_batch_size(device_type: str | None = None) -> int:
     """``data.batch_size=null`` (the default): what is fast on the device kind, :data:`CPU_AUTO_BATCH` on CPUs and
-    :data:`GPU_DEFAULT_BATCH` elsewhere."""
+    :data:`GPU_DEFAULT_BATCH` elsewhere; None: the device this process would run on (CUDA when visible)."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return CPU_AUTO_BATCH if device_type == "cpu" else GPU_DEFAULT_BATCH
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from wsiseg.errors import UserInputError
+from wsiseg.errors import UserInputError, exception_chain, first_line
 
 __all__ = [
     "user_errors",
@@ -126,14 +126,11 @@ def find_user_error(exc: BaseException) -> UserInputError | None:
     """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    seen: BaseException | None = exc
-    while seen is not None:
+    for seen in exception_chain(exc):
         if isinstance(seen, UserInputError):
             return seen
         if isinstance(seen, MisconfigurationException):
-            first = str(seen).strip().splitlines()[0] if str(seen).strip() else type(seen).__name__
-            return UserInputError(f"trainer: {first}")
-        seen = seen.__cause__ or seen.__context__
+            return UserInputError(f"trainer: {first_line(seen)}")
     return None
 
 
@@ -157,12 +154,9 @@ def discard_unused_run_dir(run_dir: Path) -> None:
 
 def _dead_worker(exc: BaseException) -> str | None:
     """PyTorch's message when a DataLoader worker process died (killed by a signal, e.g. the kernel's OOM killer)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        text = str(seen).strip().splitlines()[0] if str(seen).strip() else ""
-        if isinstance(seen, RuntimeError) and "DataLoader worker" in text:
-            return text.rstrip(". ")
-        seen = seen.__cause__ or seen.__context__
+    for seen in exception_chain(exc):
+        if isinstance(seen, RuntimeError) and "DataLoader worker" in first_line(seen):
+            return first_line(seen).rstrip(". ")
     return None
 
 

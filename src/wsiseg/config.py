@@ -43,14 +43,12 @@ def build(node: Any, **kwargs: Any) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from wsiseg.errors import UserInputError
+    from wsiseg.errors import UserInputError, exception_chain
 
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, UserInputError):
-            cause = cause.__cause__ or cause.__context__
+        cause = next((e for e in exception_chain(exc) if isinstance(e, UserInputError)), None)
         if cause is None:
             raise
         raise cause from None
@@ -64,15 +62,14 @@ def build_trainer(node: Any, **kwargs: Any) -> Any:
     from hydra.utils import instantiate
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from wsiseg.errors import UserInputError
+    from wsiseg.errors import UserInputError, first_line
 
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
-            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            raise UserInputError(f"trainer: {first}") from None
+            raise UserInputError(f"trainer: {first_line(cause)}") from None
         raise
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class UserInputError(ValueError):
     """Bad input the user can fix: a path, an option, a checkpoint. The message names it and says what to do."""
@@ -17,3 +19,18 @@ class NoProcessableSlideError(UserInputError):
     def __init__(self, message: str, failed: list[tuple[object, str]]) -> None:
         super().__init__(message)
         self.failed = failed
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions behind it (``__cause__``, else ``__context__``), outermost first: Hydra and Lightning
+    wrap the error a user can act on."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

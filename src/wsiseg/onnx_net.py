@@ -85,10 +85,10 @@ class OnnxRuntimeNet(nn.Module):
         self._session: Any = None
         self._device_id: int | None = None
 
+    _runtime_handles: tuple[str, ...] = ("_session",)  # do not pickle; a copy makes its own on first use
+
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_session"] = None  # onnxruntime sessions do not pickle; the copy makes its own on first use
-        return state
+        return {**self.__dict__, **dict.fromkeys(self._runtime_handles)}
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, stride={self.stride}"

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsiseg.errors import UserInputError
+from wsiseg.errors import UserInputError, first_line
 from wsiseg.onnx_net import OnnxRuntimeNet
 
 __all__ = ["OpenVinoNet", "INFERENCE_PRECISIONS"]
@@ -42,6 +42,8 @@ class OpenVinoNet(OnnxRuntimeNet):
         UserInputError: OpenVINO is not installed, an option is outside its values, or the file does not compile.
     """
 
+    _runtime_handles = ("_session", "_compiled")  # compiled models do not pickle either
+
     def __init__(
         self,
         path: str | Path,
@@ -66,11 +68,6 @@ class OpenVinoNet(OnnxRuntimeNet):
         self.threads, self.precision, self.cache_dir = threads, precision, cache_dir
         self._compiled: Any = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_compiled"] = None  # compiled models do not pickle; a copy compiles its own on first use
-        return state
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, runtime=openvino, precision={self.precision}"
 
@@ -92,9 +89,8 @@ class OpenVinoNet(OnnxRuntimeNet):
             try:
                 self._compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise UserInputError(
-                    f"model.net.path '{self.path}' cannot be compiled by OpenVINO {ov.__version__}: {first}; "
+                    f"model.net.path '{self.path}' cannot be compiled by OpenVINO {ov.__version__}: {first_line(exc)}; "
                     "re-export it with wsiseg-export"
                 ) from None
         return self._compiled

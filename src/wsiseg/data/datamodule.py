@@ -154,9 +154,7 @@ class SlideTileDataModule(pl.LightningDataModule):
             raise UserInputError(
                 f"data.prefetch_factor must be >= 1 (batches read ahead per worker), got {prefetch_factor}"
             )
-        self.slide_paths = expand_slide_paths(slides)
-        if not self.slide_paths:
-            raise UserInputError("data.slides is empty: pass data.slides=/path/to/slide.svs or a glob")
+        self.slide_paths = expand_slide_paths(slides)  # one path per pattern at least: unmatched globs stay as given
         if not 0 <= mpp_tolerance < 1:
             raise UserInputError(f"data.mpp_tolerance must be in [0, 1) (0.05 = 5 %), got {mpp_tolerance}")
         self.level, self.mpp, self.mpp_tolerance = level, mpp, mpp_tolerance
@@ -329,11 +327,9 @@ class SlideTileDataModule(pl.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _loader_batch_size(self) -> int:
-        if isinstance(self.batch_size, int):
-            return self.batch_size
         from wsiseg.batch_size import default_batch_size  # not resolved by an entry point: the device's default
 
-        return default_batch_size("cuda" if torch.cuda.is_available() else "cpu")
+        return self.batch_size if isinstance(self.batch_size, int) else default_batch_size()
 
     def with_batch_size(self, batch_size: int) -> SlideTileDataModule:
         """A copy of this data module (same options and plan) that batches ``batch_size`` tiles: how the entry point

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from wsiseg.config import usable_cores
+from wsiseg.errors import first_line
 
 __all__ = [
     "COLOUR_RGB",
@@ -404,7 +405,7 @@ def colour_mismatch(reference: torch.Tensor, candidate: torch.Tensor) -> float |
 def decoder_reason(exc: BaseException) -> str:
     """The decoder's own reason, without the source location torchvision appends (``Exception raised from
     decode_jpeg at /path/of/its/build/...``), which says nothing about the slide."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     text = re.sub(r"\s*Exception raised from .*$", "", text)
     return re.sub(r"\s*\(?(?:at|in) /\S+\)?", "", text).strip() or type(exc).__name__
 

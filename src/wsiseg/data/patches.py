@@ -463,13 +463,10 @@ class PatchFolderDataModule(pl.LightningDataModule):
 
     def batch_plan(self) -> list[list[tuple[int, int]]]:
         """The batches ``predict_dataloader`` yields: ``(image index, piece index)`` pairs, one piece shape each."""
-        if self.batch_size is None:  # not resolved by an entry point: the device's default
-            from wsiseg.batch_size import default_batch_size
+        from wsiseg.batch_size import default_batch_size  # not resolved by an entry point: the device's default
 
-            return plan_batches(
-                self.plan.images, self.plan.todo, default_batch_size("cuda" if torch.cuda.is_available() else "cpu")
-            )
-        return plan_batches(self.plan.images, self.plan.todo, self.batch_size)
+        batch_size = self.batch_size if self.batch_size is not None else default_batch_size()
+        return plan_batches(self.plan.images, self.plan.todo, batch_size)
 
     def with_batch_size(self, batch_size: int) -> PatchFolderDataModule:
         """A copy of this data module (same options and plan) that batches ``batch_size`` tiles: how the entry point

@@ -196,8 +196,8 @@ class PatchWriter(BasePredictionWriter):
         **options: Any,
     ) -> None:
         super().__init__(write_interval="batch")
-        self.outputs = self.outputs_for(output_dir, run_config, **options)
         checked = patch_writer_options(**options)
+        self.outputs = _outputs(output_dir, checked, run_config)
         self.plan, self.output_dir, self.mask = plan, self.outputs.output_dir, checked.mask
         self.overlay, self.opacity, self.blend = checked.overlay, checked.opacity, checked.blend
         self.sigma_scale, self.write_workers = checked.sigma_scale, checked.write_workers
@@ -216,9 +216,7 @@ class PatchWriter(BasePredictionWriter):
     def outputs_for(output_dir: str | Path, run_config: dict[str, Any] | None = None, **options: Any) -> PatchOutputs:
         """The outputs' naming and hash for these options (checked: UserInputError naming the ``writer.*`` key),
         without building a writer: the entry point calls it with ``cfg.writer`` before any image is read."""
-        checked = patch_writer_options(**options)
-        check_writable(Path(output_dir))
-        return PatchOutputs(Path(output_dir), checked.mask, config_hash(run_config, extra=checked.rendering))
+        return _outputs(output_dir, patch_writer_options(**options), run_config)
 
     # -- Lightning hooks (setup and teardown run even when every image is kept and no batch is predicted) ---------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -429,6 +427,12 @@ class PatchWriter(BasePredictionWriter):
             report_path,
             "".join(f"\n{line}" for line in (["failed:", *failures] if failures else [])),
         )
+
+
+def _outputs(output_dir: str | Path, options: PatchWriterOptions, run_config: dict[str, Any] | None) -> PatchOutputs:
+    """The outputs of a writer with these (checked) options, in a folder proven writable."""
+    check_writable(Path(output_dir))
+    return PatchOutputs(Path(output_dir), options.mask, config_hash(run_config, extra=options.rendering))
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from wsiseg.data.datasets import SlideTiles
+from wsiseg.errors import first_line
 from wsiseg.writers.render import OUTPUT_FILES, RenderOptions, render_slide
 from wsiseg.writers.run_record import RunRecord, base_report
 from wsiseg.writers.stitcher import SlideState
@@ -84,7 +85,7 @@ def write_slide(
 
 def _reason(exc: BaseException) -> str:
     """A failed slide's one-line reason; a full disk says so (TIFF writers report it as "N requested and M written")."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     full = getattr(exc, "errno", None) == errno.ENOSPC or ("requested and" in text and "written" in text)
     if full:
         return f"no space left on the output device ({text}): free space or choose another writer.output_dir"
