@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -93,6 +94,34 @@ def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     )
     # the optimised case ran the real writer
     assert (tmp_path / "predict" / "bench_slide" / "mask.tif").exists()
+    # the peer: MONAI's WSI pipeline on the naive tiles with the same FP32 weights, when MONAI is installed
+    monai = report["peers"]["monai"]
+    if importlib.util.find_spec("monai") is None:
+        assert "MONAI is not installed" in monai["skipped"] and "monai skipped" in result.stdout
+    else:
+        assert monai["tiles"] == cases["naive"]["patches"] and monai["patches_per_s"] > 0
+        assert monai["mean_abs_grey_diff_vs_naive"] < 0.05  # same FP32 network, same tiles: equal within rounding
+        assert monai["speedup_optimised_vs_peer"] == pytest.approx(
+            cases["optimised"]["patches_per_s"] / monai["patches_per_s"], rel=2e-2
+        )
+        assert "peer monai:" in result.stdout
+
+
+def test_bench_peer_is_skipped_with_a_line_without_monai(tmp_path: Path) -> None:
+    """With MONAI unimportable (its import fails in the process, as when it is not installed) the bench still runs
+    and says in one line how to get the peer."""
+    code = (
+        "import sys; sys.modules['monai'] = None; sys.argv = ['wsiseg-bench', *sys.argv[1:]]; "
+        "from wsiseg.bench import main; main()"
+    )
+    overrides = [*SMALL_SLIDE_BENCH, "bench.max_tiles=4", "bench.naive_tiles=2", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["peers"]["monai"] == {
+        "skipped": "MONAI is not installed: pip install 'wsiseg[peers]' to time MONAI's WSI pipeline beside wsiseg"
+    }
+    assert "wsiseg-bench: monai skipped: MONAI is not installed" in result.stdout
 
 
 def test_bench_patch_mode_naive_vs_batched(tmp_path: Path) -> None:

@@ -212,7 +212,7 @@ def test_compiled_cpu_graph_matches_fp32_and_compiles_once(
     ("device", "tiles", "compiled"), [("cpu", 499, False), ("cpu", 500, True), ("cpu", None, False)]
 )
 def test_compile_auto_on_cpu_only_for_long_runs(device: str, tiles: int | None, compiled: bool) -> None:
-    module = SegmentationModule(ProbeNet(), compile="auto", compile_min_tiles=500)
+    module = SegmentationModule(ProbeNet(), compile="auto", compile_min_tiles=500, runtime="torch")
     module.prepare(device, planned_tiles=tiles)
     assert module.compiled is compiled
 

@@ -49,8 +49,10 @@ from wsiseg.data.jpeg_tiles import decode_batch
 from wsiseg.data.slide import read_rgb
 from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 from wsiseg.errors import UserInputError
+from wsiseg.model import has_fixed_weights, holds_weights
 from wsiseg.module import SegmentationModule
 from wsiseg.options import check_option_types
+from wsiseg.quantize import dice
 
 __all__ = ["CaseResult", "PeakMemory", "main", "run_bench"]
 
@@ -171,6 +173,88 @@ def naive_loop(
         start, end = start - count, end - count
 
 
+def naive_reference(module: SegmentationModule) -> torch.nn.Module:
+    """The FP32 eager PyTorch network the naive loop and the agreement figures run: a copy of the module's own torch
+    network (a second instantiate would draw other weights for ``checkpoint=random``), or, for an ONNX file
+    (``model=onnx`` / ``model=openvino``), the torch network its sidecar records (architecture and checkpoint, checked
+    by SHA-256), so the naive loop is the replaced script and not the runtime under test.
+
+    Raises:
+        UserInputError: the ONNX file's sidecar does not name a checkpoint that is still there unchanged.
+    """
+    if not holds_weights(module.net):
+        return copy.deepcopy(module.net).eval()
+    from wsiseg.export import sha256_file
+    from wsiseg.model import load_checkpoint
+    from wsiseg.onnx_net import sidecar_path
+
+    sidecar = sidecar_path(Path(str(module.net.path)).expanduser().absolute())
+    try:
+        data = json.loads(sidecar.read_text())
+        architecture, checkpoint = data["architecture"], data["checkpoint"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserInputError(
+            f"wsiseg-bench with an ONNX network needs its wsiseg-export sidecar '{sidecar}' for the naive loop's torch "
+            f"network ({type(exc).__name__}: {exc}); re-export it with wsiseg-export"
+        ) from None
+    net = instantiate(architecture)
+    if holds_weights(net) or has_fixed_weights(net):
+        return net.eval()
+    path = Path(str((checkpoint or {}).get("path", "")))
+    if not checkpoint or not path.is_file() or sha256_file(path) != checkpoint.get("sha256"):
+        raise UserInputError(
+            f"wsiseg-bench with an ONNX network runs the naive loop on the checkpoint it was exported from, which "
+            f"'{sidecar}' names as '{path}': that file is missing or changed; bench the checkpoint instead "
+            "(model=unet_camelyon model.checkpoint=...)"
+        )
+    return load_checkpoint(net, path).eval()
+
+
+def peer_cases(
+    bench: BenchOptions,
+    datamodule: SlideTileDataModule,
+    reference: torch.nn.Module,
+    module: SegmentationModule,
+    naive_outputs: list[np.ndarray],
+) -> dict[str, dict[str, Any]]:
+    """The peers on the naive loop's tiles with the same FP32 weights (:mod:`wsiseg.bench_peers`): per peer
+    ``patches_per_s`` and ``mean_abs_grey_diff_vs_naive``, or ``skipped`` with the reason."""
+    from wsiseg.bench_peers import MONAI_MISSING, mean_abs_grey_diff, monai_available, monai_wsi_case
+
+    slide = datamodule.slides[0]
+    if not monai_available():
+        print(f"wsiseg-bench: monai skipped: {MONAI_MISSING}")
+        return {"monai": {"skipped": MONAI_MISSING}}
+    if len(datamodule.slides) != 1 or slide.level.scale != 1.0:
+        why = "MONAI's splitter reads one unresampled level of one slide: bench one slide at a pyramid level"
+        print(f"wsiseg-bench: monai skipped: {why}")
+        return {"monai": {"skipped": why}}
+    origins = slide.origins[: len(naive_outputs)]
+    cpu_reference = reference.cpu()
+    result = monai_wsi_case(
+        str(slide.path),
+        slide.level.level,
+        slide.grid.patch_size,
+        origins,
+        cpu_reference,
+        module.mean.cpu(),
+        module.std.cpu(),
+        datamodule.batch_size,
+    )
+    patch = slide.grid.patch_size
+    by_origin = {(int(x), int(y)): out for (x, y), out in zip(origins, naive_outputs)}
+    return {
+        "monai": {
+            "tiles": result.tiles,
+            "seconds": round(result.seconds, 3),
+            "patches_per_s": round(result.tiles / result.seconds, 2),
+            "batch_size": datamodule.batch_size,
+            "mean_abs_grey_diff_vs_naive": round(mean_abs_grey_diff(result.output, by_origin, patch), 4),
+            "pipeline": "PatchInferer + WSISlidingWindowSplitter(OpenSlide) + AvgMerger, FP32 eager, on the CPU",
+        }
+    }
+
+
 def model_only(module: SegmentationModule, trainer: Any, batch: torch.Tensor, batches: int) -> None:
     with torch.inference_mode(), trainer.precision_plugin.forward_context():
         for _ in range(batches):
@@ -194,12 +278,9 @@ def precision_agreement(
         fp32 = fp32.amax(dim=1, keepdim=True) if module.reduction == "max" else fp32[:, module.channel_index :][:, :1]
         if module.output_downsample > 1:
             fp32 = torch.nn.functional.avg_pool2d(fp32, module.output_downsample)
-    a, b = mixed >= 0.5, fp32 >= 0.5
-    union = int(a.sum() + b.sum())
-    dice = 1.0 if union == 0 else float(2 * (a & b).sum() / union)
     diff = (mixed - fp32).abs()
     return {
-        "dice_vs_fp32": round(dice, 6),
+        "dice_vs_fp32": round(dice(mixed >= 0.5, fp32 >= 0.5), 6),
         "max_abs_prob_diff": float(diff.max()),
         "mean_abs_prob_diff": float(diff.mean()),
     }
@@ -332,6 +413,8 @@ class BenchOptions:
         naive_tiles: the naive loop runs on the first this many of them.
         model_batches: batches timed for the model bound.
         ddp_ranks: rank counts of the whole-run CPU DDP timings (e.g. ``[1, 2]``); empty: none.
+        peers: also time the peers (MONAI's WSI pipeline) on the naive loop's tiles and weights; a peer that is not
+            installed is skipped with a line saying so.
 
     Raises:
         UserInputError: one line naming the ``bench.*`` key.
@@ -344,6 +427,7 @@ class BenchOptions:
     naive_tiles: int = 128
     model_batches: int = 16
     ddp_ranks: Sequence[int] = ()
+    peers: bool = True
 
     def __post_init__(self) -> None:
         for key in ("generated_size", "max_tiles", "naive_tiles", "model_batches"):
@@ -376,9 +460,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             f"bench.slide '{slide_path}' has no tissue tiles at this level: choose another slide, or "
             "data.tissue.enabled=false"
         )
-    # FP32 eager copy of the same weights (a second instantiate would draw other weights for checkpoint=random)
-    reference = copy.deepcopy(module.net).eval().to(device)
-    module.prepare(device.type, planned_tiles=tiles)
+    reference = naive_reference(module).to(device)
+    module.prepare(device.type, planned_tiles=tiles, precision=str(trainer.precision))
     module.to(device).eval()
     batch_size = datamodule.batch_size
     patch = datamodule.patch_size
@@ -423,9 +506,10 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     naive_tiles = max(1, min(tiles, bench.naive_tiles))
     halves = (naive_tiles // 2, naive_tiles - naive_tiles // 2)
 
+    naive_outputs: list[np.ndarray] = []  # the FP32 batch-1 reference of the first naive_tiles tiles, in order
+
     def naive(limit: int, skip: int) -> None:
-        for _ in naive_loop(datamodule, reference, device, module.mean, module.std, limit, skip):
-            pass
+        naive_outputs.extend(naive_loop(datamodule, reference, device, module.mean, module.std, limit, skip))
 
     naive_first = _timed("naive (1st half)", device, halves[0], lambda: naive(halves[0], 0))
 
@@ -448,6 +532,11 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         max(naive_first.peak_rss_mb, naive_second.peak_rss_mb),
     )
     naive_halves = [round(naive_first.patches_per_s, 2), round(naive_second.patches_per_s, 2)]
+
+    peers = peer_cases(bench, datamodule, reference, module, naive_outputs) if bench.peers else {}
+    for row in peers.values():
+        if "patches_per_s" in row:
+            row["speedup_optimised_vs_peer"] = round(results["optimised"].patches_per_s / row["patches_per_s"], 3)
 
     # as many tiles as a batch, so a compiled network sees the shape it was compiled for
     sample = torch.stack([datamodule.dataset[i]["image"] for i in range(min(batch_size, tiles))]).to(device)
@@ -478,6 +567,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     report = {
         "cases": {k: v.as_dict() for k, v in results.items()},
         "summary": summary,
+        "peers": peers,
         "ddp_cpu": ddp,
         "settings": {
             "slide": str(slide_path),
@@ -489,11 +579,12 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             "reader_used": type(datamodule.predict_dataloader().dataset).__name__,
             "precision": str(trainer.precision),
             "compile": module.compiled,
+            "runtime": module.runtime_used,
             "channels_last": module.channels_last,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
-            "parameters": sum(p.numel() for p in module.net.parameters()),
+            "parameters": sum(p.numel() for p in reference.parameters()),
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -601,6 +692,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"(ceiling {s['flop_ceiling_patches_per_s']} patches/s); naive {s['naive_tflops']:.3f} TFLOP/s = "
         f"{s['naive_fraction_of_fp32_peak']:.0%} of the fp32 peak {s['matmul_peak_fp32_tflops']:.3f}"
     )
+    for name, row in report.get("peers", {}).items():
+        if "skipped" in row:
+            lines.append(f"peer {name}: skipped ({row['skipped']})")
+        else:
+            lines.append(
+                f"peer {name}: {row['patches_per_s']:.2f} patches/s on {row['tiles']} tiles, mean |d| vs naive "
+                f"{row['mean_abs_grey_diff_vs_naive']:.3f} grey levels; optimised is "
+                f"{row['speedup_optimised_vs_peer']:.2f}x"
+            )
     lines.extend(f"WARNING: {w}" for w in s.get("warnings", []))
     for row in report["ddp_cpu"]:
         lines.append(

@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 FORMATS = ("onnx", "torchscript")
+QUANTIZE = ("none", "int8")
 FP32_TOLERANCE = 1e-4  # max abs diff of probabilities (0-1) between the exported file and eager float32 PyTorch
 # The same for export.fp16=true. float16 keeps ~3 significant digits through ~20 conv layers; the demo network on
 # random-pixel inputs measures 1.3-1.7e-2, so 5e-2 (~13 grey levels of the 0-255 mask) leaves room for other weights.
@@ -486,6 +487,17 @@ class ExportOptions:
         tolerance: largest absolute probability difference; None: 1e-4 (fp32) or 5e-2 (fp16).
         batches: verification batch sizes, each >= 1.
         sizes: verification [height, width] pairs, px (checked against the network's stride by :func:`run_export`).
+        quantize: ``none``, or ``int8``: post-training static INT8 (QDQ) calibrated on tissue tiles of
+            ``calibration_slides`` (:mod:`wsiseg.quantize`); ONNX float32 only.
+        calibration_slides: slides the calibration and held-out tiles are sampled from.
+        calibration_tiles: tiles the activation ranges are measured on.
+        holdout_tiles: other tiles of the same slides the INT8 model is checked on against FP32.
+        holdout_slides: check on tiles of these slides instead (empty: the calibration slides, disjoint tiles).
+        calibration_patch_size: tile side of both sets, px at the read level.
+        calibration_level, calibration_mpp: the read level (as ``data.level`` / ``data.mpp``; both None: level 0).
+        calibration_seed: seed of the random tile sample.
+        dice_floor: smallest Dice (INT8 vs FP32 masks at 0.5, held-out tiles) for the INT8 model to be written.
+        force: write an INT8 model under ``dice_floor`` anyway (with a warning).
 
     Raises:
         UserInputError: one line naming the ``export.*`` key.
@@ -499,6 +511,17 @@ class ExportOptions:
     tolerance: float | None = None
     batches: Sequence[int] = (1, 3)
     sizes: Sequence[Sequence[int]] = ((64, 64), (96, 128))
+    quantize: str = "none"
+    calibration_slides: Sequence[str] = ()
+    calibration_tiles: int = 64
+    holdout_tiles: int = 32
+    holdout_slides: Sequence[str] = ()
+    calibration_patch_size: int = 256
+    calibration_level: int | None = None
+    calibration_mpp: float | None = None
+    calibration_seed: int = 0
+    dice_floor: float = 0.99
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -512,6 +535,21 @@ class ExportOptions:
             object.__setattr__(self, "tolerance", FP16_TOLERANCE if self.fp16 else FP32_TOLERANCE)
         if not self.sizes or not self.batches or min(int(b) for b in self.batches) < 1:
             raise UserInputError("export.batches and export.sizes need at least one entry each (batches >= 1)")
+        if self.quantize not in QUANTIZE:
+            raise UserInputError(f"export.quantize must be one of {', '.join(QUANTIZE)}; got '{self.quantize}'")
+        if self.quantize == "int8":
+            if self.format != "onnx" or self.fp16:
+                raise UserInputError(
+                    "export.quantize=int8 quantises a float32 ONNX file: export.format=onnx, export.fp16=false"
+                )
+            if not self.calibration_slides:
+                raise UserInputError(
+                    "export.quantize=int8 needs tissue to calibrate on: export.calibration_slides='[/data/a.svs]'"
+                )
+            if self.calibration_tiles < 1 or self.holdout_tiles < 1:
+                raise UserInputError("export.calibration_tiles and export.holdout_tiles must be >= 1")
+            if not 0 < self.dice_floor <= 1:
+                raise UserInputError(f"export.dice_floor must be in (0, 1], got {self.dice_floor}")
 
 
 def run_export(cfg: DictConfig) -> dict[str, Any]:
@@ -536,17 +574,19 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     output_name = "probabilities" if activation == "none" else "logits"
     channels = _output_channels(net, stride)
 
-    with atomic_path(path) as tmp:
+    quantization = None
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix="wsiseg-export-") as scratch:
+        written = Path(scratch) / "fp32.onnx" if ex.quantize == "int8" else tmp  # the FP32 file, quantised after
         if fmt == "onnx":
-            export_onnx(net, tmp, opset=opset or 17, fp16=fp16, example_size=sizes[0], output_name=output_name)
+            export_onnx(net, written, opset=opset or 17, fp16=fp16, example_size=sizes[0], output_name=output_name)
             verify = verify_onnx
         else:
-            export_torchscript(net, tmp, fp16=fp16, example_size=sizes[0])
+            export_torchscript(net, written, fp16=fp16, example_size=sizes[0])
             verify = verify_torchscript  # type: ignore[assignment]
         result = None
         if ex.verify:
             result = verify(
-                tmp,
+                written,
                 net,
                 activation=activation,
                 mean=mean,
@@ -555,6 +595,8 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
                 sizes=sizes,
                 tolerance=tolerance,
             )
+        if ex.quantize == "int8":
+            quantization = _quantize(ex, written, tmp, mean, std, activation, stride)
 
     net_cfg = OmegaConf.to_container(cfg.model.net, resolve=True)
     sidecar: dict[str, Any] = {
@@ -601,15 +643,72 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
         import onnx
 
         sidecar["onnx_version"] = onnx.__version__
+    if quantization is not None:
+        sidecar["quantization"] = quantization
+        sidecar["verification"] = sidecar["verification"] and {
+            **sidecar["verification"],
+            "compared": f"the FP32 graph before quantisation, outputs after activation={activation}",
+        }
     write_json_atomic(sidecar_path(path), sidecar)
     size_mb = path.stat().st_size / 2**20
-    what = f"{fmt}{f' opset {opset}' if opset else ''} {'fp16' if fp16 else 'fp32'}"
+    what = f"{fmt}{f' opset {opset}' if opset else ''} {'int8' if quantization else 'fp16' if fp16 else 'fp32'}"
     print(f"wsiseg-export: wrote {path} ({what}, {size_mb:.1f} MiB) and {sidecar_path(path).name}")
+    if quantization is not None:
+        print(f"wsiseg-export: int8 vs fp32 on held-out tissue tiles: {quantization['summary']}")
     if result is None:
         print("wsiseg-export: not verified (export.verify=false)")
     else:
         print(f"wsiseg-export: verified with {result.runtime} against PyTorch: {result.summary()}")
     return sidecar
+
+
+def _quantize(
+    ex: ExportOptions,
+    fp32: Path,
+    out: Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+    activation: str,
+    stride: int,
+) -> dict[str, Any]:
+    """INT8 of the FP32 file ``fp32`` into ``out``, calibrated and checked on tissue tiles (:mod:`wsiseg.quantize`);
+    returns the sidecar's ``quantization`` record. Refuses a model under ``export.dice_floor`` (unless forced)."""
+    from wsiseg.quantize import check_dice_floor, int8_agreement, quantize_int8, sample_tissue_tiles
+
+    patch = _check_size((ex.calibration_patch_size, ex.calibration_patch_size), stride, "export.calibration_patch_size")
+    where = (ex.calibration_seed, ex.calibration_level, ex.calibration_mpp)
+    slides = [str(s) for s in ex.calibration_slides]
+    if not ex.holdout_slides:  # disjoint tiles of the same slides
+        calibration, held_out = sample_tissue_tiles(slides, patch[0], (ex.calibration_tiles, ex.holdout_tiles), *where)
+    else:
+        (calibration,) = sample_tissue_tiles(slides, patch[0], (ex.calibration_tiles,), *where)
+        (held_out,) = sample_tissue_tiles([str(s) for s in ex.holdout_slides], patch[0], (ex.holdout_tiles,), *where)
+    log.info(
+        "calibrating INT8 on %d tissue tiles, checking on %d others", len(calibration.origins), len(held_out.origins)
+    )
+    quantize_int8(fp32, out, calibration.normalised(mean, std), INPUT_NAME)
+    agreement = int8_agreement(fp32, out, held_out, mean, std, activation)
+    used = sorted({slide for slide, _, _ in calibration.origins})
+    check_dice_floor(agreement, ex.dice_floor, ex.force, f"{len(calibration.origins)} tiles of {', '.join(used)}")
+    return {
+        "scheme": "static QDQ: int8 per-channel weights, uint8 activations, min-max ranges (onnxruntime quantiser)",
+        "calibration": {
+            "tiles": [{"slide": s, "x": x, "y": y} for s, x, y in calibration.origins],
+            "patch_size": patch[0],
+            "level": ex.calibration_level,
+            "mpp": ex.calibration_mpp,
+            "seed": ex.calibration_seed,
+        },
+        "held_out": {"tiles": [{"slide": s, "x": x, "y": y} for s, x, y in held_out.origins]},
+        "dice_vs_fp32": agreement.dice,
+        "dice_vs_fp32_per_slide": agreement.per_slide,
+        "max_abs_diff": agreement.max_abs_diff,
+        "mean_abs_diff": agreement.mean_abs_diff,
+        "runtime": agreement.runtime,
+        "dice_floor": ex.dice_floor,
+        "forced": agreement.dice < ex.dice_floor,
+        "summary": agreement.summary(),
+    }
 
 
 @hydra.main(config_path=str(config_dir()), config_name="export", version_base="1.3")

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsiseg.cpu_runtime import RUNTIMES, TorchOnOpenVino, choose_runtime
 from wsiseg.errors import UserInputError
 from wsiseg.malloc import keep_freed_memory
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
+from wsiseg.openvino_net import openvino_available
 
 __all__ = ["SegmentationModule", "ACTIVATIONS", "REDUCTIONS", "RANDOM_WEIGHTS", "FIXED_WEIGHTS"]
 
@@ -112,6 +114,11 @@ class SegmentationModule(pl.LightningModule):
             at least ``compile_min_tiles`` tiles (compiling costs seconds up front, which short runs do not win back;
             figures in docs/performance.md). Falls back to eager with a warning if compilation fails.
         compile_min_tiles: tiles a CPU run needs for ``compile=auto`` to compile.
+        runtime: what runs a torch network on the CPU: ``torch``, ``openvino`` (exported and compiled by OpenVINO in
+            float32 when the module is prepared; no ``torch.compile`` then), or ``auto`` — the rule of
+            :func:`wsiseg.cpu_runtime.choose_runtime` (OpenVINO on float32 CPUs for runs of ``runtime_min_tiles``
+            tiles or more, torch elsewhere). Networks that hold their own weights (ONNX files) keep their runtime.
+        runtime_min_tiles: tiles a float32-CPU run needs for ``runtime=auto`` to pick OpenVINO.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
             limit of the largest activation); bigger batches are split.
         output_dtype: dtype of the maps sent back to the host (float16 halves the transfer; float32 is exact).
@@ -138,6 +145,8 @@ class SegmentationModule(pl.LightningModule):
         channels_last: bool = True,
         compile: bool | Literal["auto"] = "auto",
         compile_min_tiles: int = 500,
+        runtime: str = "auto",
+        runtime_min_tiles: int = 128,
         max_chunk: int | None = None,
         output_dtype: str = "float16",
         trust_checkpoint: bool = False,
@@ -158,8 +167,18 @@ class SegmentationModule(pl.LightningModule):
             raise UserInputError(f"model.max_chunk must be >= 1 or null (derived), got {max_chunk}")
         if compile_min_tiles < 0:
             raise UserInputError(f"model.compile_min_tiles must be >= 0, got {compile_min_tiles}")
+        if runtime_min_tiles < 0:
+            raise UserInputError(f"model.runtime_min_tiles must be >= 0, got {runtime_min_tiles}")
+        if runtime not in RUNTIMES:
+            raise UserInputError(f"model.runtime must be one of {', '.join(RUNTIMES)}; got '{runtime}'")
         if holds_weights(net):  # an ONNX file: its weights and settings are the export's
             from wsiseg.onnx_net import onnx_settings
+
+            if runtime == "openvino":
+                raise UserInputError(
+                    "model.runtime=openvino is for torch networks; an ONNX file runs in OpenVINO with "
+                    "model=openvino model.net.path=..."
+                )
 
             onnx = onnx_settings(
                 net, mean=mean, std=std, activation=activation, reduction=reduction, channel_index=channel_index
@@ -167,6 +186,7 @@ class SegmentationModule(pl.LightningModule):
             mean, std, activation = onnx.mean, onnx.std, onnx.activation
             self.weights = str(net.path)
             checkpoint, channels_last, compile = None, False, False
+            runtime = "torch"  # the file's own runtime
         else:
             self.weights = self._load_weights(net, checkpoint, bool(trust_checkpoint))
             if reduction == "channel":
@@ -188,6 +208,9 @@ class SegmentationModule(pl.LightningModule):
         self.output_downsample = output_downsample
         self.channels_last, self.compile_network = channels_last, compile
         self.compile_min_tiles = compile_min_tiles
+        self.runtime, self.runtime_min_tiles = runtime, runtime_min_tiles
+        self.runtime_used = "torch"  # what prepare() chose
+        self._set_openvino(None)  # the net on OpenVINO when prepare() chose it
         self.max_chunk = max_chunk
         self._oom_chunk: int | None = None  # chunk size that last fit after an out-of-memory retry
         self._graph_batch: int | None = None  # batch size the compiled graph was built for
@@ -215,6 +238,10 @@ class SegmentationModule(pl.LightningModule):
         load_checkpoint(net, checkpoint, trust)
         return str(Path(checkpoint).expanduser().absolute())
 
+    def _set_openvino(self, net: TorchOnOpenVino | None) -> None:
+        # Not a registered submodule: it wraps self.net, whose weights must appear once in state_dict() and .to().
+        object.__setattr__(self, "_openvino", net)
+
     def _set_forward(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         # Bypass nn.Module.__setattr__ so the (possibly compiled) alias is not registered as a second submodule.
         object.__setattr__(self, "_forward", fn)
@@ -227,11 +254,12 @@ class SegmentationModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Runs before the model moves to its device: the strategy says where it is going. The entry point has already
         # prepared the module with the run's tile count (prepare is idempotent); otherwise compile=auto has none.
-        self.prepare(self.trainer.strategy.root_device.type)
+        self.prepare(self.trainer.strategy.root_device.type, precision=str(self.trainer.precision))
 
-    def prepare(self, device_type: str, planned_tiles: int | None = None) -> None:
-        """Apply channels_last and ``torch.compile`` (see ``compile``) for ``device_type``; ``planned_tiles`` is the
-        run's tile count, which ``compile=auto`` weighs against ``compile_min_tiles`` on CPU.
+    def prepare(self, device_type: str, planned_tiles: int | None = None, precision: str = "32-true") -> None:
+        """Choose the runtime (see ``runtime``), apply channels_last and ``torch.compile`` (see ``compile``) for
+        ``device_type``; ``planned_tiles`` is the run's tile count, which ``runtime=auto`` and ``compile=auto`` weigh
+        on CPU; ``precision`` the trainer's (Lightning's spelling).
 
         What is compiled is :meth:`infer_tiles` — normalisation, network, activation, channel reduction and pooling —
         so the uint8 → float conversion and the layout change fuse into the network's first kernels.
@@ -239,11 +267,22 @@ class SegmentationModule(pl.LightningModule):
         if getattr(self, "_prepared_for", None) == device_type:
             return
         self._prepared_for = device_type
-        if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
         if device_type == "cpu":
             keep_freed_memory()  # activations are re-allocated every call: keep them out of fresh mmap pages
         self._set_forward(self.infer_tiles)
+        self.runtime_used, why = choose_runtime(
+            self.runtime, device_type, precision, planned_tiles, self.runtime_min_tiles, openvino_available()
+        )
+        if self.runtime != "torch" and not holds_weights(self.net):
+            log.info("model.runtime=%s: %s (%s)", self.runtime, self.runtime_used, why)
+        self.compiled = False
+        if self.runtime_used == "openvino":
+            self._set_openvino(TorchOnOpenVino(self.net))
+            self.channels_last = False  # OpenVINO takes a plain NCHW array
+            return
+        self._set_openvino(None)
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
         compile_network = self.compile_network
         if compile_network == "auto":
             long_cpu_run = device_type == "cpu" and (planned_tiles or 0) >= self.compile_min_tiles
@@ -288,7 +327,7 @@ class SegmentationModule(pl.LightningModule):
         x = self.normalise(images)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = self.net(x).float()
+        y = (self.net if self._openvino is None else self._openvino)(x).float()
         if self.activation == "sigmoid":
             y = torch.sigmoid(y)
         elif self.activation == "softmax":

@@ -2,8 +2,8 @@
 ``nn.Module`` interface :class:`~wsiseg.module.SegmentationModule` expects (``model=openvino model.net.path=u.onnx``).
 
 The same file and sidecar as :class:`~wsiseg.onnx_net.OnnxRuntimeNet` (mean, std, activation and stride are the
-export's, resolved by :func:`wsiseg.onnx_net.onnx_settings`); only the runtime differs. OpenVINO is an optional
-dependency (``pip install 'wsiseg[openvino]'``).
+export's, resolved by :func:`wsiseg.onnx_net.onnx_settings`); only the runtime differs. OpenVINO is a
+dependency of wsiseg (installed with it); a missing one is one line saying how to install it.
 """
 
 from __future__ import annotations
@@ -17,9 +17,54 @@ import torch
 from wsiseg.errors import UserInputError, first_line
 from wsiseg.onnx_net import OnnxRuntimeNet
 
-__all__ = ["OpenVinoNet", "INFERENCE_PRECISIONS"]
+__all__ = ["OpenVinoNet", "INFERENCE_PRECISIONS", "compile_for_cpu", "openvino_available", "run_compiled"]
 
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO can be imported here."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compile_for_cpu(
+    path: str | Path, threads: int | None = None, precision: str = "f32", cache_dir: str | None = None
+) -> Any:
+    """Compile the ONNX (or OpenVINO IR) file ``path`` for the CPU: ``threads`` inference threads (None: torch's
+    count, so DataLoader workers and the writer keep theirs), one request at a time (the pipeline's own batches),
+    ``precision`` as the inference precision hint, compiled blobs cached in ``cache_dir`` when given.
+
+    Raises:
+        UserInputError: the file does not compile (names the file).
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    config: dict[str, Any] = {
+        "INFERENCE_NUM_THREADS": int(threads or max(1, torch.get_num_threads())),
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": precision,
+    }
+    if cache_dir:
+        Path(cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        config["CACHE_DIR"] = str(Path(cache_dir).expanduser())
+    try:
+        return core.compile_model(core.read_model(str(path)), "CPU", config)
+    except Exception as exc:
+        raise UserInputError(
+            f"model.net.path '{path}' cannot be compiled by OpenVINO {ov.__version__}: {first_line(exc)}; "
+            "re-export it with wsiseg-export"
+        ) from None
+
+
+def run_compiled(compiled: Any, x: torch.Tensor) -> torch.Tensor:
+    """``compiled``'s first output for the float batch ``x``, as float32 on ``x``'s device."""
+    out = compiled(x.detach().to("cpu", torch.float32).contiguous().numpy())[0]
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
 
 
 class OpenVinoNet(OnnxRuntimeNet):
@@ -53,12 +98,10 @@ class OpenVinoNet(OnnxRuntimeNet):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__(path, stride=stride)
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
+        if not openvino_available():
             raise UserInputError(
-                "model/net=openvino needs OpenVINO: pip install 'wsiseg[openvino]' (or use model=onnx)"
-            ) from None
+                "model/net=openvino needs OpenVINO: pip install 'openvino>=2026.4.1,<2026.5' (or use model=onnx)"
+            )
         if precision not in INFERENCE_PRECISIONS:
             raise UserInputError(
                 f"model.net.precision must be one of {', '.join(INFERENCE_PRECISIONS)}; got '{precision}'"
@@ -75,24 +118,9 @@ class OpenVinoNet(OnnxRuntimeNet):
     def compiled(self) -> Any:
         """The OpenVINO ``CompiledModel`` (compiled on first access)."""
         if self._compiled is None:
-            import openvino as ov
-
-            core = ov.Core()
-            config = {
-                "INFERENCE_NUM_THREADS": int(self.threads or max(1, torch.get_num_threads())),
-                "PERFORMANCE_HINT": "LATENCY",  # one request at a time: the pipeline's own batches
-                "INFERENCE_PRECISION_HINT": self.precision,
-            }
-            if self.cache_dir:
-                Path(self.cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
-                config["CACHE_DIR"] = str(Path(self.cache_dir).expanduser())
-            try:
-                self._compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
-            except Exception as exc:
-                raise UserInputError(
-                    f"model.net.path '{self.path}' cannot be compiled by OpenVINO {ov.__version__}: {first_line(exc)}; "
-                    "re-export it with wsiseg-export"
-                ) from None
+            self._compiled = compile_for_cpu(
+                self.path, threads=self.threads, precision=self.precision, cache_dir=self.cache_dir
+            )
         return self._compiled
 
     @property
@@ -100,6 +128,4 @@ class OpenVinoNet(OnnxRuntimeNet):
         return ["OpenVINO CPU"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = self.compiled(array)[0]
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
+        return run_compiled(self.compiled, x)

@@ -96,7 +96,7 @@ def predict_in_folder(cfg: DictConfig) -> int:
     # uninterrupted run did: compiled and eager outputs may differ by a grey level); patch pieces come in several
     # shapes, each a recompilation, so patch mode is not weighed.
     whole_run = plan.tiles + reported_tiles(output_dir, [name for _, name in plan.resumed]) if slide_mode else None
-    module.prepare(trainer.strategy.root_device.type, planned_tiles=whole_run)
+    module.prepare(trainer.strategy.root_device.type, planned_tiles=whole_run, precision=str(trainer.precision))
     if slide_mode and plan.tiles == 0:
         # No tissue anywhere, or everything resumed: Lightning would run no hooks, so write the outputs directly.
         if trainer.global_rank == 0:

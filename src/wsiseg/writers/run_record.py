@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 _RUN_ONLY = {
     "data": {"slides", "input_dir", "num_workers", "pin_memory", "prefetch_factor", "extensions", "read_threads"},
     "writer": {"output_dir", "write_workers", "blend_thread", "cache_mb", "mask"},
-    "model": {"compile", "compile_min_tiles"},
+    "model": {"compile", "compile_min_tiles", "runtime", "runtime_min_tiles"},
 }
 
 

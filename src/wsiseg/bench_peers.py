@@ -1,0 +1,96 @@
+"""The peers ``wsiseg-bench`` times beside the pipeline: MONAI's whole-slide pipeline on the same tiles and weights.
+
+MONAI is optional (``pip install 'wsiseg[peers]'``); without it the case is skipped with one line saying so.
+TIAToolbox's ``SemanticSegmentor`` is not among the peers (see docs/performance.md, "Peers").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["MONAI_MISSING", "PeerResult", "monai_available", "monai_wsi_case", "mean_abs_grey_diff"]
+
+MONAI_MISSING = "MONAI is not installed: pip install 'wsiseg[peers]' to time MONAI's WSI pipeline beside wsiseg"
+
+
+@dataclass(frozen=True)
+class PeerResult:
+    """One peer's figures: ``tiles`` inferred in ``seconds`` and its whole-level output (1, C, H, W), read-level px."""
+
+    name: str
+    tiles: int
+    seconds: float
+    output: torch.Tensor
+
+
+def monai_available() -> bool:
+    """Whether MONAI's inferers can be imported here."""
+    try:
+        import monai.inferers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def monai_wsi_case(
+    slide: str,
+    level: int,
+    patch_size: int,
+    origins: np.ndarray,
+    net: Callable[[torch.Tensor], torch.Tensor],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    batch_size: int,
+) -> PeerResult:
+    """MONAI's WSI pipeline as its docs put it together: ``PatchInferer`` with a ``WSISlidingWindowSplitter``
+    (OpenSlide reader, no overlap) and an ``AvgMerger``, running ``net`` eagerly in FP32 at ``batch_size`` on the
+    tiles whose (x, y) read-level origins are ``origins`` (every other grid position is filtered out, so both sides
+    infer the same tiles). Preprocessing is wsiseg's: ``(pixel/255 - mean) / std``; the output is the channel max.
+
+    Args:
+        slide: the slide file.
+        level: OpenSlide level read (unresampled: the read level is this level).
+        patch_size: tile side, read-level px.
+        origins: (N, 2) tile origins (x, y), read-level px, multiples of ``patch_size``.
+        net: the FP32 torch network (normalised N×3×H×W in, N×C×H×W out).
+        mean, std: (1, 3, 1, 1) normalisation on the /255 scale.
+        batch_size: tiles per network call.
+    """
+    from monai.inferers import AvgMerger, PatchInferer, WSISlidingWindowSplitter
+
+    wanted = {(int(y), int(x)) for x, y in origins}  # MONAI's locations are (row, col)
+    splitter = WSISlidingWindowSplitter(
+        patch_size=patch_size,
+        overlap=0,
+        filter_fn=lambda _patch, location: (int(location[0]), int(location[1])) in wanted,
+        reader="OpenSlide",
+        level=level,
+    )
+    inferer = PatchInferer(
+        splitter=splitter,
+        merger_cls=AvgMerger,
+        batch_size=batch_size,
+        preprocessing=lambda patches: (patches.float() / 255.0 - mean) / std,
+        postprocessing=lambda out: out.amax(dim=1, keepdim=True),
+        match_spatial_shape=True,
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = inferer(slide, net)
+    return PeerResult("monai", len(wanted), time.perf_counter() - start, output)
+
+
+def mean_abs_grey_diff(whole: torch.Tensor, tiles: dict[tuple[int, int], np.ndarray], patch_size: int) -> float:
+    """Mean |Δ| in grey levels (probability × 255) between a whole-level output (1, 1, H, W) and per-tile reference
+    outputs keyed by (x, y) origin, over the reference tiles."""
+    diffs = []
+    for (x, y), reference in tiles.items():
+        region = whole[0, 0, y : y + patch_size, x : x + patch_size].float().numpy()
+        ref = np.asarray(reference, np.float32).reshape(region.shape)
+        diffs.append(np.abs(region - ref).mean() * 255.0)
+    return float(np.mean(diffs)) if diffs else float("nan")

@@ -1,0 +1,196 @@
+"""Post-training static INT8 quantisation of an exported ONNX network, calibrated and checked on real tissue tiles.
+
+    wsiseg-export model=demo export.path=demo-int8.onnx export.quantize=int8 \\
+        'export.calibration_slides=[/data/a.svs,/data/b.svs]'
+
+Tissue tiles are sampled from the calibration slides (the same tissue detection as ``wsiseg-predict``), split at
+random into a calibration set and a disjoint held-out set. onnxruntime's static quantiser writes a QDQ model (INT8
+per-channel weights, UINT8 activations, min-max ranges from the calibration set), which OpenVINO and onnxruntime both
+run. The INT8 model is then compared with the FP32 one on the held-out tiles, both run by OpenVINO: Dice of the masks
+thresholded at 0.5, max and mean |Δp|. A Dice under ``export.dice_floor`` refuses to write the model unless
+``export.force=true``. Calibrating on random pixels instead of tissue moves probabilities by up to 0.4-0.5.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsiseg.errors import UserInputError
+
+__all__ = [
+    "CalibrationTiles",
+    "Int8Agreement",
+    "check_dice_floor",
+    "dice",
+    "int8_agreement",
+    "quantize_int8",
+    "sample_tissue_tiles",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationTiles:
+    """uint8 RGB tiles (N, 3, P, P) and where each came from: ``(slide path, x, y)`` read-level px origins."""
+
+    images: torch.Tensor
+    origins: list[tuple[str, int, int]]
+
+    def normalised(self, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+        """float32 ``(pixel/255 - mean) / std``, the exported graph's input."""
+        m = torch.tensor(list(mean)).view(1, 3, 1, 1)
+        s = torch.tensor(list(std)).view(1, 3, 1, 1)
+        return ((self.images.float() / 255.0 - m) / s).numpy()
+
+
+def sample_tissue_tiles(
+    slides: Sequence[str], patch_size: int, counts: Sequence[int], seed: int, level: int | None, mpp: float | None
+) -> list[CalibrationTiles]:
+    """Disjoint random samples of tissue tiles of ``slides``: one :class:`CalibrationTiles` per entry of ``counts``.
+
+    Tiles are cut and tissue-detected as ``wsiseg-predict`` does (``data.level`` / ``data.mpp``, default tissue
+    options, no overlap), pooled over the slides, shuffled with ``seed`` and split in order.
+
+    Raises:
+        UserInputError: no slide can be read, or the slides hold fewer tissue tiles than ``sum(counts)``.
+    """
+    from wsiseg.data.datamodule import SlideTileDataModule
+
+    data = SlideTileDataModule(
+        slides=list(slides), level=level, mpp=mpp, patch_size=patch_size, num_workers=0, on_error="raise"
+    )
+    data.plan_run()
+    dataset = data.dataset
+    wanted = int(sum(counts))
+    if len(dataset) < wanted:
+        raise UserInputError(
+            f"export.calibration_slides hold {len(dataset)} tissue tiles of {patch_size} px, "
+            f"{wanted} are needed (export.calibration_tiles + export.holdout_tiles): add slides or ask for fewer tiles"
+        )
+    order = np.random.default_rng(seed).permutation(len(dataset))[:wanted]
+    starts = np.cumsum([0, *counts])
+    where = [(slide, int(x), int(y)) for slide in data.slides for x, y in slide.origins]
+    samples = []
+    for start, end in zip(starts[:-1], starts[1:]):
+        picked = [int(i) for i in order[start:end]]
+        images = torch.stack([dataset[i]["image"] for i in picked])
+        samples.append(CalibrationTiles(images, [(str(where[i][0].path), where[i][1], where[i][2]) for i in picked]))
+    return samples
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, input_name: str, batch: int = 1) -> None:
+    """Write the static INT8 (QDQ) version of the ONNX file ``fp32`` to ``out``, ranges from ``calibration``
+    (normalised float32 N×3×H×W)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches: Iterator[np.ndarray] = iter(
+                calibration[i : i + batch] for i in range(0, len(calibration), batch)
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            chunk = next(self.batches, None)
+            return None if chunk is None else {input_name: chunk}
+
+    prepared = out.with_name(out.name + ".pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,  # the calibrating graph keeps each tensor's min/max per tile
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Int8Agreement:
+    """INT8 vs FP32 on held-out tiles: Dice of masks at 0.5, max and mean |Δp| of the probabilities, overall and per
+    slide (``per_slide``: slide path → Dice)."""
+
+    dice: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    tiles: int
+    runtime: str
+    per_slide: dict[str, float]
+
+    def summary(self) -> str:
+        return (
+            f"Dice {self.dice:.5f}, max |dp| {self.max_abs_diff:.4f}, mean |dp| {self.mean_abs_diff:.5f} "
+            f"on {self.tiles} held-out tiles ({self.runtime})"
+        )
+
+
+def _probabilities(compiled: Any, x: np.ndarray, activation: str) -> np.ndarray:
+    outs = [np.asarray(compiled(x[i : i + 1])[0], np.float32) for i in range(len(x))]
+    y = torch.from_numpy(np.concatenate(outs))
+    if activation == "sigmoid":
+        y = torch.sigmoid(y)
+    elif activation == "softmax":
+        y = torch.softmax(y, dim=1)
+    return y.amax(dim=1).numpy()
+
+
+def dice(a: Any, b: Any) -> float:
+    """Dice of two boolean masks, numpy or torch (1.0 when both are empty)."""
+    union = int(a.sum() + b.sum())
+    return 1.0 if union == 0 else float(2 * (a & b).sum() / union)
+
+
+def int8_agreement(
+    fp32: Path, int8: Path, held_out: CalibrationTiles, mean: Sequence[float], std: Sequence[float], activation: str
+) -> Int8Agreement:
+    """Run both files by OpenVINO (float32 inference precision) on the ``held_out`` tiles and compare the channel-max
+    probabilities after ``activation``."""
+    from wsiseg.openvino_net import compile_for_cpu
+
+    x = held_out.normalised(mean, std)
+    a = _probabilities(compile_for_cpu(fp32), x, activation)
+    b = _probabilities(compile_for_cpu(int8), x, activation)
+    ma, mb = a >= 0.5, b >= 0.5
+    slides = np.array([slide for slide, _, _ in held_out.origins])
+    per_slide = {str(s): round(dice(ma[slides == s], mb[slides == s]), 6) for s in sorted(set(slides))}
+    diff = np.abs(a - b)
+    return Int8Agreement(
+        round(dice(ma, mb), 6), float(diff.max()), float(diff.mean()), len(x), "OpenVINO CPU", per_slide
+    )
+
+
+def check_dice_floor(agreement: Int8Agreement, floor: float, force: bool, calibration: str) -> None:
+    """Refuse (UserInputError) an INT8 model whose Dice is under ``floor`` unless ``force``; a forced one warns."""
+    if agreement.dice >= floor:
+        return
+    message = (
+        f"the INT8 model's Dice vs FP32 is {agreement.dice:.4f}, under export.dice_floor={floor} "
+        f"({agreement.summary()}; calibrated on {calibration})"
+    )
+    if force:
+        log.warning("%s; written anyway (export.force=true)", message)
+        return
+    raise UserInputError(
+        f"{message}: not written. Calibrate on more tissue of the slides it will run on (export.calibration_slides, "
+        "export.calibration_tiles), or pass export.force=true to write it anyway"
+    )

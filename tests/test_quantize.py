@@ -1,0 +1,138 @@
+"""wsiseg-export export.quantize=int8: calibrated on real tissue, checked against FP32, refused under the floor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from tests.conftest import shared_slide
+from wsiseg.errors import UserInputError
+from wsiseg.export import ExportOptions
+from wsiseg.module import SegmentationModule
+from wsiseg.onnx_net import sidecar_path
+from wsiseg.quantize import dice, sample_tissue_tiles
+
+pytest.importorskip("openvino", reason="the INT8 check runs both models by OpenVINO")
+
+EXPORT = Path(sys.executable).with_name("wsiseg-export")
+
+
+def export(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(EXPORT), "model=demo", *overrides, f"hydra.run.dir={tmp_path / 'hydra'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def flat_slide(path: Path) -> Path:
+    """A tiled TIFF of one saturated colour: 'tissue' to the detector, a useless calibration set (every activation
+    of a constant image is one value, so the ranges it gives clip real tissue)."""
+    pixels = np.empty((1024, 1024, 3), np.uint8)
+    pixels[:] = (200, 90, 190)
+    tifffile.imwrite(path, pixels, tile=(256, 256), photometric="rgb", compression="zlib")
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory: pytest.TempPathFactory, synthetic_slide: Path) -> tuple[Path, dict, str]:
+    """The demo network quantised on tissue of CMU-1-Small-Region and a generated slide: (file, sidecar, stdout)."""
+    out = tmp_path_factory.mktemp("int8")
+    path = out / "demo-int8.onnx"
+    slides = f"[{shared_slide('CMU-1-Small-Region.svs')},{synthetic_slide}]"
+    result = export(
+        out,
+        f"export.path={path}",
+        "export.quantize=int8",
+        f"export.calibration_slides={slides}",
+        "export.calibration_tiles=24",
+        "export.holdout_tiles=24",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path, json.loads(sidecar_path(path).read_text()), result.stdout
+
+
+def test_int8_meets_the_dice_floor_on_held_out_tissue(int8_export: tuple[Path, dict, str]) -> None:
+    path, sidecar, stdout = int8_export
+    q = sidecar["quantization"]
+    assert q["dice_vs_fp32"] >= 0.99 and not q["forced"] and q["dice_floor"] == 0.99
+    assert 0 < q["mean_abs_diff"] < 0.02 and q["max_abs_diff"] <= 1.0
+    calibration = {(t["slide"], t["x"], t["y"]) for t in q["calibration"]["tiles"]}
+    held_out = {(t["slide"], t["x"], t["y"]) for t in q["held_out"]["tiles"]}
+    assert len(calibration) == len(held_out) == 24 and not calibration & held_out  # disjoint tiles
+    assert len({slide for slide, _, _ in calibration | held_out}) == 2  # pooled over both slides
+    assert set(q["dice_vs_fp32_per_slide"]) <= {slide for slide, _, _ in held_out}
+    assert "int8 vs fp32 on held-out tissue tiles: Dice" in stdout
+    # the file is quantised: QDQ nodes around INT8 weights
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_int8_file_runs_in_the_pipeline_close_to_fp32(
+    int8_export: tuple[Path, dict, str], demo_checkpoint: Path
+) -> None:
+    """model=openvino on the INT8 file: the same module interface; its masks agree with eager FP32 PyTorch."""
+    from wsiseg.model import Unet
+    from wsiseg.openvino_net import OpenVinoNet
+
+    int8 = SegmentationModule(OpenVinoNet(int8_export[0]))
+    fp32 = SegmentationModule(Unet(3, 1, base_width=8), checkpoint=str(demo_checkpoint), compile=False)
+    (tiles,) = sample_tissue_tiles([str(shared_slide("CMU-1-Small-Region.svs"))], 256, (8,), 5, None, None)
+    with torch.inference_mode():
+        a, b = int8(tiles.images), fp32(tiles.images)
+    assert dice(a >= 0.5, b >= 0.5) >= 0.98
+
+
+def test_int8_under_the_floor_is_refused_and_not_written(tmp_path: Path) -> None:
+    """A deliberately bad calibration set (one flat colour) checked on real tissue: one line, exit 2, no file."""
+    bad = flat_slide(tmp_path / "flat.tif")
+    path = tmp_path / "bad-int8.onnx"
+    common = [
+        f"export.path={path}",
+        "export.quantize=int8",
+        f"export.calibration_slides=[{bad}]",
+        f"export.holdout_slides=[{shared_slide('CMU-1-Small-Region.svs')}]",
+        "export.calibration_tiles=4",
+        "export.holdout_tiles=12",
+    ]
+    result = export(tmp_path, *common)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("wsiseg-export: error: the INT8 model's Dice vs FP32 is ")
+    assert "under export.dice_floor=0.99" in line and "export.force=true" in line and "Traceback" not in result.stderr
+    assert not path.exists() and not sidecar_path(path).exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # nothing half-written left behind
+    forced = export(tmp_path, *common, "export.force=true")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    side = json.loads(sidecar_path(path).read_text())["quantization"]
+    assert side["forced"] and side["dice_vs_fp32"] < 0.99 and "written anyway" in forced.stdout + forced.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"quantize": "int4"}, "export.quantize must be one of none, int8; got 'int4'"),
+        ({"quantize": "int8"}, "export.quantize=int8 needs tissue to calibrate on"),
+        ({"quantize": "int8", "format": "torchscript", "calibration_slides": ["a.svs"]}, "export.format=onnx"),
+        ({"quantize": "int8", "fp16": True, "calibration_slides": ["a.svs"]}, "export.fp16=false"),
+        ({"quantize": "int8", "calibration_slides": ["a.svs"], "dice_floor": 1.5}, "export.dice_floor must be in"),
+    ],
+)
+def test_quantize_options_are_checked(tmp_path: Path, options: dict, message: str) -> None:
+    with pytest.raises(UserInputError, match=message):
+        ExportOptions(path=str(tmp_path / "m.onnx"), **options)
+
+
+def test_too_few_tissue_tiles_is_one_line() -> None:
+    with pytest.raises(UserInputError, match=r"hold \d+ tissue tiles of 256 px, 1000 are needed"):
+        sample_tissue_tiles([str(shared_slide("CMU-1-Small-Region.svs"))], 256, (500, 500), 0, None, None)
