@@ -139,3 +139,191 @@ def test_a_rank_that_dies_fails_the_run_loudly(tmp_path: Path) -> None:
     assert not (run_dir / "big" / "mask.tif").exists()
     report = run_dir / "big" / "report.json"
     assert not report.exists() or json.loads(report.read_text())["status"] != "complete"
+
+
+# -- cohorts: data.shard=slides ------------------------------------------------------------------------------------
+COHORT_SIZES = [(1536, 1536), (2048, 1536), (2560, 1536), (3072, 1536), (3584, 1536)]
+
+
+def cohort_args(slides: list[Path]) -> list[str]:
+    return [
+        "model=demo",
+        f"data.slides=[{','.join(map(str, slides))}]",
+        "data.patch_size=256",
+        "data.num_workers=0",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+    """Five generated slides of different sizes and their 1-process outputs: (slides, run folder)."""
+    folder = tmp_path_factory.mktemp("cohort")
+    slides = [
+        write_synthetic_slide(folder / f"s{i}.tif", SyntheticSlide(w, h, seed=40 + i))
+        for i, (w, h) in enumerate(COHORT_SIZES)
+    ]
+    one = run([*cohort_args(slides), "trainer=cpu", "trainer.precision=32", f"hydra.run.dir={folder / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    return slides, folder / "one"
+
+
+def assert_same_masks(run_dir: Path, reference: Path, names: list[str]) -> None:
+    """Every slide's mask equals the 1-process mask; batches that span two slides in one process and not in the other
+    may move a value across a rounding boundary: at most 1 grey level, on a tiny fraction of pixels."""
+    for name in names:
+        one = tifffile.imread(reference / name / "mask.tif", key=0).astype(int)
+        two = tifffile.imread(run_dir / name / "mask.tif", key=0).astype(int)
+        diff = np.abs(one - two)
+        assert one.shape == two.shape and diff.max() <= 1, f"{name}: max difference {diff.max()}"
+        assert (diff > 0).mean() < 0.001, f"{name}: {(diff > 0).mean():.4%} of pixels differ"
+
+
+def test_cohort_sharded_by_slide_streams_outputs_and_equals_one_process(
+    tmp_path: Path, cohort: tuple[list[Path], Path]
+) -> None:
+    """5 slides on 2 gloo ranks with data.shard=slides: a slide's outputs are on disk while the run still goes (seen by
+    watching the folder), every mask equals the 1-process mask, and the ranks' tile counts differ by no more than the
+    largest slide."""
+    import subprocess as sp
+    import time
+
+    slides, reference = cohort
+    run_dir = tmp_path / "two"
+    script = Path(sys.executable).parent / "wsiseg-predict"
+    args = [*cohort_args(slides), "trainer=ddp_cpu", "trainer.devices=2", "data.shard=slides"]
+    process = sp.Popen([str(script), *args, f"hydra.run.dir={run_dir}"], stdout=sp.PIPE, stderr=sp.STDOUT, text=True)
+    seen_while_running: list[str] = []
+    while process.poll() is None and not seen_while_running:
+        done = sorted(p.parent.name for p in run_dir.glob("*/report.json"))
+        if done and process.poll() is None:
+            seen_while_running = done
+            for name in done:  # complete the moment they appear: every output beside the report
+                assert (run_dir / name / "mask.tif").is_file() and (run_dir / name / "heatmap.png").is_file()
+        time.sleep(0.02)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    assert 0 < len(seen_while_running) < len(slides), seen_while_running
+
+    names = [s.stem for s in slides]
+    assert_same_masks(run_dir, reference, names)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(r["name"] for r in summary["slides"]) == sorted(names)
+    assert all(r["status"] == "complete" for r in summary["slides"])
+    ranks = summary["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["slides"] > 0 for r in ranks)
+    tiles = {name: json.loads((reference / name / "report.json").read_text())["tiles_processed"] for name in names}
+    assert sum(r["tiles"] for r in ranks) == sum(tiles.values())
+    assert abs(ranks[0]["tiles"] - ranks[1]["tiles"]) <= max(tiles.values())
+    for name in names:
+        report = json.loads((run_dir / name / "report.json").read_text())
+        assert report["rank"] in (0, 1) and report["tiles_per_rank"] == [tiles[name]]
+        assert report["wall_time_s"] > 0 and report["patches_per_s"] > 0  # its rank's own timing
+        assert report["tiles_processed"] == tiles[name]
+    assert "(rank 1, " in output and " of its slides left)" in output  # the per-slide log line
+    assert not list(run_dir.rglob(".partial-*"))
+
+
+def test_cohort_rank_killed_keeps_finished_slides_and_resume_finishes_the_rest(
+    tmp_path: Path, cohort: tuple[list[Path], Path]
+) -> None:
+    """SIGKILL rank 1 once it has written a slide: the run fails, every slide with a report keeps complete outputs,
+    none without one looks complete; ``resume=true`` (DDP again) keeps them and redoes only the others; the final
+    masks equal the uninterrupted run's."""
+    import os
+    import signal
+    import subprocess as sp
+    import time
+
+    import psutil
+
+    slides, reference = cohort
+    run_dir = tmp_path / "run"
+    script = Path(sys.executable).parent / "wsiseg-predict"
+    args = [*cohort_args(slides), "trainer=ddp_cpu", "trainer.devices=2", "data.shard=slides"]
+    args += ["trainer.strategy.timeout.minutes=1", f"hydra.run.dir={run_dir}"]
+    process = sp.Popen([str(script), *args], stdout=sp.DEVNULL, stderr=sp.PIPE, text=True, start_new_session=True)
+    try:
+        killed = False
+        deadline = time.time() + 300
+        while not killed and time.time() < deadline and process.poll() is None:
+            by_rank1 = [p for p in run_dir.glob("*/report.json") if json.loads(p.read_text() or "{}").get("rank") == 1]
+            if by_rank1:
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    if any("train_ddp_process_1" in part for part in child.cmdline()):
+                        os.kill(child.pid, signal.SIGKILL)
+                        killed = True
+            time.sleep(0.02)
+        assert killed, "rank 1 wrote no slide before the run ended"
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    kept = {}
+    for folder in run_dir.iterdir():
+        if folder.is_dir() and not folder.name.startswith("."):
+            report = folder / "report.json"
+            if report.exists():
+                assert json.loads(report.read_text())["status"] == "complete"
+                assert (folder / "mask.tif").is_file() and (folder / "heatmap.png").is_file()
+                kept[folder.name] = (folder / "mask.tif").stat().st_mtime_ns
+            else:
+                assert not (folder / "mask.tif").exists(), f"{folder.name}: a mask without a report"
+    assert 0 < len(kept) < len(slides), kept
+
+    resumed = run([*args, "resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name, mtime in kept.items():  # kept, not redone
+        assert (run_dir / name / "mask.tif").stat().st_mtime_ns == mtime
+    assert_same_masks(run_dir, reference, [s.stem for s in slides])
+    rows = json.loads((run_dir / "summary.json").read_text())["slides"]
+    assert sorted(r["name"] for r in rows) == sorted(s.stem for s in slides)
+    assert sum(r["reason"].startswith("resumed") for r in rows) == len(kept)
+
+
+def test_torchrun_launch_equals_one_process(tmp_path: Path, cohort: tuple[list[Path], Path]) -> None:
+    slides, reference = cohort
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "wsiseg.predict"]
+    command += [*cohort_args(slides), "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DDP over 2 ranks: data.shard=auto -> slides" in result.stdout + result.stderr
+    assert_same_masks(tmp_path / "run", reference, [s.stem for s in slides])
+
+
+def test_slurm_environment_launch_equals_one_process(tmp_path: Path, cohort: tuple[list[Path], Path]) -> None:
+    """Two local processes with the variables srun sets (Lightning's SLURM environment): each is one rank."""
+    import os
+    import socket
+
+    slides, reference = cohort
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(sys.executable).parent / "wsiseg-predict"
+    command = [str(script), *cohort_args(slides), "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    processes = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "2",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODEID": "0",
+            "SLURM_NODELIST": "localhost",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "wsiseg",
+            "MASTER_PORT": str(port),
+        }
+        processes.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert all("DDP over 2 ranks" in out for out in outputs)  # each process is a rank, not a launcher of two
+    assert_same_masks(tmp_path / "run", reference, [s.stem for s in slides])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {r["rank"] for r in summary["slides"]} == {0, 1}

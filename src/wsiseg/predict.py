@@ -5,6 +5,7 @@ wsiseg-predict data.slides='[/data/a.svs,/data/b.tif]' model.checkpoint=/models/
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,8 @@ from wsiseg.writers.options import slide_writer_options
 from wsiseg.writers.patch_writer import PatchWriter
 from wsiseg.writers.run_record import RunRecord, config_hash, read_complete_report, reported_tiles
 from wsiseg.writers.slide_writer import SlideWriter
+
+log = logging.getLogger(__name__)
 
 __all__ = ["main", "run_predict"]
 
@@ -83,7 +86,12 @@ def predict_in_folder(cfg: DictConfig) -> int:
         reasons = output_dir / "summary.json"
         raise NoProcessableSlideError(f"{exc}; every slide's reason: {reasons}", exc.failed) from None
     writer = instantiate(cfg.writer, _partial_=True)(plan=plan, run_config=run_config, provenance=provenance)
-    trainer = build_trainer(cfg.trainer, callbacks=[writer])
+    # slide mode: the data module hands each DDP rank its share itself (data.shard), so Lightning's sampler stays out
+    trainer = build_trainer(
+        cfg.trainer, callbacks=[writer], **({"use_distributed_sampler": False} if slide_mode else {})
+    )
+    if slide_mode and trainer.world_size > 1:
+        check_shard(plan, trainer.world_size)
     if not slide_mode and trainer.world_size > 1:
         raise UserInputError(
             f"patch mode (data=patches) runs on one device, the trainer has {trainer.world_size}: "
@@ -146,6 +154,27 @@ def resume_check(output_dir: Path, run_config: dict[str, Any]) -> Callable[[str,
         return read_complete_report(output_dir / name, expected, identity) is not None
 
     return complete
+
+
+def check_shard(plan: RunPlan, world: int) -> None:
+    """Every DDP rank must get tiles to predict (Lightning runs no hooks on a rank without any, and the others would
+    wait for it): refuse a plan that leaves one idle, naming the option to change."""
+    mode = plan.shard_mode(world)
+    idle = [rank for rank in range(world) if not plan.tiles_of_rank(rank, world)]
+    if idle and plan.tiles:
+        if mode == "slides":
+            raise UserInputError(
+                f"data.shard=slides: {sum(1 for s in plan.slides if s.tiles_tissue)} slide(s) with tissue for {world} "
+                "ranks leave rank(s) "
+                + ", ".join(map(str, idle))
+                + " without work: use data.shard=tiles (or auto), or "
+                "fewer trainer.devices"
+            )
+        raise UserInputError(
+            f"{plan.tiles} tile(s) for {world} ranks leave rank(s) {', '.join(map(str, idle))} without work: use fewer "
+            "trainer.devices"
+        )
+    log.info("DDP over %d ranks: data.shard=%s -> %s", world, plan.shard, mode)
 
 
 def run_provenance(cfg: DictConfig) -> dict[str, Any]:

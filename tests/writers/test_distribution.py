@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tests.writers.conftest import dense, planned_slide
-from wsiseg.writers.distribution import SingleProcess, TileSharded
+from wsiseg.writers.distribution import SingleProcess, SlideSharded, TileSharded
 from wsiseg.writers.stitcher import Stitcher
 
 
@@ -40,7 +40,7 @@ def _rank(rank: int, world: int, port: int, out: str, results: dict) -> None:
         slide = planned_slide("ddp", size=(192, 128), patch=64, overlap=32)
         n = slide.tiles_tissue
         trainer = _stand_in_trainer(n, rank, world)
-        strategy = TileSharded(rank, world)
+        strategy = TileSharded(rank, world, 1)
         owned = strategy.claim(trainer)
         probs = np.random.default_rng(5).random((n, 1, 64, 64)).astype(np.float32)
         stitcher = Stitcher([slide], Path(out), rank=rank)
@@ -57,8 +57,34 @@ def _rank(rank: int, world: int, port: int, out: str, results: dict) -> None:
             "mean": dense(state.store).tolist() if rank == 0 else None,
         }
         strategy.written(trainer)
+        results[f"gathered{rank}"] = strategy.gather({"rank": rank}, trainer)
     finally:
         dist.destroy_process_group()
+
+
+def _slide_rank(rank: int, world: int, port: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trainer = SimpleNamespace(strategy=SimpleNamespace(barrier=lambda name=None: dist.barrier()))
+        strategy = SlideSharded(rank, world, [rank, rank + 2])
+        results[rank] = {
+            "claim": strategy.claim(trainer),  # type: ignore[arg-type]
+            "to_write": strategy.slides_to_write(None, trainer),  # type: ignore[arg-type]
+            "gathered": strategy.gather([f"row of rank {rank}"], trainer),  # type: ignore[arg-type]
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_slide_sharded_writes_its_own_slides_and_gathers_every_ranks_rows() -> None:
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_slide_rank, args=(2, _free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert results[rank]["claim"] is None  # every tile it is handed is its own
+        assert results[rank]["to_write"] == [rank, rank + 2]
+        assert results[rank]["gathered"] == [["row of rank 0"], ["row of rank 1"]]
 
 
 def test_tile_sharded_claims_each_tile_once_and_rank0_merges_to_the_single_process_store(tmp_path: Path) -> None:
@@ -71,6 +97,7 @@ def test_tile_sharded_claims_each_tile_once_and_rank0_merges_to_the_single_proce
     owned = [set(results[r]["owned"]) for r in (0, 1)]
     assert not owned[0] & owned[1] and owned[0] | owned[1] == set(range(n))
     assert results[0]["to_write"] == [0] and results[1]["to_write"] == []
+    assert results["gathered0"] == results["gathered1"] == [{"rank": 0}, {"rank": 1}]
     assert results[0]["seen"] == list(range(n)) and results[0]["per_rank"] == [len(owned[0]), len(owned[1])]
 
     probs = np.random.default_rng(5).random((n, 1, 64, 64)).astype(np.float32)
@@ -80,7 +107,7 @@ def test_tile_sharded_claims_each_tile_once_and_rank0_merges_to_the_single_proce
 
 
 def test_single_process_writes_every_slide_in_order() -> None:
-    strategy = SingleProcess()
+    strategy = SingleProcess(2)
     stitcher = Stitcher([planned_slide("a"), planned_slide("b")], Path("/nonexistent"))
     assert strategy.in_slide_order and strategy.claim(None) is None  # type: ignore[arg-type]
     assert strategy.slides_to_write(stitcher, None) == [0, 1]  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from wsiseg.data.datasets import SlideTileDataset, SlideTiles
 from wsiseg.data.grid import TileGrid
 from wsiseg.data.plan import RunPlan, output_names, slide_identity
 from wsiseg.data.readers import READERS, TileReader, choose_reader
+from wsiseg.data.sharding import SHARD_MODES
 from wsiseg.data.slide import choose_level, open_slide
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
 from wsiseg.errors import NoProcessableSlideError, UserInputError
@@ -108,6 +109,9 @@ class SlideTileDataModule(pl.LightningDataModule):
             cores are otherwise idle then), 1 with workers (they already read in parallel).
         keep_complete: ``(output name, path) → bool``: True for a slide whose outputs are already complete for this run
             (``resume=true``); it is set aside as resumed, not opened.
+        shard: how DDP ranks share the slides: ``slides`` (whole slides per rank, each written by its rank as soon as
+            it is done), ``tiles`` (every slide's tiles over all ranks, merged by rank 0 at the end) or ``auto``
+            (:mod:`wsiseg.data.sharding`).
 
     Example::
 
@@ -133,8 +137,12 @@ class SlideTileDataModule(pl.LightningDataModule):
         reader: str = "auto",
         read_threads: int | None = None,
         keep_complete: Callable[[str, Path], bool] | None = None,
+        shard: str = "auto",
     ) -> None:
         super().__init__()
+        if shard not in SHARD_MODES:
+            raise UserInputError(f"data.shard must be one of {', '.join(SHARD_MODES)}; got '{shard}'")
+        self.shard = shard
         if on_error not in ("skip", "raise"):
             raise UserInputError(f"data.on_error must be 'skip' or 'raise', got '{on_error}'")
         if patch_size < 1:
@@ -258,7 +266,7 @@ class SlideTileDataModule(pl.LightningDataModule):
             raise NoProcessableSlideError(
                 f"none of the {len(failed)} slides in data.slides can be processed; the first: {first}", failed
             )
-        self._use(RunPlan(tuple(slides), tuple(failed), tuple(resumed), tuple(failed_names)))
+        self._use(RunPlan(tuple(slides), tuple(failed), tuple(resumed), tuple(failed_names), self.shard))
         log.info(
             "%d slide(s), %d tiles in grid, %d with tissue to process",
             len(slides),
@@ -339,6 +347,12 @@ class SlideTileDataModule(pl.LightningDataModule):
         return clone
 
     def predict_dataloader(self) -> DataLoader:
+        """The tiles this process predicts: under DDP its share (``data.shard``: :meth:`RunPlan.tiles_of_rank`, the
+        entry point turns Lightning's own sampler off), else every tile in order."""
+        trainer = self.trainer
+        indices = None
+        if trainer is not None and trainer.world_size > 1:
+            indices = self.plan.tiles_of_rank(trainer.global_rank, trainer.world_size)
         return self.tile_reader.dataloader(
-            self.dataset, self._loader_batch_size(), self.num_workers, self.pin_memory, self.prefetch_factor
+            self.dataset, self._loader_batch_size(), self.num_workers, self.pin_memory, self.prefetch_factor, indices
         )

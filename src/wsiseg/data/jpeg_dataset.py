@@ -273,13 +273,14 @@ def jpeg_dataloader(
     batch_size: int,
     num_workers: int,
     prefetch_factor: int,
+    indices: Sequence[int] | None = None,
 ) -> DataLoader:
-    """The ``data.reader=jpeg`` DataLoader over ``openslide``'s tiles: JPEG tiles for every slide with a layout,
-    ``openslide``'s reads for the others."""
+    """The ``data.reader=jpeg`` DataLoader over ``openslide``'s tiles at ``indices`` (None: all, in order): JPEG tiles
+    for every slide with a layout, ``openslide``'s reads for the others."""
     return DataLoader(
         JpegTileDataset(openslide.slides, list(layouts), openslide=openslide),
         batch_size=batch_size,
-        shuffle=False,
+        sampler=None if indices is None else list(indices),
         num_workers=num_workers,
         collate_fn=collate_jpeg_tiles,
         pin_memory=False,  # only compressed bytes and a few indices travel: nothing worth pinning

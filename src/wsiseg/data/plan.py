@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wsiseg.data.datasets import SlideTiles
+from wsiseg.data.sharding import assign_slides, choose_shard, tiles_of_rank
 
 __all__ = ["RunPlan", "output_names", "slide_identity"]
 
@@ -66,12 +67,35 @@ class RunPlan:
         failed: ``(path, one-line reason)`` of slides that cannot be processed (skipped).
         resumed: ``(path, output name)`` of slides whose outputs are complete for this config (``resume=true``).
         failed_names: output folder names of the ``failed`` slides (whatever an earlier run left there is cleared).
+        shard: ``data.shard``: how DDP ranks share the slides (:mod:`wsiseg.data.sharding`); every rank derives the
+            same assignment from the same plan (:meth:`shard_mode`, :meth:`slides_of_rank`, :meth:`tiles_of_rank`).
     """
 
     slides: tuple[SlideTiles, ...] = ()
     failed: tuple[tuple[Path, str], ...] = ()
     resumed: tuple[tuple[Path, str], ...] = ()
     failed_names: tuple[str, ...] = ()
+    shard: str = "auto"
+
+    def shard_mode(self, world: int) -> str:
+        """``slides`` or ``tiles`` on ``world`` ranks (:func:`wsiseg.data.sharding.choose_shard`)."""
+        return choose_shard(self.shard, [s.tiles_tissue for s in self.slides], world)
+
+    def slides_of_rank(self, rank: int, world: int) -> list[int]:
+        """Indices of the slides rank ``rank`` writes, in order: its share under ``slides``; under ``tiles`` rank 0
+        writes every slide and the others none."""
+        if self.shard_mode(world) == "slides":
+            return assign_slides([s.tiles_tissue for s in self.slides], world)[rank]
+        return self._all() if rank == 0 else []
+
+    def tiles_of_rank(self, rank: int, world: int) -> list[int]:
+        """Dataset indices rank ``rank`` predicts, in order (:func:`wsiseg.data.sharding.tiles_of_rank`)."""
+        counts = [s.tiles_tissue for s in self.slides]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return tiles_of_rank(self.shard_mode(world), starts, counts, rank, world)
+
+    def _all(self) -> list[int]:
+        return list(range(len(self.slides)))
 
     @property
     def tiles(self) -> int:

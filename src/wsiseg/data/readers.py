@@ -29,9 +29,16 @@ class TileReader(Protocol):
     name: str
 
     def dataloader(
-        self, dataset: SlideTileDataset, batch_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int
+        self,
+        dataset: SlideTileDataset,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        prefetch_factor: int,
+        indices: Sequence[int] | None = None,
     ) -> DataLoader:
-        """The DataLoader over ``dataset``'s tiles, in dataset order."""
+        """The DataLoader over ``dataset``'s tiles at ``indices`` in that order (None: every tile, in dataset
+        order)."""
         ...
 
     def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -46,12 +53,18 @@ class OpenSlideReader:
     name: str = "openslide"
 
     def dataloader(
-        self, dataset: SlideTileDataset, batch_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int
+        self,
+        dataset: SlideTileDataset,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        prefetch_factor: int,
+        indices: Sequence[int] | None = None,
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=False,
+            sampler=None if indices is None else list(indices),
             num_workers=num_workers,
             pin_memory=pin_memory and torch.cuda.is_available(),
             persistent_workers=num_workers > 0,
@@ -75,11 +88,17 @@ class JpegTileReader:
     colour_checked: dict[int, bool] = field(default_factory=dict, compare=False)
 
     def dataloader(
-        self, dataset: SlideTileDataset, batch_size: int, num_workers: int, pin_memory: bool, prefetch_factor: int
+        self,
+        dataset: SlideTileDataset,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        prefetch_factor: int,
+        indices: Sequence[int] | None = None,
     ) -> DataLoader:
         from wsiseg.data.jpeg_dataset import jpeg_dataloader
 
-        return jpeg_dataloader(dataset, list(self.layouts), batch_size, num_workers, prefetch_factor)
+        return jpeg_dataloader(dataset, list(self.layouts), batch_size, num_workers, prefetch_factor, indices)
 
     def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         from wsiseg.data import jpeg_tiles

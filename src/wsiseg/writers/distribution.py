@@ -3,11 +3,11 @@ sharing the work.
 
 * :class:`SingleProcess` — one process sees every tile, in slide order: a slide is complete as soon as a tile of a
   later slide arrives, and is written then.
-* :class:`TileSharded` — DDP with Lightning's predict sampler spreading the tiles of every slide over the ranks: each
-  rank blends the tiles it owns into its own partial store; at the end rank 0 adds the partial stores and writes every
-  slide.
-
-A strategy that shards by slide (each rank writes whole slides) is another class with the same four methods.
+* :class:`SlideSharded` — DDP, ``data.shard=slides``: each rank predicts whole slides (its share of
+  :meth:`wsiseg.data.plan.RunPlan.slides_of_rank`) in slide order and writes each one itself as soon as its tiles are
+  in: no merge, no barrier per slide; at the end rank 0 gathers every rank's result rows for ``summary.json``.
+* :class:`TileSharded` — DDP, ``data.shard=tiles``: the tiles of every slide spread over the ranks: each rank blends
+  the tiles it owns into its own partial store; at the end rank 0 adds the partial stores and writes every slide.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 import lightning.pytorch as pl
 
+from wsiseg.data.plan import RunPlan
 from wsiseg.writers.stitcher import Stitcher
 
-__all__ = ["Distribution", "SingleProcess", "TileSharded", "distribution_for"]
+__all__ = ["Distribution", "SingleProcess", "SlideSharded", "TileSharded", "distribution_for"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Distribution(Protocol):
     rank: int
     world: int
     in_slide_order: bool  # tiles arrive in slide order, so a slide is complete once a later one starts
+    mine: list[int]  # the slides this rank writes, in the order it writes them
 
     def claim(self, trainer: pl.Trainer) -> set[int] | None:
         """Dataset indices this rank blends (None: every index it is handed)."""
@@ -44,11 +46,21 @@ class Distribution(Protocol):
         """After this rank wrote its slides: wait for the others where needed."""
         ...
 
+    def gather(self, value: Any, trainer: pl.Trainer) -> list[Any]:
+        """Every rank's ``value`` (picklable) in rank order, on every rank; the run's last meeting of the ranks."""
+        ...
+
 
 class SingleProcess:
     """One process: it blends and writes everything."""
 
     rank, world, in_slide_order = 0, 1, True
+
+    def __init__(self, slides: int = 0) -> None:
+        self.mine = list(range(slides))
+
+    def gather(self, value: Any, trainer: pl.Trainer) -> list[Any]:
+        return [value]
 
     def claim(self, trainer: pl.Trainer) -> set[int] | None:
         return None
@@ -71,8 +83,12 @@ class TileSharded:
 
     in_slide_order = False
 
-    def __init__(self, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int, slides: int) -> None:
         self.rank, self.world = rank, world
+        self.mine = list(range(slides)) if rank == 0 else []
+
+    def gather(self, value: Any, trainer: pl.Trainer) -> list[Any]:
+        return all_gather(value, self.world)
 
     def claim(self, trainer: pl.Trainer) -> set[int] | None:
         import torch.distributed as dist
@@ -115,8 +131,45 @@ class TileSharded:
         trainer.strategy.barrier("wsiseg-written")
 
 
-def distribution_for(trainer: pl.Trainer) -> SingleProcess | TileSharded:
-    """The strategy for ``trainer``'s world: one process, or tiles sharded over the DDP ranks."""
-    if trainer.world_size > 1:
-        return TileSharded(trainer.global_rank, trainer.world_size)
-    return SingleProcess()
+class SlideSharded:
+    """DDP with whole slides per rank: the rank's slides arrive in slide order, so each is written by this rank as soon
+    as a tile of its next slide arrives (the last at the end); ranks meet only at the start (after rank 0 cleared what
+    an earlier run left) and at the end (rows gathered for ``summary.json``)."""
+
+    in_slide_order = True
+
+    def __init__(self, rank: int, world: int, mine: list[int]) -> None:
+        self.rank, self.world, self.mine = rank, world, list(mine)
+
+    def claim(self, trainer: pl.Trainer) -> set[int] | None:
+        trainer.strategy.barrier("wsiseg-start")  # rank 0 has cleared earlier outputs of every redone slide
+        return None
+
+    def slides_to_write(self, stitcher: Stitcher, trainer: pl.Trainer) -> list[int]:
+        return list(self.mine)
+
+    def written(self, trainer: pl.Trainer) -> None:
+        return None  # the rows' gather is the only meeting at the end
+
+    def gather(self, value: Any, trainer: pl.Trainer) -> list[Any]:
+        return all_gather(value, self.world)
+
+
+def all_gather(value: Any, world: int) -> list[Any]:
+    """``value`` of every rank, in rank order (``torch.distributed.all_gather_object``)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def distribution_for(trainer: pl.Trainer, plan: RunPlan) -> SingleProcess | TileSharded | SlideSharded:
+    """The strategy for ``trainer``'s world and ``plan``'s ``data.shard``: one process, whole slides per rank, or
+    tiles of every slide over the ranks."""
+    world, slides = trainer.world_size, len(plan.slides)
+    if world <= 1:
+        return SingleProcess(slides)
+    if plan.shard_mode(world) == "slides":
+        return SlideSharded(trainer.global_rank, world, plan.slides_of_rank(trainer.global_rank, world))
+    return TileSharded(trainer.global_rank, world, slides)

@@ -39,7 +39,16 @@ log = logging.getLogger(__name__)
 
 # Options that change how fast or where a run goes, not what it writes (left out of the config hash).
 _RUN_ONLY = {
-    "data": {"slides", "input_dir", "num_workers", "pin_memory", "prefetch_factor", "extensions", "read_threads"},
+    "data": {
+        "slides",
+        "input_dir",
+        "num_workers",
+        "pin_memory",
+        "prefetch_factor",
+        "extensions",
+        "read_threads",
+        "shard",
+    },
     "writer": {"output_dir", "write_workers", "blend_thread", "cache_mb", "mask"},
     "model": {"compile", "compile_min_tiles", "runtime", "runtime_min_tiles"},
 }
@@ -251,6 +260,7 @@ class RunRecord:
             tiles=report["tiles_processed"],
             seconds=report["wall_time_s"],
             reason=report.get("error", ""),
+            rank=report.get("rank", 0),
         )
 
     def write_run_report(self, fields: dict[str, Any]) -> Path:
@@ -280,14 +290,19 @@ class RunRecord:
             )
         self.write_summary()
 
-    def write_summary(self, pending: Sequence[SlideTiles] | None = None) -> None:
+    def write_summary(
+        self, pending: Sequence[SlideTiles] | None = None, ranks: Sequence[dict[str, Any]] | None = None
+    ) -> None:
         """``summary.json`` with every row so far. With ``pending`` (a run still going: its slides not yet written are
-        listed as ``pending``) nothing is logged; without, the run is over and the table goes to the log too."""
+        listed as ``pending``) nothing is logged; without, the run is over and the table goes to the log too.
+        ``ranks``: each process's share and clock at the end of a run (``ranks`` in the file)."""
         rows = self.rows + [
             {"slide": str(s.path), "name": s.name, "status": "pending", "tiles": 0, "seconds": 0.0, "reason": ""}
             for s in pending or ()
         ]
-        write_json_atomic(self.output_dir / "summary.json", {"slides": rows})
+        write_json_atomic(
+            self.output_dir / "summary.json", {"slides": rows, **({"ranks": list(ranks)} if ranks else {})}
+        )
         if pending is not None:
             return
         lines = [f"{'slide':<40} {'status':<9} {'tiles':>7} {'seconds':>9}  reason"]

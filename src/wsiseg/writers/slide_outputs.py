@@ -34,11 +34,12 @@ def write_slide(
     world_size: int,
     batch_size: int | None,
     position: str = "",
+    rank: int = 0,
 ) -> str:
     """Render ``slide``'s outputs from ``state.store`` into ``out_dir`` and record them; returns the status
     (``complete`` or ``failed``). A tile error recorded in ``state`` fails the slide without rendering; a failure while
     rendering removes whatever was written. The store itself is left to the caller. ``position`` (``2/5``) prefixes
-    the log line of a completed slide."""
+    the log line of a completed slide; ``rank`` (the DDP rank writing it) goes into the report."""
     report = base_report(
         slide,
         output_downsample=output_downsample,
@@ -49,6 +50,7 @@ def write_slide(
         world_size=world_size,
         batch_size=batch_size,
     )
+    report["rank"] = rank
     try:
         if state.error:
             raise RuntimeError(state.error)
@@ -68,7 +70,11 @@ def write_slide(
             (out_dir / name).unlink(missing_ok=True)
         log.error("slide '%s' failed: %s", slide.path, exc)
     seconds = max(time.perf_counter() - state.started, 1e-9)
-    report.update(wall_time_s=round(seconds, 3), patches_per_s=round(len(state.tiles_seen) / seconds, 2))
+    report.update(
+        wall_time_s=round(seconds, 3),
+        patches_per_s=round(len(state.tiles_seen) / seconds, 2),
+        finished_at=round(time.time(), 3),  # unix seconds: when this slide's outputs were complete
+    )
     record.write_report(out_dir, report)
     if report["status"] == "complete":
         log.info(

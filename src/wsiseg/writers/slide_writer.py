@@ -65,13 +65,15 @@ class SlideWriter(BasePredictionWriter):
         check_writable(self.output_dir)
         self.record = RunRecord(self.output_dir, run_config, provenance)
         self.results = self.record.rows
-        self._distribution: Distribution = SingleProcess()
+        self._distribution: Distribution = SingleProcess(len(plan.slides))
         self._stitcher = Stitcher(list(plan.slides), self.output_dir, output_downsample, self.store)
         self._owned: set[int] | None = None
         self._finished: set[int] = set()
         self._in_order = 0
         self._worker: OrderedWorker | None = None
         self._batch_clock, self._batch_size = time.perf_counter(), 0
+        self._clock: dict[str, float] = {}  # this rank's unix times: start, first and last batch, done writing
+        self._tiles_seen = 0
 
     def _begin(self, distribution: Distribution) -> None:
         self._distribution = distribution
@@ -80,7 +82,8 @@ class SlideWriter(BasePredictionWriter):
         )
         self.record.start(self.plan)
         self._finished, self._batch_clock = set(), time.perf_counter()
-        self._in_order = 0  # slides before this index are written (one process: tiles arrive in slide order)
+        self._clock, self._tiles_seen = {"start_at": time.time()}, 0
+        self._in_order = 0  # position in distribution.mine of the next slide to write (tiles arrive in slide order)
         if distribution.rank == 0:  # before any rank writes (under DDP the claiming all-gather is the barrier)
             for index in range(len(self.plan.slides)):  # redone: an earlier run's outputs must not look complete
                 clear_outputs(self._stitcher.slide_dir(index))
@@ -90,7 +93,7 @@ class SlideWriter(BasePredictionWriter):
 
     # -- Lightning hooks -----------------------------------------------------------------------------------------
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._begin(distribution_for(trainer))
+        self._begin(distribution_for(trainer, self.plan))
         self._owned = self._distribution.claim(trainer)
         on_cpu = trainer.strategy.root_device.type == "cpu"
         inline = not self.blend_thread if self.blend_thread != "auto" else on_cpu
@@ -112,6 +115,9 @@ class SlideWriter(BasePredictionWriter):
         owned, indices = self._owned, list(batch_indices) if batch_indices is not None else [None] * len(slides)
         mine = [owned is None or i is None or i in owned for i in indices]
         self._batch_size = max(self._batch_size, len(slides))
+        self._tiles_seen += len(slides)
+        self._clock.setdefault("first_batch_at", time.time())
+        self._clock["last_batch_at"] = time.time()
         # A slide's clock starts with the batch holding its first tile (read and computed before it reaches here).
         started, self._batch_clock = self._batch_clock, time.perf_counter()
         if self._worker is None:
@@ -123,9 +129,11 @@ class SlideWriter(BasePredictionWriter):
         if ready is not None:
             ready.synchronize()  # the device-to-host copy of this batch has landed
         self._stitcher.add_batch(probs.numpy(), slides, *rest)
+        mine = self._distribution.mine
         if self._distribution.in_slide_order and slides:
-            while self._in_order < max(slides):  # tiles arrive in slide order: every earlier slide is complete
-                self._finish(self._in_order)
+            # tiles arrive in slide order: every earlier slide of this rank is complete
+            while self._in_order < len(mine) and mine[self._in_order] < max(slides):
+                self._finish(mine[self._in_order])
                 self._in_order += 1
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -135,9 +143,26 @@ class SlideWriter(BasePredictionWriter):
             self._worker = None
         for index in self._distribution.slides_to_write(self._stitcher, trainer):
             self._finish(index)
+        self._clock["done_at"] = time.time()  # this rank's work is done; from here it waits for the others
         self._distribution.written(trainer)
+        everyone = self._distribution.gather((list(self.record.rows), self._rank_figures()), trainer)
         if self._distribution.rank == 0:
-            self.record.write_summary()
+            end = time.time()
+            # rank 0's rows hold the plan's skipped and resumed slides; each rank adds the slides it wrote
+            own = [row for row in self.record.rows if row.get("rank") is None]
+            self.record.rows[:] = own + [row for rows, _ in everyone for row in rows if row.get("rank") is not None]
+            ranks = [{**figures, "idle_at_end_s": round(end - figures["done_at"], 3)} for _, figures in everyone]
+            self.record.write_summary(ranks=ranks)
+
+    def _rank_figures(self) -> dict[str, Any]:
+        """This rank's share and clock (unix seconds): its first and last predicted batch, and when it had written
+        its slides (the rest of the run it waits for the others)."""
+        return {
+            "rank": self._distribution.rank,
+            "slides": len(self._distribution.mine),
+            "tiles": self._tiles_seen,
+            **{key: round(value, 3) for key, value in self._clock.items()},
+        }
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Stop blending, drop this rank's partial stores of unfinished slides (finished ones stay; ``resume=true``
@@ -148,16 +173,19 @@ class SlideWriter(BasePredictionWriter):
         unfinished = [i for i in range(len(self.plan.slides)) if i not in self._finished]
         for index in unfinished:
             self._stitcher.release(index)
-        if self._distribution.rank == 0:
-            for index in unfinished:  # a slide stopped while its files were written: none of them stays
+        for index in self._distribution.mine:  # a slide stopped while its files were written: none of them stays
+            if index not in self._finished:
                 discard_unreported(self._stitcher.slide_dir(index))
+        if self._distribution.rank == 0:
+            # slides other ranks completed before the stop keep their outputs; they are not listed as interrupted
+            unfinished = [i for i in unfinished if not self._reported(i)]
             started = {self.plan.slides[i].name for i in unfinished if i in self._stitcher.states}
             self.record.write_interrupted([self.plan.slides[i] for i in unfinished], started, exception)
 
     def write_without_tiles(self) -> None:
         """Write every planned slide when no slide has a tissue tile (Lightning runs no predict hooks then): each
         gets an all-background mask, heatmap and report."""
-        self._begin(SingleProcess())
+        self._begin(SingleProcess(len(self.plan.slides)))
         for index in range(len(self.plan.slides)):
             self._finish(index)
         self.record.write_summary()
@@ -177,10 +205,28 @@ class SlideWriter(BasePredictionWriter):
                 blend=self.store.blend,
                 world_size=self._distribution.world,
                 batch_size=self._batch_size or None,
-                position=f"{index + 1}/{len(self.plan.slides)}",
+                position=self._position(index),
+                rank=self._distribution.rank,
             )
         finally:
             self._stitcher.release(index)
         self._finished.add(index)  # only now: interrupted while writing, the slide counts as unfinished
-        pending = [s for i, s in enumerate(self.plan.slides) if i not in self._finished]
-        self.record.write_summary(pending=pending)  # summary.json describes the run at every moment
+        if self._distribution.rank == 0:  # summary.json describes the run at every moment (rank 0's view under DDP)
+            pending = [s for i, s in enumerate(self.plan.slides) if i not in self._finished and not self._reported(i)]
+            self.record.write_summary(pending=pending)
+
+    def _position(self, index: int) -> str:
+        """``3/5`` (the slide's place in the run), and under DDP which rank writes it and how many of its slides
+        are left after it."""
+        mine = self._distribution.mine
+        if self._distribution.world <= 1:
+            return f"{index + 1}/{len(self.plan.slides)}"
+        left = len(mine) - 1 - mine.index(index) if index in mine else 0
+        return f"{index + 1}/{len(self.plan.slides)} (rank {self._distribution.rank}, {left} of its slides left)"
+
+    def _reported(self, index: int) -> bool:
+        """Whether slide ``index`` has been written by this run, by any rank (rank 0 cleared every redone slide's
+        report at the start, so a report on disk is this run's)."""
+        return index in self._finished or (
+            self._distribution.world > 1 and (self._stitcher.slide_dir(index) / "report.json").is_file()
+        )
