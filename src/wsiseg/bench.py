@@ -371,8 +371,10 @@ def _significant(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def _ddp_throughput(cfg: DictConfig, slide: Path, ranks: int, out_dir: Path) -> dict[str, Any]:
-    """Whole ``wsiseg-predict`` run on ``ranks`` CPU processes (gloo); throughput from wall time."""
+def _ddp_throughput(cfg: DictConfig, slides: Sequence[Path], ranks: int, out_dir: Path) -> dict[str, Any]:
+    """Whole ``wsiseg-predict`` run over ``slides`` on ``ranks`` CPU processes (gloo), with the bench's
+    ``data.shard``: throughput from wall time, and from the run's reports and ``summary.json`` how long each rank
+    waited for the others at the end (rank 0's and the longest) and how long the first slide took to appear."""
     script = Path(sys.executable).parent / "wsiseg-predict"
     trainer = "trainer=cpu" if ranks == 1 else "trainer=ddp_cpu"
     args = [
@@ -381,10 +383,11 @@ def _ddp_throughput(cfg: DictConfig, slide: Path, ranks: int, out_dir: Path) -> 
         f"trainer.devices={ranks}",
         "trainer.precision=32",
         "trainer.enable_progress_bar=false",
-        f"data.slides={slide}",
+        f"data.slides=[{','.join(str(s) for s in slides)}]",
         f"data.patch_size={cfg.data.patch_size}",
         f"data.num_workers={cfg.data.num_workers}",
-        f"data.batch_size={cfg.data.batch_size}",
+        f"data.batch_size={'null' if cfg.data.batch_size is None else cfg.data.batch_size}",
+        f"data.shard={cfg.data.get('shard', 'auto')}",
         f"hydra.run.dir={out_dir}",
     ]
     if cfg.model.get("checkpoint"):
@@ -394,11 +397,44 @@ def _ddp_throughput(cfg: DictConfig, slide: Path, ranks: int, out_dir: Path) -> 
         if choice:
             args.append(f"model={choice}")
     start = time.perf_counter()
-    subprocess.run(args, check=True, capture_output=True)
+    result = subprocess.run(args, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    if result.returncode:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"the {ranks}-rank wsiseg-predict run failed (exit {result.returncode}): {tail[0]}")
     reports = [json.loads(p.read_text()) for p in out_dir.glob("*/report.json")]
     tiles = sum(r["tiles_processed"] for r in reports)
-    return {"ranks": ranks, "tiles": tiles, "seconds": round(seconds, 2), "patches_per_s": round(tiles / seconds, 2)}
+    clocks = json.loads((out_dir / "summary.json").read_text()).get("ranks") or []
+    first_batch = min((c["first_batch_at"] for c in clocks if "first_batch_at" in c), default=None)
+    first_slide = min((r["finished_at"] for r in reports), default=None)
+    return {
+        "ranks": ranks,
+        "shard": str(cfg.data.get("shard", "auto")),
+        "slides": len(slides),
+        "tiles": tiles,
+        "seconds": round(seconds, 2),
+        "patches_per_s": round(tiles / seconds, 2),
+        "rank0_idle_at_end_s": clocks[0]["idle_at_end_s"] if clocks else None,
+        "max_idle_at_end_s": max((c["idle_at_end_s"] for c in clocks), default=None),
+        "first_tile_to_first_slide_s": None
+        if first_batch is None or first_slide is None
+        else round(first_slide - first_batch, 3),
+    }
+
+
+def cohort(bench: BenchOptions, slide: Path, out_dir: Path) -> list[Path]:
+    """The slides the DDP timings run on: ``bench.cohort_slides`` generated slides of varied sizes (a cohort), or
+    the bench's own slide."""
+    if bench.cohort_slides <= 0:
+        return [slide]
+    slides = []
+    for i in range(bench.cohort_slides):
+        side = max(1024, bench.generated_size // 2 + (i % 4) * bench.generated_size // 8)
+        path = out_dir / "cohort" / f"cohort_{i:03d}.tif"
+        if not path.exists():
+            write_synthetic_slide(path, SyntheticSlide(side, side, seed=bench.seed + 1 + i, tissue_scale=0.3))
+        slides.append(path)
+    return slides
 
 
 @dataclass(frozen=True)
@@ -413,6 +449,8 @@ class BenchOptions:
         naive_tiles: the naive loop runs on the first this many of them.
         model_batches: batches timed for the model bound.
         ddp_ranks: rank counts of the whole-run CPU DDP timings (e.g. ``[1, 2]``); empty: none.
+        cohort_slides: the DDP timings run on this many generated slides (a cohort, for ``data.shard``); 0: the
+            bench's slide.
         peers: also time the peers (MONAI's WSI pipeline) on the naive loop's tiles and weights; a peer that is not
             installed is skipped with a line saying so.
 
@@ -427,6 +465,7 @@ class BenchOptions:
     naive_tiles: int = 128
     model_batches: int = 16
     ddp_ranks: Sequence[int] = ()
+    cohort_slides: int = 0
     peers: bool = True
 
     def __post_init__(self) -> None:
@@ -435,6 +474,8 @@ class BenchOptions:
                 raise UserInputError(f"bench.{key} must be a positive integer, got {getattr(self, key)}")
         if any(int(r) < 1 for r in self.ddp_ranks):
             raise UserInputError(f"bench.ddp_ranks must list rank counts >= 1, got {list(self.ddp_ranks)}")
+        if int(self.cohort_slides) < 0:
+            raise UserInputError(f"bench.cohort_slides must be >= 0 (0: the bench slide), got {self.cohort_slides}")
 
 
 def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -563,7 +604,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             reference, patch, device, str(trainer.precision), results["naive"].patches_per_s, model_rate
         ),
     }
-    ddp = [_ddp_throughput(cfg, slide_path, int(r), out_dir / f"ddp{r}") for r in bench.ddp_ranks]
+    ddp_slides = cohort(bench, slide_path, out_dir) if bench.ddp_ranks else []
+    ddp = [_ddp_throughput(cfg, ddp_slides, int(r), out_dir / f"ddp{r}") for r in bench.ddp_ranks]
     report = {
         "cases": {k: v.as_dict() for k, v in results.items()},
         "summary": summary,
@@ -704,8 +746,10 @@ def format_table(report: dict[str, Any]) -> str:
     lines.extend(f"WARNING: {w}" for w in s.get("warnings", []))
     for row in report["ddp_cpu"]:
         lines.append(
-            f"ddp cpu {row['ranks']} rank(s): {row['patches_per_s']:.2f} patches/s ({row['tiles']} tiles, "
-            f"{row['seconds']} s)"
+            f"ddp cpu {row['ranks']} rank(s), data.shard={row['shard']}, {row['slides']} slide(s): "
+            f"{row['patches_per_s']:.2f} patches/s ({row['tiles']} tiles, {row['seconds']} s); rank 0 idle at the end "
+            f"{row['rank0_idle_at_end_s']} s (longest {row['max_idle_at_end_s']} s); first slide written "
+            f"{row['first_tile_to_first_slide_s']} s after the first tile"
         )
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from wsiseg.options import check_bool, check_option_types, check_required, check
 from wsiseg.run_lock import run_folder_lock
 from wsiseg.writers.options import slide_writer_options
 from wsiseg.writers.patch_writer import PatchWriter
+from wsiseg.writers.progress import SlideProgress
 from wsiseg.writers.run_record import RunRecord, config_hash, read_complete_report, reported_tiles
 from wsiseg.writers.slide_writer import SlideWriter
 
@@ -87,9 +88,11 @@ def predict_in_folder(cfg: DictConfig) -> int:
         raise NoProcessableSlideError(f"{exc}; every slide's reason: {reasons}", exc.failed) from None
     writer = instantiate(cfg.writer, _partial_=True)(plan=plan, run_config=run_config, provenance=provenance)
     # slide mode: the data module hands each DDP rank its share itself (data.shard), so Lightning's sampler stays out
-    trainer = build_trainer(
-        cfg.trainer, callbacks=[writer], **({"use_distributed_sampler": False} if slide_mode else {})
-    )
+    callbacks: list[Any] = [writer]
+    if slide_mode:  # under DDP, rank 0's bar also counts the slides every rank has written
+        callbacks.append(SlideProgress([output_dir / slide.name for slide in plan.slides]))
+    no_sampler = {"use_distributed_sampler": False} if slide_mode else {}
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, **no_sampler)
     if slide_mode and trainer.world_size > 1:
         check_shard(plan, trainer.world_size)
     if not slide_mode and trainer.world_size > 1:
