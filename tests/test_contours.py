@@ -70,7 +70,9 @@ def test_round_trip_of_ground_truth_through_geojson_and_asap_xml(tmp_path: Path,
 
 def test_geojson_is_a_valid_qupath_feature_collection_inside_the_slide(tmp_path: Path, truth: np.ndarray) -> None:
     mask = write_mask(tmp_path / "mask.tif", truth.astype(np.uint8) * 255, mpp=2.0)
-    write_contours(mask, tmp_path, "geojson", level0_per_mask_px=PER_MASK_PX, mpp=0.5, level0_size=LEVEL0, chunk=128)
+    write_contours(
+        mask, tmp_path, "geojson", level0_per_mask_px=PER_MASK_PX, mpp=0.5, level0_size=LEVEL0, chunk=128, simplify_um=0
+    )
     collection = json.loads((tmp_path / "tumour.geojson").read_text())
     assert collection["type"] == "FeatureCollection"
     slide = shapely.box(0, 0, *LEVEL0)
@@ -125,7 +127,9 @@ def probability_scene() -> np.ndarray:
 def test_measurements_holes_and_min_area(tmp_path: Path) -> None:
     mask = write_mask(tmp_path / "mask.tif", probability_scene())
     # 2 level-0 px per mask px at 0.5 µm per level-0 px: one mask px is 1 µm².
-    report = write_contours(mask, tmp_path, "geojson", min_area_um2=5.0, level0_per_mask_px=2, mpp=0.5, chunk=32)
+    report = write_contours(
+        mask, tmp_path, "geojson", min_area_um2=5.0, level0_per_mask_px=2, mpp=0.5, chunk=32, simplify_um=0
+    )
     assert report["tumour_regions"] == 2
     assert report["largest_region_mm2"] == pytest.approx(1500e-6)
     assert report["tumour_regions_area_mm2"] == pytest.approx(1536e-6)
@@ -139,7 +143,7 @@ def test_measurements_holes_and_min_area(tmp_path: Path) -> None:
     assert shapely.Polygon(ring.interiors[0]).area == 400 - 4 * 0.5
     assert square.bounds == (120.0, 120.0, 132.0, 132.0)
 
-    everything = write_contours(mask, tmp_path, "geojson", level0_per_mask_px=2, mpp=0.5, chunk=32)
+    everything = write_contours(mask, tmp_path, "geojson", level0_per_mask_px=2, mpp=0.5, chunk=32, simplify_um=0)
     assert everything["tumour_regions"] == 4
     features = json.loads((tmp_path / "tumour.geojson").read_text())["features"]
     corner_pair = shape(features[-1]["geometry"])
@@ -172,7 +176,9 @@ def test_class_label_masks_trace_every_non_zero_label(tmp_path: Path) -> None:
 
 def test_asap_xml_puts_holes_in_an_exclusion_group(tmp_path: Path) -> None:
     mask = write_mask(tmp_path / "mask.tif", probability_scene())
-    write_contours(mask, tmp_path, ["asap_xml"], min_area_um2=5.0, level0_per_mask_px=2, mpp=0.5, chunk=32)
+    write_contours(
+        mask, tmp_path, ["asap_xml"], min_area_um2=5.0, level0_per_mask_px=2, mpp=0.5, chunk=32, simplify_um=0
+    )
     root = ET.parse(tmp_path / "tumour.xml").getroot()
     groups = [a.get("PartOfGroup") for a in root.iter("Annotation")]
     assert groups == ["Tumor", "Exclusion", "Tumor"]
@@ -196,3 +202,23 @@ def test_contour_formats() -> None:
     assert contour_formats("geojson,asap_xml") == contour_formats(["asap_xml", "geojson"])[::-1]
     with pytest.raises(UserInputError, match="writer.contours: unknown format 'shp'"):
         contour_formats(["geojson", "shp"])
+
+
+@pytest.mark.parametrize(("min_area", "holes"), [(50.0, 1), (200.0, 0)])
+def test_min_area_also_fills_smaller_holes_and_simplified_rings_stay_valid(
+    tmp_path: Path, min_area: float, holes: int
+) -> None:
+    """The ring's hole is 10 x 10 µm (100 µm² less its cut corners): kept under a 50 µm² limit, filled under 200.
+    Simplified (the default: half a mask px) the polygons stay valid, with fewer vertices than the pixel edges."""
+    mask = write_mask(tmp_path / "mask.tif", probability_scene())
+    exact = write_contours(
+        mask, tmp_path, "geojson", min_area_um2=min_area, level0_per_mask_px=2, mpp=0.5, simplify_um=0
+    )
+    report = write_contours(mask, tmp_path, "geojson", min_area_um2=min_area, level0_per_mask_px=2, mpp=0.5)
+    features = json.loads((tmp_path / "tumour.geojson").read_text())["features"]
+    ring = shape(features[0]["geometry"])
+    assert ring.is_valid and len(ring.interiors) == holes
+    assert report["tumour_regions"] == exact["tumour_regions"] == 1  # the ring; the 36 µm² square is dropped
+    assert report["contour_vertices"] < exact["contour_vertices"] if holes else report["contour_vertices"] == 5
+    assert report["contour_simplify_level0_px"] == 1.0  # half a mask px of 2 level-0 px
+    assert features[0]["properties"]["measurements"]["Area µm^2"] == 1500.0  # areas count mask px, not the ring

@@ -204,3 +204,63 @@ def test_multi_class_model_writes_class_labels(tmp_path: Path, synthetic_slide: 
     np.testing.assert_array_equal(mask[unique], expected[unique])
     heatmap = np.asarray(Image.open(tmp_path / "out" / "synth" / "heatmap.png"))
     assert heatmap.ndim == 3
+
+
+# -- viewers: ASAP's and Bio-Formats' own readers, contours a viewer can hold, the run at a glance ------------------
+def test_real_slide_outputs_for_the_viewers(tmp_path: Path) -> None:
+    """CMU-1-Small-Region with the defaults and contours: the mask passes ASAP's acceptance rules and OpenSlide and
+    tifffile read every level; the contours are valid and simplified within 0.5 % of the unsimplified polygons'
+    area; summary.csv and index.html describe the run. With writer.layout=ome: one series whose levels are the
+    pyramid, and the OME pixel size is the slide's mpp × the output downsample."""
+    from xml.etree import ElementTree
+
+    import shapely
+    from shapely.geometry import shape
+
+    from tests.conftest import shared_slide
+    from tests.writers.test_tiff import asap_refusals
+
+    slide = shared_slide("CMU-1-Small-Region.svs")
+    common = ["model=demo", "data.patch_size=256", "writer.output_downsample=2", "writer.contours=[geojson,asap_xml]"]
+    assert predict(slide, tmp_path / "plain", [*common, "writer.simplify_um=0"]) == 0
+    assert predict(slide, tmp_path / "run", common) == 0
+    out = tmp_path / "run" / "CMU-1-Small-Region"
+    report = json.loads((out / "report.json").read_text())
+    assert asap_refusals(out / "mask.tif") == []
+    sizes = pyramid_sizes(tuple(report["output_size"]), 256)
+    with tifffile.TiffFile(out / "mask.tif") as tif:
+        assert [lv.shape for lv in tif.series[0].levels] == [(h, w) for w, h in sizes]
+    with openslide.OpenSlide(str(out / "mask.tif")) as mask:
+        assert mask.level_dimensions == tuple(sizes)
+        assert float(mask.properties["openslide.mpp-x"]) == pytest.approx(report["output_mpp"], rel=1e-4)
+
+    plain = json.loads((tmp_path / "plain" / "CMU-1-Small-Region" / "report.json").read_text())
+    geoms = [shape(f["geometry"]) for f in json.loads((out / "tumour.geojson").read_text())["features"]]
+    plain_geoms = [
+        shape(f["geometry"])
+        for f in json.loads((tmp_path / "plain" / "CMU-1-Small-Region" / "tumour.geojson").read_text())["features"]
+    ]
+    assert geoms and all(g.is_valid for g in geoms)
+    area, plain_area = sum(g.area for g in geoms), sum(g.area for g in plain_geoms)
+    assert abs(area - plain_area) / plain_area < 0.005
+    mask_area = report["tumour_pixels"] * (report["level_downsample"] * 2) ** 2
+    assert abs(plain_area - mask_area) / mask_area < 0.01  # the traced pixel edges
+    assert report["contour_vertices"] < 0.6 * plain["contour_vertices"]
+    assert report["contour_file_bytes"]["tumour.xml"] < plain["contour_file_bytes"]["tumour.xml"]
+    print(
+        f"contours: {plain['contour_vertices']} -> {report['contour_vertices']} vertices, tumour.xml "
+        f"{plain['contour_file_bytes']['tumour.xml']} -> {report['contour_file_bytes']['tumour.xml']} bytes, "
+        f"area vs mask {plain_area / mask_area:.4f} -> {area / mask_area:.4f}"
+    )
+    assert shapely.get_num_coordinates(shapely.GeometryCollection(geoms)) == report["contour_vertices"]
+
+    csv_text = (tmp_path / "run" / "summary.csv").read_text().splitlines()
+    assert csv_text[0].startswith("slide,status,tissue_mm2") and "CMU-1-Small-Region.svs,complete" in csv_text[1]
+    assert "data:image/jpeg;base64," in (tmp_path / "run" / "index.html").read_text()
+
+    assert predict(slide, tmp_path / "ome", [*common, "writer.layout=ome"]) == 0
+    with tifffile.TiffFile(tmp_path / "ome" / "CMU-1-Small-Region" / "mask.tif") as tif:
+        assert tif.is_ome and len(tif.series) == 1
+        assert [lv.shape for lv in tif.series[0].levels] == [(h, w) for w, h in sizes]
+        pixels = next(e for e in ElementTree.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels"))
+    assert float(pixels.get("PhysicalSizeX")) == pytest.approx(report["mpp_read_level"] * 2, rel=1e-6)

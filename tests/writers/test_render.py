@@ -45,7 +45,9 @@ def test_mask_pyramid_heatmap_and_contours_from_a_store(tmp_path: Path) -> None:
     ("options", "message"),
     [
         ({"threshold": 0.0}, r"writer.threshold must be in \(0, 1\], got 0.0"),
-        ({"compression": "lzw"}, "writer.compression must be one of zlib, zstd"),
+        ({"compression": "jpeg"}, "writer.compression must be one of lzw, deflate, zlib, zstd"),
+        ({"layout": "qupath"}, "writer.layout must be one of generic, ome"),
+        ({"simplify_um": -1.0}, "writer.simplify_um must be >= 0"),
         ({"tiff_tile": 100}, "writer.tiff_tile must be a positive multiple of 16"),
     ],
 )

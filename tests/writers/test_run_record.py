@@ -63,7 +63,15 @@ def test_reports_rows_and_summary(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "summary.json").read_text())["slides"]
     assert rows == [
         {"slide": "/slides/bad.svs", "status": "skipped", "tiles": 0, "seconds": 0.0, "reason": "cannot be opened"},
-        {"slide": "/slides/s1.svs", "name": "s1", "status": "complete", "tiles": 12, "seconds": 2.0, "reason": ""},
+        {
+            "slide": "/slides/s1.svs",
+            "name": "s1",
+            "status": "complete",
+            "tiles": 12,
+            "seconds": 2.0,
+            "reason": "",
+            "rank": 0,
+        },
     ]
 
 

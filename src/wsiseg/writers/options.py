@@ -29,10 +29,12 @@ def slide_writer_options(
     cache_mb: int = 128,
     threshold: float = 0.5,
     tiff_tile: int = 256,
-    compression: str = "zlib",
+    compression: str = "deflate",
     heatmap_max_side: int = 2048,
     contours: str | list[str] | None = None,
     min_area_um2: float = 0.0,
+    layout: str = "generic",
+    simplify_um: float | None = None,
     blend_thread: bool | Literal["auto"] = "auto",
     **unknown: Any,
 ) -> SlideWriterOptions:
@@ -45,10 +47,14 @@ def slide_writer_options(
         cache_mb: memory for store chunks held in RAM, MiB.
         threshold: probability at or above which a pixel counts as tumour (area, contours), in (0, 1].
         tiff_tile: TIFF tile side, px; a multiple of 16.
-        compression: lossless TIFF compression, ``zlib`` or ``zstd``.
+        compression: lossless TIFF compression: ``lzw`` or ``deflate`` (every viewer's reader, ASAP's included),
+            ``zlib`` (deflate under tag 8) or ``zstd`` (not ASAP's native reader).
         heatmap_max_side: longer side of ``heatmap.png``.
         contours: ``geojson`` and/or ``asap_xml`` (list or comma-separated), or None / ``none``.
-        min_area_um2: contour regions smaller than this are dropped (µm², or level-0 px² without mpp).
+        min_area_um2: contour regions and holes smaller than this are dropped (µm², or level-0 px² without mpp).
+        layout: ``generic`` (successive-directory pyramid: OpenSlide, ASAP) or ``ome`` (OME-TIFF, SubIFD levels:
+            QuPath / Bio-Formats).
+        simplify_um: contour simplification tolerance, µm (level-0 px without mpp); None: half a mask px; 0: none.
         blend_thread: blend on a background thread (``true``) or between batches (``false``); ``auto``: a thread on
             GPUs (the host blends while the device runs), none on CPUs (the network's threads use every core).
 
@@ -63,7 +69,14 @@ def slide_writer_options(
     if blend_thread not in ("auto", True, False):
         raise UserInputError(f"writer.blend_thread must be auto, true or false; got '{blend_thread}'")
     render = RenderOptions(
-        threshold, tiff_tile, compression, heatmap_max_side, contour_formats(contours), float(min_area_um2)
+        threshold,
+        tiff_tile,
+        compression,
+        heatmap_max_side,
+        contour_formats(contours),
+        float(min_area_um2),
+        layout,
+        None if simplify_um is None else float(simplify_um),
     )
     if chunk < 1 or chunk % (2 * tiff_tile):
         raise UserInputError(

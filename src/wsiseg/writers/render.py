@@ -20,7 +20,7 @@ from wsiseg.data.datasets import SlideTiles
 from wsiseg.errors import UserInputError
 from wsiseg.writers.heatmap import png_bytes, render_heatmap
 from wsiseg.writers.store import BlendingAccumulator, TileMosaic, probabilities_to_u8
-from wsiseg.writers.tiff import ENCODERS, pyramid_sizes, write_pyramid_tiff
+from wsiseg.writers.tiff import ENCODERS, LAYOUTS, pyramid_sizes, write_pyramid_tiff
 
 __all__ = ["RenderOptions", "render_slide", "OUTPUT_FILES"]
 
@@ -35,18 +35,23 @@ class RenderOptions:
     Attributes:
         threshold: probability at or above which a mask pixel counts as tumour (area, contours).
         tiff_tile: TIFF tile side, output px.
-        compression: lossless TIFF compression (``zlib`` or ``zstd``).
+        compression: lossless TIFF compression (:data:`wsiseg.writers.tiff.ENCODERS`).
         heatmap_max_side: longer side of ``heatmap.png``, px.
         contours: contour formats to write (``geojson``, ``asap_xml``).
-        min_area_um2: contour regions smaller than this are dropped (µm², level-0 px² without mpp).
+        min_area_um2: contour regions and holes smaller than this are dropped (µm², level-0 px² without mpp).
+        layout: ``generic`` or ``ome`` pyramid (:func:`wsiseg.writers.tiff.write_pyramid_tiff`).
+        simplify_um: contour simplification tolerance, µm; None: half a mask px (see
+            :func:`wsiseg.contours.write_contours`).
     """
 
     threshold: float = 0.5
     tiff_tile: int = 256
-    compression: str = "zlib"
+    compression: str = "deflate"
     heatmap_max_side: int = 2048
     contours: tuple[str, ...] = ()
     min_area_um2: float = 0.0
+    layout: str = "generic"
+    simplify_um: float | None = None
 
     def __post_init__(self) -> None:
         """Raises UserInputError naming the ``writer.*`` option outside its allowed values."""
@@ -58,6 +63,15 @@ class RenderOptions:
             )
         if self.min_area_um2 < 0:
             raise UserInputError(f"writer.min_area_um2 must be >= 0 (0 keeps every region), got {self.min_area_um2}")
+        if self.layout not in LAYOUTS:
+            raise UserInputError(
+                f"writer.layout must be one of {', '.join(LAYOUTS)} (generic: OpenSlide and ASAP; ome: QuPath); "
+                f"got '{self.layout}'"
+            )
+        if self.simplify_um is not None and self.simplify_um < 0:
+            raise UserInputError(
+                f"writer.simplify_um must be >= 0 (0: none) or null (half a mask pixel), got {self.simplify_um}"
+            )
         if self.compression not in ENCODERS:
             raise UserInputError(
                 f"writer.compression must be one of {', '.join(ENCODERS)} (lossless TIFF codecs OpenSlide reads); "
@@ -125,6 +139,7 @@ def render_slide(
             tile=options.tiff_tile,
             compression=options.compression,
             preview_side=options.heatmap_max_side,
+            layout=options.layout,
         )
     thumbnail = slide.thumbnail.rgb
     scale = min(1.0, options.heatmap_max_side / max(thumbnail.shape[:2]))
@@ -152,6 +167,7 @@ def render_slide(
                 mpp=mpp_level0,
                 level0_size=tuple(slide.level0_size),
                 labels=labels,
+                simplify_um=options.simplify_um,
             )
         )
     return fields

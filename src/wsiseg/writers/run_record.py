@@ -294,7 +294,8 @@ class RunRecord:
         self, pending: Sequence[SlideTiles] | None = None, ranks: Sequence[dict[str, Any]] | None = None
     ) -> None:
         """``summary.json`` with every row so far. With ``pending`` (a run still going: its slides not yet written are
-        listed as ``pending``) nothing is logged; without, the run is over and the table goes to the log too.
+        listed as ``pending``) nothing is logged; without, the run is over: the table goes to the log too, and
+        ``summary.csv`` and ``index.html`` are written beside it (:mod:`wsiseg.writers.run_index`).
         ``ranks``: each process's share and clock at the end of a run (``ranks`` in the file)."""
         rows = self.rows + [
             {"slide": str(s.path), "name": s.name, "status": "pending", "tiles": 0, "seconds": 0.0, "reason": ""}
@@ -305,6 +306,12 @@ class RunRecord:
         )
         if pending is not None:
             return
+        from wsiseg.writers.run_index import write_run_index
+
+        try:  # the run's outputs are written: a page that cannot be made must not fail it
+            write_run_index(self.output_dir, self.rows)
+        except Exception as exc:
+            log.warning("summary.csv / index.html not written: %s", exc)
         lines = [f"{'slide':<40} {'status':<9} {'tiles':>7} {'seconds':>9}  reason"]
         for row in self.rows:
             name = Path(row["slide"]).name

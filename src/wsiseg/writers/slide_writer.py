@@ -151,7 +151,9 @@ class SlideWriter(BasePredictionWriter):
             # rank 0's rows hold the plan's skipped and resumed slides; each rank adds the slides it wrote
             own = [row for row in self.record.rows if row.get("rank") is None]
             self.record.rows[:] = own + [row for rows, _ in everyone for row in rows if row.get("rank") is not None]
-            ranks = [{**figures, "idle_at_end_s": round(end - figures["done_at"], 3)} for _, figures in everyone]
+            ranks = [
+                {**figures, "idle_at_end_s": round(max(0.0, end - figures["done_at"]), 3)} for _, figures in everyone
+            ]
             self.record.write_summary(ranks=ranks)
 
     def _rank_figures(self) -> dict[str, Any]:

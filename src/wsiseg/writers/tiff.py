@@ -14,7 +14,15 @@ import tifffile
 
 from wsiseg.config import usable_cores
 
-__all__ = ["pyramid_sizes", "downsample_2x", "write_pyramid_tiff"]
+__all__ = [
+    "ASAP_COMPRESSIONS",
+    "ENCODERS",
+    "LAYOUTS",
+    "TIFF_COMPRESSION",
+    "downsample_2x",
+    "pyramid_sizes",
+    "write_pyramid_tiff",
+]
 
 
 def pyramid_sizes(size: tuple[int, int], tile: int = 256) -> list[tuple[int, int]]:
@@ -47,12 +55,18 @@ def downsample_2x(band: np.ndarray, labels: bool) -> np.ndarray:
 
 
 def _deflate(data: np.ndarray) -> bytes:
-    # libdeflate writes the same zlib stream as zlib (TIFF compression 8, "Adobe deflate"); at level 3 it is much
-    # faster than zlib at level 6 for a similar size on probability tiles.
+    # libdeflate writes the same zlib stream as zlib; at level 3 it is much faster than zlib at level 6 for a similar
+    # size on probability tiles.
     return imagecodecs.deflate_encode(data, level=3)
 
 
-ENCODERS = {"zlib": _deflate, "zstd": imagecodecs.zstd_encode}
+# writer.compression -> (tile encoder, TIFF Compression tag). "deflate" and "zlib" are the same stream under the two
+# tags TIFF has for it: ASAP's native reader accepts only the older 32946; 8 ("Adobe deflate") is what tifffile and
+# libtiff write by default. ASAP refuses zstd (50000) too.
+ENCODERS = {"lzw": imagecodecs.lzw_encode, "deflate": _deflate, "zlib": _deflate, "zstd": imagecodecs.zstd_encode}
+TIFF_COMPRESSION = {"lzw": 5, "deflate": 32946, "zlib": 8, "zstd": 50000}
+ASAP_COMPRESSIONS = (1, 5, 7, 32946, 33005)  # what ASAP's TIFFImage::initializeType accepts
+LAYOUTS = ("generic", "ome")
 
 
 def _submit_band(band: np.ndarray, tile: int, compression: str, pool: ThreadPoolExecutor) -> list[Future[bytes] | None]:
@@ -110,8 +124,9 @@ def write_pyramid_tiff(
     mpp: float | None,
     labels: bool = False,
     tile: int = 256,
-    compression: str = "zlib",
+    compression: str = "deflate",
     preview_side: int = 1024,
+    layout: str = "generic",
 ) -> np.ndarray:
     """Write a single-channel uint8 pyramidal tiled TIFF.
 
@@ -124,15 +139,20 @@ def write_pyramid_tiff(
         mpp: microns per level-0 output px; sets X/YResolution (px per cm) so viewers scale the overlay.
         labels: class labels (nearest downsampling) instead of probabilities (mean).
         tile: TIFF tile side.
-        compression: lossless TIFF compression, ``zlib`` (deflate; OpenSlide, QuPath and ASAP read it) or ``zstd``.
-
+        compression: lossless TIFF compression (:data:`ENCODERS`): ``lzw`` and ``deflate`` are read by ASAP's native
+            reader, OpenSlide, tifffile and libvips; ``zlib`` (deflate under tag 8) and ``zstd`` not by ASAP's.
         preview_side: the returned preview is the smallest level whose longer side is at least this.
+        layout: ``generic``: the levels as successive directories, each strictly narrower (OpenSlide, ASAP);
+            ``ome``: OME-TIFF, level 0 with the reduced levels as its SubIFDs and the pixel size in the OME-XML
+            (QuPath / Bio-Formats, napari open it as a pyramid; OpenSlide reads only its level 0).
 
     Returns:
         A preview level as a (h, w) uint8 array (for rendering a heatmap).
     """
     if compression not in ENCODERS:
         raise ValueError(f"writer.compression must be one of {', '.join(ENCODERS)}; got '{compression}'")
+    if layout not in LAYOUTS:
+        raise ValueError(f"writer.layout must be one of {', '.join(LAYOUTS)}; got '{layout}'")
     empty = ENCODERS[compression](np.zeros((tile, tile), np.uint8))
     sizes = pyramid_sizes(size, tile)
     band_rows = 2 * tile
@@ -165,23 +185,32 @@ def write_pyramid_tiff(
 
     # one encoder pool per file (the codecs release the GIL), so no thread outlives the write
     pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="wsiseg-tiff")
-    with pool, tifffile.TiffWriter(path, bigtiff=True) as tiff:
+    ome = layout == "ome"
+    with pool, tifffile.TiffWriter(path, bigtiff=True, ome=ome) as tiff:
         for index, (w, h) in enumerate(sizes):
             scale = 2**index
             options: dict = {}
             if mpp:
                 pixels_per_cm = 1e4 / (mpp * scale)
                 options = {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
+            if ome and index == 0:  # the OME-XML in the first directory names the pixel size; levels are its SubIFDs
+                physical = {"PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm"} if mpp else {}
+                options.update(
+                    subifds=len(sizes) - 1,
+                    metadata={"axes": "YX", "Name": "wsiseg mask", **physical, "PhysicalSizeYUnit": "µm"},
+                )
+            else:
+                options["metadata"] = None
+                if not ome and index == 0:
+                    options["description"] = "wsiseg mask"
             tiff.write(
                 _encoded_tiles(level_bands(index), tile, compression, empty, pool),
                 shape=(h, w),
                 dtype=np.uint8,
                 tile=(tile, tile),
                 photometric="minisblack",
-                compression=compression,
+                compression=TIFF_COMPRESSION[compression],
                 subfiletype=0 if index == 0 else 1,
-                description="wsiseg mask" if index == 0 else None,
-                metadata=None,
                 **options,
             )
     return levels[preview].whole()
