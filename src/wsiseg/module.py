@@ -273,7 +273,9 @@ class SegmentationModule(pl.LightningModule):
         self.runtime_used, why = choose_runtime(
             self.runtime, device_type, precision, planned_tiles, self.runtime_min_tiles, openvino_available()
         )
-        if self.runtime != "torch" and not holds_weights(self.net):
+        if holds_weights(self.net):  # an ONNX file runs in its own runtime
+            self.runtime_used = ", ".join(self.net.active_providers)
+        elif self.runtime != "torch":
             log.info("model.runtime=%s: %s (%s)", self.runtime, self.runtime_used, why)
         self.compiled = False
         if self.runtime_used == "openvino":
