@@ -4,8 +4,9 @@
 
 Each round times every case once on the same uint8 tiles (normalisation, network, activation and reduction: what
 ``SegmentationModule`` runs per batch): eager PyTorch FP32 (channels_last) at batch 1, 2 and 16, onnxruntime FP32 and
-OpenVINO FP32 at batch 2 and 16. Prints patches/s per case (median over rounds, min-max) and each case's largest
-|Δp| against eager FP32. Figures depend on the machine: say its kind (``lscpu`` flags avx2 / avx512_bf16).
+OpenVINO FP32 at batch 2 and 16, and with ``--int8`` OpenVINO on the INT8 export at batch 2 and 16. Prints
+patches/s per case (median over rounds, min-max) and each case's largest |Δp| against eager FP32. Figures depend
+on the machine: say its kind (``lscpu`` flags avx2 / avx512_bf16).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from wsiseg.module import SegmentationModule
 from wsiseg.onnx_net import OnnxRuntimeNet
 
 
-def cases(onnx: Path) -> dict[str, tuple[SegmentationModule, int]]:
+def cases(onnx: Path, int8: Path | None = None) -> dict[str, tuple[SegmentationModule, int]]:
     def torch_module() -> SegmentationModule:
         return SegmentationModule(Unet(3, 1, base_width=8), checkpoint=asset_path("demo_unet.pt"), compile=False)
 
@@ -39,6 +40,9 @@ def cases(onnx: Path) -> dict[str, tuple[SegmentationModule, int]]:
 
         for batch in (2, 16):
             out[f"openvino fp32 b{batch}"] = (SegmentationModule(OpenVinoNet(onnx)), batch)
+        if int8 is not None:  # a wsiseg-export export.quantize=int8 file of the same network
+            for batch in (2, 16):
+                out[f"openvino int8 b{batch}"] = (SegmentationModule(OpenVinoNet(int8)), batch)
     except Exception as exc:  # OpenVINO not installed
         print(f"openvino skipped: {exc}")
     return out
@@ -57,12 +61,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx", type=Path, required=True, help="the demo network exported by wsiseg-export")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--int8", type=Path, default=None, help="its export.quantize=int8 export, also timed")
     parser.add_argument("--tiles", type=int, default=32)
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     tiles = torch.randint(0, 256, (args.tiles, 3, args.size, args.size), generator=generator, dtype=torch.uint8)
-    all_cases = cases(args.onnx)
+    all_cases = cases(args.onnx, args.int8)
     rates: dict[str, list[float]] = {name: [] for name in all_cases}
     diffs: dict[str, float] = {}
     reference = None
