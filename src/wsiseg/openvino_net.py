@@ -32,11 +32,12 @@ def openvino_available() -> bool:
 
 
 def compile_for_cpu(
-    path: str | Path, threads: int | None = None, precision: str = "f32", cache_dir: str | None = None
+    path: str | Path | Any, threads: int | None = None, precision: str = "f32", cache_dir: str | None = None
 ) -> Any:
-    """Compile the ONNX (or OpenVINO IR) file ``path`` for the CPU: ``threads`` inference threads (None: torch's
-    count, so DataLoader workers and the writer keep theirs), one request at a time (the pipeline's own batches),
-    ``precision`` as the inference precision hint, compiled blobs cached in ``cache_dir`` when given.
+    """Compile the ONNX (or OpenVINO IR) file ``path``, or an ``openvino.Model``, for the CPU: ``threads`` inference
+    threads (None: torch's count, so DataLoader workers and the writer keep theirs), one request at a time (the
+    pipeline's own batches), ``precision`` as the inference precision hint, compiled blobs cached in ``cache_dir``
+    when given.
 
     Raises:
         UserInputError: the file does not compile (names the file).
@@ -53,7 +54,8 @@ def compile_for_cpu(
         Path(cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
         config["CACHE_DIR"] = str(Path(cache_dir).expanduser())
     try:
-        return core.compile_model(core.read_model(str(path)), "CPU", config)
+        model = core.read_model(str(path)) if isinstance(path, (str, Path)) else path
+        return core.compile_model(model, "CPU", config)
     except Exception as exc:
         raise UserInputError(
             f"model.net.path '{path}' cannot be compiled by OpenVINO {ov.__version__}: {first_line(exc)}; "
