@@ -1,7 +1,8 @@
 """The peers ``wsiseg-bench`` times beside the pipeline: MONAI's whole-slide pipeline on the same tiles and weights.
 
 MONAI is optional (``pip install 'wsiseg[peers]'``); without it the case is skipped with one line saying so.
-TIAToolbox's ``SemanticSegmentor`` is not among the peers (see docs/performance.md, "Peers").
+TIAToolbox's ``SemanticSegmentor`` is not among the peers: its newest release requires torch < 2.13 (see
+docs/performance.md, "CPU runtimes, INT8 and the peers").
 """
 
 from __future__ import annotations
