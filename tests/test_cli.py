@@ -43,8 +43,8 @@ USER_ERRORS = {
         "wsiseg-predict: error: writer.blend must be one of none, linear, gaussian; got 'cubic'",
     ),
     "unknown compression": (
-        ["model=demo", "data.slides={slide}", "writer.compression=lzw"],
-        "wsiseg-predict: error: writer.compression must be one of zlib, zstd",
+        ["model=demo", "data.slides={slide}", "writer.compression=jpeg"],
+        "wsiseg-predict: error: writer.compression must be one of lzw, deflate, zlib, zstd",
     ),
     "tiff tile": (
         ["model=demo", "data.slides={slide}", "writer.tiff_tile=100"],

@@ -108,7 +108,10 @@ class TorchOnOpenVino(nn.Module):
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's chatter
                 model = ov.convert_model(
-                    net, example_input=torch.zeros(1, 3, side, side), input=[ov.PartialShape([-1, 3, -1, -1])]
+                    net,
+                    example_input=torch.zeros(1, 3, side, side),
+                    input=[ov.PartialShape([-1, 3, -1, -1])],
+                    share_weights=False,  # its own copy: the traced copy of the net is freed after this
                 )
             self._compiled = compile_for_cpu(model, threads=self.threads)
         return self._compiled
