@@ -82,7 +82,7 @@ def test_torch_on_openvino_equals_torch_fp32_and_pickles() -> None:
 
 
 def test_openvino_refused_for_an_onnx_file(tmp_path: Path) -> None:
-    from wsiseg.export import export_onnx
+    from wsiseg.onnx_graph import export_onnx
     from wsiseg.onnx_net import OnnxRuntimeNet
 
     path = export_onnx(Unet(3, 1, base_width=4), tmp_path / "net.onnx")

@@ -6,16 +6,16 @@
 - on a CPU that runs bfloat16 natively (AVX-512-BF16 / AMX: the trainer's precision is ``bf16-mixed``): torch, whose
   bf16 + ``torch.compile`` path is the measured fast one there;
 - on a float32 CPU (AVX2, the common case): OpenVINO when it is installed and the run has at least
-  ``runtime_min_tiles`` tiles — the network is converted and compiled by OpenVINO once per process (about 2.5 s for
-  the demo network on 2 cores), which short runs do not win back; otherwise torch.
+  ``runtime_min_tiles`` tiles — the network is exported to ONNX and compiled by OpenVINO once per process (about 2 s
+  for the demo network on 2 cores), which short runs do not win back; otherwise torch.
 
 The choice and its reason are logged. ``model.runtime=torch`` / ``openvino`` force one.
 """
 
 from __future__ import annotations
 
-import copy
-import warnings
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,10 +75,10 @@ class TorchOnOpenVino(nn.Module):
     """A PyTorch network run by OpenVINO on the CPU: same inputs and outputs (normalised float N×3×H×W in, the
     network's raw float32 output out), any batch and tile size that is a multiple of the stride.
 
-    The torch network is kept (so the module pickles and moves as before); on the first call a float32 CPU copy is
-    converted by OpenVINO's PyTorch front end (traced once, dynamic batch and tile size) and compiled in float32
-    (:func:`wsiseg.openvino_net.compile_for_cpu`). Compiled models do not pickle: a copy compiles again on its first
-    call.
+    The torch network is kept (so the module pickles and moves as before); on the first call it is exported to ONNX in
+    a temporary folder (:func:`wsiseg.onnx_graph.export_onnx`: dynamic batch and tile size), compiled by OpenVINO in
+    float32 (:func:`wsiseg.openvino_net.compile_for_cpu`) and the file deleted. Compiled models do not pickle: a copy
+    compiles again on its first call.
 
     Args:
         net: the torch network (weights loaded).
@@ -95,25 +95,17 @@ class TorchOnOpenVino(nn.Module):
 
     @property
     def compiled(self) -> Any:
-        """The OpenVINO ``CompiledModel`` (converted and compiled on first access)."""
+        """The OpenVINO ``CompiledModel`` (exported and compiled on first access)."""
         if self._compiled is None:
-            import openvino as ov
-
             from wsiseg.model import network_stride
+            from wsiseg.onnx_graph import export_onnx
             from wsiseg.openvino_net import compile_for_cpu
 
             side = 4 * network_stride(self.net)
-            net = copy.deepcopy(self.net).cpu().float().eval()
-            # traced outside inference mode (the first call comes from inside trainer.predict's)
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the tracer's chatter
-                model = ov.convert_model(
-                    net,
-                    example_input=torch.zeros(1, 3, side, side),
-                    input=[ov.PartialShape([-1, 3, -1, -1])],
-                    share_weights=False,  # its own copy: the traced copy of the net is freed after this
-                )
-            self._compiled = compile_for_cpu(model, threads=self.threads)
+            # exported outside inference mode (the first call comes from inside trainer.predict's)
+            with torch.inference_mode(False), tempfile.TemporaryDirectory(prefix="wsiseg-openvino-") as tmp:
+                path = export_onnx(self.net, Path(tmp) / "net.onnx", opset=17, example_size=(side, side))
+                self._compiled = compile_for_cpu(path, threads=self.threads)  # reads the file: nothing shared
         return self._compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,7 @@ class SegmentationModule(pl.LightningModule):
             at least ``compile_min_tiles`` tiles (compiling costs seconds up front, which short runs do not win back;
             figures in docs/performance.md). Falls back to eager with a warning if compilation fails.
         compile_min_tiles: tiles a CPU run needs for ``compile=auto`` to compile.
-        runtime: what runs a torch network on the CPU: ``torch``, ``openvino`` (converted and compiled by OpenVINO in
+        runtime: what runs a torch network on the CPU: ``torch``, ``openvino`` (exported and compiled by OpenVINO in
             float32 when the module is prepared; no ``torch.compile`` then), or ``auto`` — the rule of
             :func:`wsiseg.cpu_runtime.choose_runtime` (OpenVINO on float32 CPUs for runs of ``runtime_min_tiles``
             tiles or more, torch elsewhere). Networks that hold their own weights (ONNX files) keep their runtime.

@@ -15,7 +15,13 @@ from wsiseg.data.plan import RunPlan
 from wsiseg.writers._batch import as_ints, to_host_async
 from wsiseg.writers.distribution import Distribution, SingleProcess, distribution_for
 from wsiseg.writers.options import slide_writer_options
-from wsiseg.writers.run_record import RunRecord, check_writable, clear_outputs, discard_unreported
+from wsiseg.writers.run_record import (
+    RunRecord,
+    check_writable,
+    clear_outputs,
+    discard_unreported,
+    read_complete_report,
+)
 from wsiseg.writers.slide_outputs import write_slide
 from wsiseg.writers.stitcher import Stitcher
 from wsiseg.writers.worker import OrderedWorker
@@ -179,7 +185,19 @@ class SlideWriter(BasePredictionWriter):
             if index not in self._finished:
                 discard_unreported(self._stitcher.slide_dir(index))
         if self._distribution.rank == 0:
-            # slides other ranks completed before the stop keep their outputs; they are not listed as interrupted
+            # slides other ranks completed before the stop keep their outputs: listed from their reports
+            for index in unfinished:
+                report = read_complete_report(self._stitcher.slide_dir(index), self.record.hash)
+                if report is not None:
+                    slide = self.plan.slides[index]
+                    self.record.add_row(
+                        slide.path,
+                        "complete",
+                        name=slide.name,
+                        tiles=report["tiles_processed"],
+                        seconds=report["wall_time_s"],
+                        rank=report.get("rank"),
+                    )
             unfinished = [i for i in unfinished if not self._reported(i)]
             started = {self.plan.slides[i].name for i in unfinished if i in self._stitcher.states}
             self.record.write_interrupted([self.plan.slides[i] for i in unfinished], started, exception)
