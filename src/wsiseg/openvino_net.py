@@ -8,6 +8,7 @@ dependency of wsiseg (installed with it); a missing one is one line saying how t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,20 @@ INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
 
 
 def openvino_available() -> bool:
-    """Whether OpenVINO can be imported here."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether OpenVINO is installed here. Found without importing it: its runtime (and its own threading library) is
+    loaded into the process only when a network is compiled."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+@functools.cache
+def _core() -> Any:
+    """One ``openvino.Core`` for the process, never released, so the CPU plugin it loads stays loaded for the
+    process's lifetime (compiled models of every network share it)."""
+    import openvino as ov
+
+    return ov.Core()
 
 
 def compile_for_cpu(
@@ -44,7 +53,7 @@ def compile_for_cpu(
     """
     import openvino as ov
 
-    core = ov.Core()
+    core = _core()
     config: dict[str, Any] = {
         "INFERENCE_NUM_THREADS": int(threads or max(1, torch.get_num_threads())),
         "PERFORMANCE_HINT": "LATENCY",
