@@ -235,7 +235,8 @@ def test_resume_redoes_slides_when_the_config_changes(tmp_path: Path, good_slide
 
 
 def test_ctrl_c_keeps_finished_slides_and_leaves_no_partial_outputs(tmp_path: Path, good_slide: Path) -> None:
-    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=9))
+    # large enough that the second slide is still running when the signal comes, at OpenVINO's speed too
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=9))
     run_dir = tmp_path / "run"
     args = two_slide_args(good_slide, second, workers=1)
     process = start_and_wait_for_first_slide(args, run_dir)
@@ -295,7 +296,7 @@ def test_same_stem_slides_get_distinct_folders(tmp_path: Path) -> None:
 
 def test_sigterm_stops_like_ctrl_c(tmp_path: Path, good_slide: Path) -> None:
     """docker stop / Kubernetes / SLURM send SIGTERM (then SIGKILL): the run stops promptly and cleanly, exit 143."""
-    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=10))
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=10))  # still running then
     run_dir = tmp_path / "run"
     args = two_slide_args(good_slide, second, workers=1)
     process = start_and_wait_for_first_slide(args, run_dir)
@@ -337,7 +338,7 @@ def test_a_killed_dataloader_worker_is_one_line_and_keeps_finished_slides(tmp_pa
     and how to finish, the finished slide kept, the unfinished one left without outputs and listed as interrupted."""
     import psutil
 
-    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=10))
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=10))  # still running then
     run_dir = tmp_path / "run"
     process = start_and_wait_for_first_slide(two_slide_args(good_slide, second, workers=1), run_dir)
     workers = psutil.Process(process.pid).children(recursive=True)
@@ -369,7 +370,7 @@ def test_outputs_an_earlier_run_left_never_look_complete(tmp_path: Path, good_sl
     assert summary(out)["other.tif"]["status"] == "skipped"
     assert [folder.name for folder, _ in find_predictions(out)[0]] == ["good"]
 
-    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(4096, 3072, seed=10))
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=10))  # still running then
     run_dir = tmp_path / "run"
     args = two_slide_args(good_slide, second, workers=0)
     subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={run_dir}"], check=True, capture_output=True, timeout=300)
