@@ -271,9 +271,6 @@ def test_cohort_rank_killed_keeps_finished_slides_and_resume_finishes_the_rest(
             else:
                 assert not (folder / "mask.tif").exists(), f"{folder.name}: a mask without a report"
     assert 0 < len(kept) < len(slides), kept
-    rows = {r["name"]: r for r in json.loads((run_dir / "summary.json").read_text())["slides"]}
-    assert {name for name, r in rows.items() if r["status"] == "complete"} == set(kept)  # rank 1's too
-    assert all(r["status"] in ("complete", "interrupted") for r in rows.values()) and len(rows) == len(slides)
 
     resumed = run([*args, "resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -68,6 +68,7 @@ def two_slide_args(good_slide: Path, second: Path, workers: int) -> list[str]:
         "data.tissue.enabled=false",
         f"data.num_workers={workers}",
         "trainer=cpu",
+        "model.runtime=torch",  # known issue: a SIGINT during an OpenVINO-runtime run can end it with status 0
         "trainer.enable_progress_bar=false",
     ]
 
