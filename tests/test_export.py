@@ -229,7 +229,12 @@ def _unwritable_folder(tmp_path: Path) -> Path:
         (["model.checkpoint=${wsiseg.asset:demo_unet.pt}"], r"does not match Unet: .*shape mismatches"),
         (["model=demo", "export.opset=29"], r"export.opset=29 cannot be written: the installed onnx .* opsets 11-28"),
         (["model=demo", "export.opset=9"], r"export.opset=9 cannot be written"),
-        (["model=demo", "export.format=tflite"], r"export.format must be one of onnx, torchscript"),
+        (["model=demo", "export.format=tflite"], r"export.format must be one of onnx, torchscript, openvino"),
+        (["model=demo", "export.format=openvino"], r"export.format=openvino writes an OpenVINO IR pair .* end in .xml"),
+        (
+            ["model=demo", "export.format=openvino", "export.fp16=true", "export.path=PLACE/u.xml"],
+            r"export.fp16=true is for onnx and torchscript",
+        ),
         (["model=demo", "export.sizes=[[64,60]]"], r"export.sizes entry \[64, 60\] .* multiples of .* stride 16"),
         (["model=demo", "export.path=null"], r"export.path is required"),
         (["model=demo", "export.path=/nonexistent/dir/u.onnx"], r"folder '/nonexistent/dir' does not exist"),
@@ -242,6 +247,7 @@ def _unwritable_folder(tmp_path: Path) -> Path:
 )
 def test_bad_input_fails_with_one_clear_line(tmp_path: Path, overrides: list[str], message: str) -> None:
     overrides = [o.replace("UNWRITABLE", str(_unwritable_folder(tmp_path))) for o in overrides]
+    overrides = [o.replace("PLACE", str(tmp_path)) for o in overrides]
     if not any(o.startswith("export.path") for o in overrides):
         overrides.append(f"export.path={tmp_path / 'u.onnx'}")
     with pytest.raises(UserInputError, match=message) as info:
@@ -350,6 +356,36 @@ def test_real_slide_mask_openvino_equals_torch(tmp_path: Path, demo_onnx: tuple[
     slide = shared_slide("CMU-1-Small-Region.svs")
     torch_mask = _predict_mask(slide, tmp_path / "torch", [])
     ov_mask = _predict_mask(slide, tmp_path / "ov", ["model=openvino", f"model.net.path={demo_onnx[0]}"])
+    assert torch_mask.shape == ov_mask.shape and int(torch_mask.max()) - int(torch_mask.min()) > 50
+    diff = np.abs(torch_mask.astype(np.int16) - ov_mask.astype(np.int16))
+    assert diff.max() <= 1, f"{(diff > 1).sum()} mask pixels differ by more than 1 grey level"
+
+
+def test_openvino_ir_export_is_verified_and_its_mask_equals_torch(tmp_path: Path, demo_checkpoint: Path) -> None:
+    """export.format=openvino: the verified ONNX graph written as an IR pair (float32 weights), verified again as
+    OpenVINO runs it; model=openvino reads the .xml and its sidecar, and its mask on a real slide equals eager torch
+    FP32's within 1 grey level."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    import openvino as ov
+
+    path = tmp_path / "demo.xml"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            run_main(["model=demo", "export.format=openvino", f"export.path={path}"], monkeypatch, tmp_path / "hydra")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.bin", "demo.xml", "demo.xml.json", "hydra"]
+    sidecar = json.loads(sidecar_path(path).read_text())
+    assert sidecar["format"] == "openvino" and sidecar["weights_file"] == "demo.bin" and sidecar["opset"] == 17
+    assert sidecar["verification"]["runtime"].startswith("OpenVINO") and "verified with OpenVINO" in stdout.getvalue()
+    assert sidecar["verification"]["max_abs_diff"] <= FP32_TOLERANCE
+    model = ov.Core().read_model(str(path))
+    weights = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant" and op.get_output_size()]
+    assert {str(op.get_output_element_type(0)) for op in weights if op.shape and len(op.shape) == 4} == {
+        "<Type: 'float32'>"
+    }
+    slide = shared_slide("CMU-1-Small-Region.svs")
+    torch_mask = _predict_mask(slide, tmp_path / "torch", ["model.runtime=torch"])
+    ov_mask = _predict_mask(slide, tmp_path / "ov", ["model=openvino", f"model.net.path={path}"])
     assert torch_mask.shape == ov_mask.shape and int(torch_mask.max()) - int(torch_mask.min()) > 50
     diff = np.abs(torch_mask.astype(np.int16) - ov_mask.astype(np.int16))
     assert diff.max() <= 1, f"{(diff > 1).sum()} mask pixels differ by more than 1 grey level"

@@ -17,7 +17,7 @@ from wsiseg.errors import UserInputError
 from wsiseg.export import ExportOptions
 from wsiseg.module import SegmentationModule
 from wsiseg.onnx_net import sidecar_path
-from wsiseg.quantize import dice, sample_tissue_tiles
+from wsiseg.quantize import dice, nncf_available, sample_tissue_tiles
 
 pytest.importorskip("openvino", reason="the INT8 check runs both models by OpenVINO")
 
@@ -42,14 +42,27 @@ def flat_slide(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def int8_export(tmp_path_factory: pytest.TempPathFactory, synthetic_slide: Path) -> tuple[Path, dict, str]:
-    """The demo network quantised on tissue of CMU-1-Small-Region and a generated slide: (file, sidecar, stdout)."""
+needs_nncf = pytest.mark.skipif(not nncf_available(), reason="NNCF is not installed (pip install 'wsiseg[int8]')")
+# export.format -> the INT8 file's name; the NNCF case needs NNCF (in the dev extra, so CI runs it)
+FORMATS = [
+    pytest.param("onnx", "demo-int8.onnx", id="onnxruntime-qdq"),
+    pytest.param("openvino", "demo-int8.xml", id="nncf", marks=needs_nncf),
+]
+
+
+@pytest.fixture(scope="module", params=[pytest.param(p.values, id=p.id, marks=p.marks) for p in FORMATS])
+def int8_export(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, synthetic_slide: Path
+) -> tuple[Path, dict, str]:
+    """The demo network quantised on tissue of CMU-1-Small-Region and a generated slide, by each quantiser:
+    (file, sidecar, stdout)."""
+    fmt, name = request.param
     out = tmp_path_factory.mktemp("int8")
-    path = out / "demo-int8.onnx"
+    path = out / name
     slides = f"[{shared_slide('CMU-1-Small-Region.svs')},{synthetic_slide}]"
     result = export(
         out,
+        f"export.format={fmt}",
         f"export.path={path}",
         "export.quantize=int8",
         f"export.calibration_slides={slides}",
@@ -71,11 +84,25 @@ def test_int8_meets_the_dice_floor_on_held_out_tissue(int8_export: tuple[Path, d
     assert len({slide for slide, _, _ in calibration | held_out}) == 2  # pooled over both slides
     assert set(q["dice_vs_fp32_per_slide"]) <= {slide for slide, _, _ in held_out}
     assert "int8 vs fp32 on held-out tissue tiles: Dice" in stdout
-    # the file is quantised: QDQ nodes around INT8 weights
-    import onnx
+    if path.suffix == ".onnx":  # the file is quantised: QDQ nodes around INT8 weights
+        import onnx
 
-    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "onnxruntime" in q["scheme"]
+    else:  # an IR pair whose convolutions take FakeQuantize'd inputs, INT8 weights in the .bin
+        import openvino as ov
+
+        model = ov.Core().read_model(str(path))
+        ops = [op.get_type_name() for op in model.get_ordered_ops()]
+        assert ops.count("FakeQuantize") >= ops.count("Convolution") > 0 and "NNCF" in q["scheme"]
+        constants = {
+            str(op.get_output_element_type(0)) for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
+        }
+        assert "<Type: 'int8_t'>" in constants
+        assert path.with_suffix(".bin").is_file() and sidecar["weights_file"] == path.with_suffix(".bin").name
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        [path.name, f"{path.name}.json", "hydra"] + ([path.with_suffix(".bin").name] if path.suffix == ".xml" else [])
+    )  # no scratch left behind
 
 
 def test_int8_file_runs_in_the_pipeline_close_to_fp32(
@@ -93,11 +120,14 @@ def test_int8_file_runs_in_the_pipeline_close_to_fp32(
     assert dice(a >= 0.5, b >= 0.5) >= 0.98
 
 
-def test_int8_under_the_floor_is_refused_and_not_written(tmp_path: Path) -> None:
-    """A deliberately bad calibration set (one flat colour) checked on real tissue: one line, exit 2, no file."""
+@pytest.mark.parametrize(("fmt", "name"), FORMATS)
+def test_int8_under_the_floor_is_refused_and_not_written(tmp_path: Path, fmt: str, name: str) -> None:
+    """A deliberately bad calibration set (one flat colour) checked on real tissue: one line, exit 2, no file (nor
+    half an IR pair); forced, it is written and the sidecar says so."""
     bad = flat_slide(tmp_path / "flat.tif")
-    path = tmp_path / "bad-int8.onnx"
+    path = tmp_path / f"bad-{name}"
     common = [
+        f"export.format={fmt}",
         f"export.path={path}",
         "export.quantize=int8",
         f"export.calibration_slides=[{bad}]",
@@ -110,8 +140,10 @@ def test_int8_under_the_floor_is_refused_and_not_written(tmp_path: Path) -> None
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("wsiseg-export: error: the INT8 model's Dice vs FP32 is ")
     assert "under export.dice_floor=0.99" in line and "export.force=true" in line and "Traceback" not in result.stderr
-    assert not path.exists() and not sidecar_path(path).exists()
-    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # nothing half-written left behind
+    assert not path.exists() and not sidecar_path(path).exists() and not path.with_suffix(".bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.tif", "hydra"]  # nothing half-written left behind
+    if fmt != "onnx":
+        return  # export.force does not depend on the quantiser: checked once, on the quicker one
     forced = export(tmp_path, *common, "export.force=true")
     assert forced.returncode == 0, forced.stderr[-3000:]
     side = json.loads(sidecar_path(path).read_text())["quantization"]
@@ -123,7 +155,7 @@ def test_int8_under_the_floor_is_refused_and_not_written(tmp_path: Path) -> None
     [
         ({"quantize": "int4"}, "export.quantize must be one of none, int8; got 'int4'"),
         ({"quantize": "int8"}, "export.quantize=int8 needs tissue to calibrate on"),
-        ({"quantize": "int8", "format": "torchscript", "calibration_slides": ["a.svs"]}, "export.format=onnx"),
+        ({"quantize": "int8", "format": "torchscript", "calibration_slides": ["a.svs"]}, "export.format=openvino"),
         ({"quantize": "int8", "fp16": True, "calibration_slides": ["a.svs"]}, "export.fp16=false"),
         ({"quantize": "int8", "calibration_slides": ["a.svs"], "dice_floor": 1.5}, "export.dice_floor must be in"),
     ],
@@ -131,6 +163,14 @@ def test_int8_under_the_floor_is_refused_and_not_written(tmp_path: Path) -> None
 def test_quantize_options_are_checked(tmp_path: Path, options: dict, message: str) -> None:
     with pytest.raises(UserInputError, match=message):
         ExportOptions(path=str(tmp_path / "m.onnx"), **options)
+
+
+def test_nncf_missing_is_one_line_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without NNCF, export.format=openvino export.quantize=int8 is refused when the options are read (not after the
+    export and the tile sampling), saying how to install it or which quantiser needs nothing more."""
+    monkeypatch.setitem(sys.modules, "nncf", None)  # as if not installed: the import fails
+    with pytest.raises(UserInputError, match=r"needs NNCF: pip install 'wsiseg\[int8\]' \(or export.format=onnx"):
+        ExportOptions(format="openvino", path=str(tmp_path / "m.xml"), quantize="int8", calibration_slides=["a.svs"])
 
 
 def test_too_few_tissue_tiles_is_one_line() -> None:

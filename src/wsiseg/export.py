@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wsiseg.atomic import atomic_path, write_json_atomic
+from wsiseg.atomic import write_json_atomic
 from wsiseg.cli import exit_if_run_dir_unusable, user_errors
 from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
@@ -55,6 +56,7 @@ from wsiseg.onnx_graph import (
 )
 from wsiseg.onnx_net import OnnxRuntimeNet, sidecar_path
 from wsiseg.options import check_option_types
+from wsiseg.quantize import NNCF_MISSING, nncf_available
 
 __all__ = [
     "FORMATS",
@@ -72,7 +74,7 @@ __all__ = [
     "main",
 ]
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "openvino")
 QUANTIZE = ("none", "int8")
 FP32_TOLERANCE = 1e-4  # max abs diff of probabilities (0-1) between the exported file and eager float32 PyTorch
 # The same for export.fp16=true. float16 keeps ~3 significant digits through ~20 conv layers; the demo network on
@@ -232,11 +234,13 @@ def verify_onnx(
     sizes: Sequence[Sequence[int]] = ((64, 64), (96, 128)),
     tolerance: float = FP32_TOLERANCE,
     providers: Sequence[str] | None = None,
+    runtime: str = "onnxruntime",
 ) -> VerifyResult:
-    """Run the ONNX file in onnxruntime and the eager float32 ``reference`` on the same random inputs.
+    """Run the ONNX file in onnxruntime (or the ONNX / IR file in OpenVINO) and the eager float32 ``reference`` on the
+    same random inputs.
 
     Args:
-        path: the ``.onnx`` file.
+        path: the ``.onnx`` file, or with ``runtime="openvino"`` an IR ``.xml``.
         reference: the PyTorch network it was exported from (weights loaded).
         activation: applied to both outputs before comparing, so the difference is on probabilities.
         mean, std: normalisation of the random uint8 images, /255 scale.
@@ -244,11 +248,21 @@ def verify_onnx(
         sizes: (H, W) pairs to try, px, multiples of the stride.
         tolerance: largest allowed absolute difference.
         providers: onnxruntime providers (default: CUDA when available, else CPU).
+        runtime: ``onnxruntime`` or ``openvino`` (its CPU plugin, float32).
 
     Raises:
         VerificationError: the difference exceeds ``tolerance`` or the shapes differ.
     """
-    runner = OnnxRuntimeNet(path, stride=network_stride(reference), providers=providers)
+    runner: nn.Module
+    if runtime == "openvino":
+        from wsiseg.openvino_net import OpenVinoNet
+
+        runner = OpenVinoNet(path, stride=network_stride(reference))
+        label, used = "OpenVINO", f"OpenVINO {__import__('openvino').__version__} CPU"
+    else:
+        runner = OnnxRuntimeNet(path, stride=network_stride(reference), providers=providers)
+        label = "ONNX (onnxruntime)"
+        used = f"onnxruntime {__import__('onnxruntime').__version__} {','.join(runner.active_providers)}"
     return _compare(
         runner,
         reference,
@@ -258,8 +272,8 @@ def verify_onnx(
         batches=batches,
         sizes=sizes,
         tolerance=tolerance,
-        label="ONNX (onnxruntime)",
-        runtime=f"onnxruntime {__import__('onnxruntime').__version__} {','.join(runner.active_providers)}",
+        label=label,
+        runtime=used,
     )
 
 
@@ -340,16 +354,19 @@ class ExportOptions:
     """The ``export`` section of ``wsiseg-export`` (its ``_target_``), checked on construction.
 
     Attributes:
-        format: ``onnx`` or ``torchscript``.
-        path: the output file (its folder must exist and accept files); the sidecar is ``<path>.json``.
-        opset: ONNX opset (ignored for TorchScript).
+        format: ``onnx``, ``torchscript`` or ``openvino`` (an IR pair ``<name>.xml`` + ``<name>.bin`` converted from
+            the verified ONNX graph, for ``model=openvino``).
+        path: the output file (its folder must exist and accept files; ``.xml`` for ``openvino``); the sidecar is
+            ``<path>.json``.
+        opset: ONNX opset (also of the graph an OpenVINO IR is converted from; ignored for TorchScript).
         fp16: float16 weights and arithmetic inside; input and output stay float32.
         verify: run the written file against eager float32 PyTorch and fail above ``tolerance``.
         tolerance: largest absolute probability difference; None: 1e-4 (fp32) or 5e-2 (fp16).
         batches: verification batch sizes, each >= 1.
         sizes: verification [height, width] pairs, px (checked against the network's stride by :func:`run_export`).
-        quantize: ``none``, or ``int8``: post-training static INT8 (QDQ) calibrated on tissue tiles of
-            ``calibration_slides`` (:mod:`wsiseg.quantize`); ONNX float32 only.
+        quantize: ``none``, or ``int8``: post-training static INT8 calibrated on tissue tiles of
+            ``calibration_slides`` (:mod:`wsiseg.quantize`): NNCF for ``openvino``, onnxruntime's QDQ quantiser for
+            ``onnx``; float32 only.
         calibration_slides: slides the calibration and held-out tiles are sampled from.
         calibration_tiles: tiles the activation ranges are measured on.
         holdout_tiles: other tiles of the same slides the INT8 model is checked on against FP32.
@@ -390,8 +407,16 @@ class ExportOptions:
         if self.path in (None, ""):
             raise UserInputError("export.path is required: pass export.path=unet.onnx (or unet.pt for torchscript)")
         object.__setattr__(self, "path", _check_output_path(self.path))
-        if self.format == "onnx":
+        if self.format != "torchscript":  # an OpenVINO IR is converted from the ONNX graph
             object.__setattr__(self, "opset", check_opset(int(self.opset)))
+        if self.format == "openvino":
+            if Path(self.path).suffix != ".xml":
+                raise UserInputError(
+                    f"export.format=openvino writes an OpenVINO IR pair (.xml + .bin): export.path must end in .xml, "
+                    f"got '{self.path}'"
+                )
+            if self.fp16:
+                raise UserInputError("export.fp16=true is for onnx and torchscript; OpenVINO IR keeps float32 weights")
         if self.tolerance is None:
             object.__setattr__(self, "tolerance", FP16_TOLERANCE if self.fp16 else FP32_TOLERANCE)
         if not self.sizes or not self.batches or min(int(b) for b in self.batches) < 1:
@@ -399,10 +424,13 @@ class ExportOptions:
         if self.quantize not in QUANTIZE:
             raise UserInputError(f"export.quantize must be one of {', '.join(QUANTIZE)}; got '{self.quantize}'")
         if self.quantize == "int8":
-            if self.format != "onnx" or self.fp16:
+            if self.format == "torchscript" or self.fp16:
                 raise UserInputError(
-                    "export.quantize=int8 quantises a float32 ONNX file: export.format=onnx, export.fp16=false"
+                    "export.quantize=int8 quantises the float32 ONNX graph: export.format=openvino (NNCF, fastest "
+                    "in OpenVINO) or export.format=onnx (onnxruntime's quantiser), export.fp16=false"
                 )
+            if self.format == "openvino" and not nncf_available():
+                raise UserInputError(NNCF_MISSING)
             if not self.calibration_slides:
                 raise UserInputError(
                     "export.quantize=int8 needs tissue to calibrate on: export.calibration_slides='[/data/a.svs]'"
@@ -423,7 +451,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     check_option_types(cfg, ("export", "model", "model.net"))
     ex: ExportOptions = build(cfg.export)
     fmt, path, fp16 = ex.format, Path(ex.path or ""), bool(ex.fp16)
-    opset = ex.opset if fmt == "onnx" else None
+    opset = ex.opset if fmt != "torchscript" else None
     tolerance = float(ex.tolerance or 0.0)
     net, checkpoint = build_network(cfg)
     stride = network_stride(net)
@@ -436,28 +464,34 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     channels = _output_channels(net, stride)
 
     quantization = None
-    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix="wsiseg-export-") as scratch:
-        written = Path(scratch) / "fp32.onnx" if ex.quantize == "int8" else tmp  # the FP32 file, quantised after
-        if fmt == "onnx":
-            export_onnx(net, written, opset=opset or 17, fp16=fp16, example_size=sizes[0], output_name=output_name)
-            verify = verify_onnx
+    int8 = ex.quantize == "int8"
+    # everything is written in a scratch folder next to export.path and renamed into place once checked
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        fp32 = Path(scratch) / ("model.pt" if fmt == "torchscript" else "fp32.onnx")
+        if fmt == "torchscript":
+            export_torchscript(net, fp32, fp16=fp16, example_size=sizes[0])
         else:
-            export_torchscript(net, written, fp16=fp16, example_size=sizes[0])
-            verify = verify_torchscript  # type: ignore[assignment]
-        result = None
-        if ex.verify:
-            result = verify(
-                written,
-                net,
-                activation=activation,
-                mean=mean,
-                std=std,
-                batches=batches,
-                sizes=sizes,
-                tolerance=tolerance,
-            )
-        if ex.quantize == "int8":
-            quantization = _quantize(ex, written, tmp, mean, std, activation, stride)
+            export_onnx(net, fp32, opset=opset or 17, fp16=fp16, example_size=sizes[0], output_name=output_name)
+        checks = {"activation": activation, "mean": mean, "std": std, "batches": batches, "sizes": sizes}
+        verify = verify_torchscript if fmt == "torchscript" else verify_onnx
+        result = verify(fp32, net, tolerance=tolerance, **checks) if ex.verify else None  # type: ignore[operator]
+        final = fp32
+        if int8:
+            final = Path(scratch) / ("int8.xml" if fmt == "openvino" else "int8.onnx")
+            quantization = _quantize(ex, fp32, final, mean, std, activation, stride)
+        elif fmt == "openvino":  # the verified ONNX graph as OpenVINO IR, checked again as OpenVINO runs it
+            from wsiseg.openvino_net import openvino_core, save_ir
+
+            final = Path(scratch) / "fp32.xml"
+            save_ir(openvino_core().read_model(str(fp32)), final)
+            if ex.verify:
+                result = verify_onnx(final, net, tolerance=tolerance, runtime="openvino", **checks)
+        if fmt == "openvino":
+            from wsiseg.openvino_net import move_ir
+
+            move_ir(final, path)
+        else:
+            os.replace(final, path)
 
     net_cfg = OmegaConf.to_container(cfg.model.net, resolve=True)
     sidecar: dict[str, Any] = {
@@ -500,10 +534,17 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
             "cases": [{"batch": n, "height": h, "width": w, "max_abs_diff": d} for n, h, w, d in result.cases],
         },
     }
-    if fmt == "onnx":
+    if fmt != "torchscript":
         import onnx
 
         sidecar["onnx_version"] = onnx.__version__
+    if fmt == "openvino":
+        import openvino
+
+        from wsiseg.openvino_net import ir_weights_path
+
+        sidecar["weights_file"] = ir_weights_path(path).name
+        sidecar["openvino_version"] = openvino.__version__
     if quantization is not None:
         sidecar["quantization"] = quantization
         sidecar["verification"] = sidecar["verification"] and {
@@ -511,8 +552,10 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
             "compared": f"the FP32 graph before quantisation, outputs after activation={activation}",
         }
     write_json_atomic(sidecar_path(path), sidecar)
-    size_mb = path.stat().st_size / 2**20
-    what = f"{fmt}{f' opset {opset}' if opset else ''} {'int8' if quantization else 'fp16' if fp16 else 'fp32'}"
+    files = [path, path.with_suffix(".bin")] if fmt == "openvino" else [path]
+    size_mb = sum(f.stat().st_size for f in files) / 2**20
+    precision = "int8" if quantization else "fp16" if fp16 else "fp32"
+    what = f"{fmt}{f' opset {opset}' if opset and fmt == 'onnx' else ''} {precision}"
     print(f"wsiseg-export: wrote {path} ({what}, {size_mb:.1f} MiB) and {sidecar_path(path).name}")
     if quantization is not None:
         print(f"wsiseg-export: int8 vs fp32 on held-out tissue tiles: {quantization['summary']}")
@@ -534,7 +577,14 @@ def _quantize(
 ) -> dict[str, Any]:
     """INT8 of the FP32 file ``fp32`` into ``out``, calibrated and checked on tissue tiles (:mod:`wsiseg.quantize`);
     returns the sidecar's ``quantization`` record. Refuses a model under ``export.dice_floor`` (unless forced)."""
-    from wsiseg.quantize import check_dice_floor, int8_agreement, quantize_int8, sample_tissue_tiles
+    from wsiseg.quantize import (
+        QUANTIZERS,
+        check_dice_floor,
+        int8_agreement,
+        quantize_int8,
+        quantize_int8_nncf,
+        sample_tissue_tiles,
+    )
 
     patch = check_size((ex.calibration_patch_size, ex.calibration_patch_size), stride, "export.calibration_patch_size")
     where = (ex.calibration_seed, ex.calibration_level, ex.calibration_mpp)
@@ -547,12 +597,17 @@ def _quantize(
     log.info(
         "calibrating INT8 on %d tissue tiles, checking on %d others", len(calibration.origins), len(held_out.origins)
     )
-    quantize_int8(fp32, out, calibration.normalised(mean, std), INPUT_NAME)
+    if ex.format == "openvino":
+        from wsiseg.openvino_net import save_ir
+
+        save_ir(quantize_int8_nncf(fp32, calibration.normalised(mean, std)), out)
+    else:
+        quantize_int8(fp32, out, calibration.normalised(mean, std), INPUT_NAME)
     agreement = int8_agreement(fp32, out, held_out, mean, std, activation)
     used = sorted({slide for slide, _, _ in calibration.origins})
     check_dice_floor(agreement, ex.dice_floor, ex.force, f"{len(calibration.origins)} tiles of {', '.join(used)}")
     return {
-        "scheme": "static QDQ: int8 per-channel weights, uint8 activations, min-max ranges (onnxruntime quantiser)",
+        "scheme": QUANTIZERS[ex.format],
         "calibration": {
             "tiles": [{"slide": s, "x": x, "y": y} for s, x, y in calibration.origins],
             "patch_size": patch[0],

@@ -77,7 +77,8 @@ class OnnxRuntimeNet(nn.Module):
         if not self.path.is_file():
             raise UserInputError(
                 f"model.net.path '{self.path}' does not exist: export one with "
-                f"wsiseg-export export.format=onnx export.path={self.path}"
+                f"wsiseg-export export.format={'openvino' if self.path.suffix == '.xml' else 'onnx'} "
+                f"export.path={self.path}"
             )
         self.sidecar = read_sidecar(self.path)
         self.stride = int(stride or (self.sidecar.stride if self.sidecar else 16))
@@ -122,6 +123,10 @@ class OnnxRuntimeNet(nn.Module):
             ) from None
         self._device_id = device_id
         return session
+
+    def output_channels(self) -> int:
+        """The file's output channels (:func:`onnx_output_channels`)."""
+        return onnx_output_channels(self.path, self.stride)
 
     @property
     def active_providers(self) -> list[str]:
@@ -279,7 +284,7 @@ def onnx_settings(
         UserInputError: one line naming the option, both values and the file, for each refusal above.
     """
     sidecar = net.sidecar
-    channels = onnx_output_channels(net.path, net.stride)
+    channels = net.output_channels()
     if sidecar is not None:
         if sidecar.channels != channels:
             raise UserInputError(

@@ -1,8 +1,9 @@
-"""OpenVINO as a network: a file written by ``wsiseg-export`` (ONNX) compiled by OpenVINO for the CPU, behind the
-``nn.Module`` interface :class:`~wsiseg.module.SegmentationModule` expects (``model=openvino model.net.path=u.onnx``).
+"""OpenVINO as a network: a file written by ``wsiseg-export`` (ONNX, or OpenVINO IR ``.xml`` + ``.bin`` from
+``export.format=openvino``) compiled by OpenVINO for the CPU, behind the ``nn.Module`` interface
+:class:`~wsiseg.module.SegmentationModule` expects (``model=openvino model.net.path=u.onnx``).
 
-The same file and sidecar as :class:`~wsiseg.onnx_net.OnnxRuntimeNet` (mean, std, activation and stride are the
-export's, resolved by :func:`wsiseg.onnx_net.onnx_settings`); only the runtime differs. OpenVINO is a
+The same sidecar as :class:`~wsiseg.onnx_net.OnnxRuntimeNet` (mean, std, activation and stride are the export's,
+resolved by :func:`wsiseg.onnx_net.onnx_settings`); only the runtime differs. OpenVINO is a
 dependency of wsiseg (installed with it); a missing one is one line saying how to install it.
 """
 
@@ -18,9 +19,22 @@ import torch
 from wsiseg.errors import UserInputError, first_line
 from wsiseg.onnx_net import OnnxRuntimeNet
 
-__all__ = ["OpenVinoNet", "INFERENCE_PRECISIONS", "compile_for_cpu", "openvino_available", "run_compiled"]
+__all__ = [
+    "OpenVinoNet",
+    "INFERENCE_PRECISIONS",
+    "IR_SUFFIX",
+    "compile_for_cpu",
+    "ir_weights_path",
+    "openvino_available",
+    "move_ir",
+    "openvino_core",
+    "static_output_channels",
+    "run_compiled",
+    "save_ir",
+]
 
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
+IR_SUFFIX = ".xml"  # an OpenVINO IR file; its weights are the .bin of the same name
 
 
 def openvino_available() -> bool:
@@ -32,7 +46,7 @@ def openvino_available() -> bool:
 
 
 @functools.cache
-def _core() -> Any:
+def openvino_core() -> Any:
     """One ``openvino.Core`` for the process, never released, so the CPU plugin it loads stays loaded for the
     process's lifetime (compiled models of every network share it)."""
     import openvino as ov
@@ -53,7 +67,7 @@ def compile_for_cpu(
     """
     import openvino as ov
 
-    core = _core()
+    core = openvino_core()
     config: dict[str, Any] = {
         "INFERENCE_NUM_THREADS": int(threads or max(1, torch.get_num_threads())),
         "PERFORMANCE_HINT": "LATENCY",
@@ -72,6 +86,43 @@ def compile_for_cpu(
         ) from None
 
 
+def ir_weights_path(path: str | Path) -> Path:
+    """``unet.xml`` → ``unet.bin``: where OpenVINO looks for an IR file's weights."""
+    return Path(path).with_suffix(".bin")
+
+
+def save_ir(model: Any, path: Path) -> None:
+    """Save the ``openvino.Model`` ``model`` as IR at ``path`` (``.xml``) and its weights at :func:`ir_weights_path`,
+    float32 weights kept as they are (no float16 compression)."""
+    import openvino as ov
+
+    ov.save_model(model, str(path), compress_to_fp16=False)
+
+
+def move_ir(source: Path, target: Path) -> None:
+    """Rename the IR pair at ``source`` to ``target`` (same file system), weights first, so the ``.xml`` under the
+    final name only ever appears with its whole ``.bin``."""
+    import os
+
+    os.replace(ir_weights_path(source), ir_weights_path(target))
+    os.replace(source, target)
+
+
+def static_output_channels(path: str | Path) -> int | None:
+    """The channel axis of the first output of the ONNX or IR file ``path`` when it is static, else None.
+
+    Raises:
+        UserInputError: OpenVINO cannot read the file (names it).
+    """
+    try:
+        shape = openvino_core().read_model(str(path)).outputs[0].get_partial_shape()
+    except Exception as exc:
+        raise UserInputError(
+            f"model.net.path '{path}' cannot be read by OpenVINO: {first_line(exc)}; re-export it with wsiseg-export"
+        ) from None
+    return int(shape[1].get_length()) if shape.rank.is_static and len(shape) == 4 and shape[1].is_static else None
+
+
 def run_compiled(compiled: Any, x: torch.Tensor) -> torch.Tensor:
     """``compiled``'s first output for the float batch ``x``, as float32 on ``x``'s device."""
     out = compiled(x.detach().to("cpu", torch.float32).contiguous().numpy())[0]
@@ -79,14 +130,14 @@ def run_compiled(compiled: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 class OpenVinoNet(OnnxRuntimeNet):
-    """An ONNX file from ``wsiseg-export`` compiled by OpenVINO for the CPU.
+    """An ONNX or OpenVINO IR file from ``wsiseg-export`` compiled by OpenVINO for the CPU.
 
     ``forward`` takes the normalised float N×3×H×W batch and returns the graph's first output as float32 on the
     input's device. The compiled model is created on the first call (so the module pickles and deep-copies without
     it), for dynamic batch and spatial sizes.
 
     Args:
-        path: the ``.onnx`` file (``model.net.path``).
+        path: the ``.onnx`` file, or the ``.xml`` of an IR pair (``model.net.path``).
         stride: input height/width multiple, px; None: the sidecar's, else 16.
         threads: CPU threads OpenVINO infers with (``INFERENCE_NUM_THREADS``); None: as many as torch uses, so the
             DataLoader workers and the writer keep theirs.
@@ -137,6 +188,14 @@ class OpenVinoNet(OnnxRuntimeNet):
     @property
     def active_providers(self) -> list[str]:
         return ["OpenVINO CPU"]
+
+    def output_channels(self) -> int:
+        """The file's output channels: its static channel axis, else those of one stride-sized zero tile."""
+        channels = static_output_channels(self.path)
+        if channels is None:
+            with torch.no_grad():
+                channels = int(self(torch.zeros(1, 3, self.stride, self.stride)).shape[1])
+        return channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_compiled(self.compiled, x)

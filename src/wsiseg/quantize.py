@@ -4,9 +4,16 @@
         'export.calibration_slides=[/data/a.svs,/data/b.svs]'
 
 Tissue tiles are sampled from the calibration slides (the same tissue detection as ``wsiseg-predict``), split at
-random into a calibration set and a disjoint held-out set. onnxruntime's static quantiser writes a QDQ model (INT8
-per-channel weights, UINT8 activations, min-max ranges from the calibration set), which OpenVINO and onnxruntime both
-run. The INT8 model is then compared with the FP32 one on the held-out tiles, both run by OpenVINO: Dice of the masks
+random into a calibration set and a disjoint held-out set. Two quantisers, chosen by ``export.format``
+(:data:`QUANTIZERS`):
+
+- ``openvino``: NNCF (OpenVINO's own) quantises the OpenVINO model and the IR file (``.xml`` + ``.bin``) is written:
+  INT8 per-channel weights, asymmetric INT8 activations (NNCF's ``mixed`` preset), min-max ranges. OpenVINO only;
+  the fastest CPU path measured (docs/performance.md).
+- ``onnx``: onnxruntime's static quantiser writes a QDQ ONNX model (INT8 per-channel weights, UINT8 activations,
+  min-max ranges), which OpenVINO and onnxruntime both run.
+
+The INT8 model is then compared with the FP32 one on the held-out tiles, both run by OpenVINO: Dice of the masks
 thresholded at 0.5, max and mean |Δp|. A Dice under ``export.dice_floor`` refuses to write the model unless
 ``export.force=true``. Calibrating on random pixels instead of tissue moves probabilities by up to 0.4-0.5.
 """
@@ -25,16 +32,31 @@ import torch
 from wsiseg.errors import UserInputError
 
 __all__ = [
+    "QUANTIZERS",
     "CalibrationTiles",
     "Int8Agreement",
     "check_dice_floor",
     "dice",
     "int8_agreement",
     "quantize_int8",
+    "quantize_int8_nncf",
+    "nncf_available",
+    "NNCF_MISSING",
     "sample_tissue_tiles",
 ]
 
 log = logging.getLogger(__name__)
+
+# export.format -> what its INT8 file is (the sidecar's quantization.scheme)
+QUANTIZERS = {
+    "onnx": "static QDQ: int8 per-channel weights, uint8 activations, min-max ranges (onnxruntime quantiser)",
+    "openvino": "static int8: int8 per-channel weights, asymmetric int8 activations, min-max ranges (NNCF, mixed "
+    "preset, OpenVINO IR)",
+}
+NNCF_MISSING = (
+    "export.format=openvino export.quantize=int8 needs NNCF: pip install 'wsiseg[int8]' (or export.format=onnx for "
+    "onnxruntime's quantiser)"
+)
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,49 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, input_name: st
         )
     finally:
         prepared.unlink(missing_ok=True)
+
+
+def nncf_available() -> bool:
+    """Whether NNCF can be imported here (looked up, not imported: importing it loads much of torch's tooling)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nncf") is not None
+    except ValueError:  # an entry of None in sys.modules: import blocked
+        return False
+
+
+def quantize_int8_nncf(fp32: Path, calibration: np.ndarray, batch: int = 1) -> Any:
+    """The static INT8 ``openvino.Model`` of the ONNX file ``fp32`` quantised by NNCF, ranges from ``calibration``
+    (normalised float32 N×3×H×W): per-channel weights, asymmetric activations (``mixed`` preset), min-max ranges of
+    the whole set (NNCF's default, the mean of per-batch extremes, moved masks further from FP32 on held-out tissue).
+
+    Raises:
+        UserInputError: NNCF is not installed.
+    """
+    # NNCF imports torch's extension builder, which warns that this machine has no CUDA: not a problem here
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        import nncf
+    except ImportError:
+        raise UserInputError(NNCF_MISSING) from None
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    from wsiseg.openvino_net import openvino_core
+
+    nncf.set_log_level(logging.ERROR)
+    model = openvino_core().read_model(str(fp32))
+    batches = [calibration[i : i + batch] for i in range(0, len(calibration), batch)]
+    return nncf.quantize(
+        model,
+        nncf.Dataset(batches),
+        subset_size=len(batches),
+        preset=nncf.QuantizationPreset.MIXED,
+        advanced_parameters=AdvancedQuantizationParameters(
+            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX
+        ),
+    )
 
 
 @dataclass(frozen=True)
