@@ -75,6 +75,7 @@ class SlideWriter(BasePredictionWriter):
         self._stitcher = Stitcher(list(plan.slides), self.output_dir, output_downsample, self.store)
         self._owned: set[int] | None = None
         self._finished: set[int] = set()
+        self._seen_reports: set[int] = set()  # slides other ranks are known to have written (a report stays)
         self._in_order = 0
         self._worker: OrderedWorker | None = None
         self._batch_clock, self._batch_size = time.perf_counter(), 0
@@ -87,7 +88,7 @@ class SlideWriter(BasePredictionWriter):
             list(self.plan.slides), self.output_dir, self.output_downsample, self.store, distribution.rank
         )
         self.record.start(self.plan)
-        self._finished, self._batch_clock = set(), time.perf_counter()
+        self._finished, self._seen_reports, self._batch_clock = set(), set(), time.perf_counter()
         self._clock, self._tiles_seen = {"start_at": time.time()}, 0
         self._in_order = 0  # position in distribution.mine of the next slide to write (tiles arrive in slide order)
         if distribution.rank == 0:  # before any rank writes (under DDP the claiming all-gather is the barrier)
@@ -246,7 +247,11 @@ class SlideWriter(BasePredictionWriter):
 
     def _reported(self, index: int) -> bool:
         """Whether slide ``index`` has been written by this run, by any rank (rank 0 cleared every redone slide's
-        report at the start, so a report on disk is this run's)."""
-        return index in self._finished or (
-            self._distribution.world > 1 and (self._stitcher.slide_dir(index) / "report.json").is_file()
-        )
+        report at the start, so a report on disk is this run's). A report once seen is not looked for again, so rank 0
+        rewriting the summary after each of its slides looks only for the reports still missing."""
+        if index in self._finished or index in self._seen_reports:
+            return True
+        if self._distribution.world > 1 and (self._stitcher.slide_dir(index) / "report.json").is_file():
+            self._seen_reports.add(index)
+            return True
+        return False
