@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -53,3 +56,25 @@ def assert_matches_rounded(actual: np.ndarray, expected: np.ndarray) -> None:
         f"{bad.sum()} of {bad.size} pixels differ; first at {np.argwhere(bad)[0].tolist()}: "
         f"{actual[bad][:5].tolist()} vs {expected[bad][:5].tolist()}"
     )
+
+
+def run_main(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``wsiseg.predict.main`` (what the ``wsiseg-predict`` console script runs) with ``argv``, in this process (an
+    interpreter start costs ~10 s on 2 cores): (exit status, stderr). Hydra's logging set-up is undone after."""
+    from wsiseg.predict import main
+
+    monkeypatch.setattr(sys, "argv", ["wsiseg-predict", *argv])
+    capsys.readouterr()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0), capsys.readouterr().err
+    finally:  # Hydra configured logging for this run (a file in its run folder, the captured streams): undo it
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return 0, capsys.readouterr().err  # the run went ahead

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import predict
+from tests.helpers import predict, run_main
 from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 
 SCRIPT = Path(sys.executable).parent / "wsiseg-predict"
@@ -62,16 +62,33 @@ USER_ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(USER_ERRORS))
-def test_user_errors_are_one_line_exit_2_and_leave_no_run_folder(tmp_path: Path, small_slide: Path, case: str) -> None:
+def test_user_errors_are_one_line_exit_2_and_leave_no_run_folder(
+    tmp_path: Path, small_slide: Path, case: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The console script's entry point, in this process (the console script itself: the next test)."""
     overrides, expected = USER_ERRORS[case]
     if case == "gpu trainer without a gpu" and torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible: trainer=gpu is valid here")
-    result = run_cli(tmp_path, *QUICK, *(o.format(slide=small_slide) for o in overrides))
+    monkeypatch.chdir(tmp_path)  # Hydra's default run folder (outputs/<date>/<time>) goes under the working folder
+    status, stderr = run_main([*QUICK, *(o.format(slide=small_slide) for o in overrides)], monkeypatch, capsys)
+    assert status == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("wsiseg-predict: error: ") and expected in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == [], "a refused run left a folder behind"
+
+
+def test_console_script_user_error_is_one_line_and_leaves_no_run_folder(tmp_path: Path, small_slide: Path) -> None:
+    """The installed ``wsiseg-predict`` in a new process, the way a user meets it."""
+    result = run_cli(tmp_path, *QUICK, f"data.slides={small_slide}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr[-3000:]
-    assert lines[0].startswith("wsiseg-predict: error: ") and expected in lines[0], lines[0]
+    assert result.stderr.strip().splitlines() == [
+        "wsiseg-predict: error: model.checkpoint is required: pass model.checkpoint=/path/to/weights.pth "
+        "(model=demo runs the built-in demo network; model.checkpoint=random runs untrained weights, for benchmarks "
+        "only)"
+    ]
     assert list(tmp_path.iterdir()) == [], "a refused run left a folder behind"
 
 

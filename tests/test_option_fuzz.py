@@ -4,10 +4,8 @@ left behind. The seed is printed; set WSISEG_FUZZ_SEED to draw other values."""
 
 from __future__ import annotations
 
-import logging
 import os
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from tests.helpers import run_main
 from wsiseg.config import config_dir
 from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 
@@ -139,26 +138,6 @@ def as_override(key: str, value: Any) -> str:
     if value == "":
         return f"{key}=''"
     return f"{key}={value}"
-
-
-def run_main(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from wsiseg.predict import main
-
-    monkeypatch.setattr(sys, "argv", ["wsiseg-predict", *argv])
-    capsys.readouterr()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0), capsys.readouterr().err
-    finally:  # Hydra configured logging for this run (a file in its run folder, the captured streams): undo it
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return 0, capsys.readouterr().err  # the run went ahead
 
 
 @pytest.fixture(scope="module")
