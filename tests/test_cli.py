@@ -93,16 +93,20 @@ def test_console_script_user_error_is_one_line_and_leaves_no_run_folder(tmp_path
 
 
 @pytest.mark.parametrize("command", ["wsiseg-eval", "wsiseg-export", "wsiseg-bench"])
-def test_the_other_commands_refuse_a_run_folder_they_cannot_create(tmp_path: Path, command: str) -> None:
-    done = subprocess.run(
-        [str(SCRIPT.with_name(command)), "hydra.run.dir=/proc/wsiseg-no/run"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [
+def test_the_other_commands_refuse_a_run_folder_they_cannot_create(
+    tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each command's console-script entry point (``wsiseg.<name>:main``, the function its script calls), in-process."""
+    import importlib
+
+    main = importlib.import_module(f"wsiseg.{command.removeprefix('wsiseg-')}").main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [command, "hydra.run.dir=/proc/wsiseg-no/run"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    stderr = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [
         f"{command}: error: hydra.run.dir '/proc/wsiseg-no/run' cannot be created (No such file or directory): "
         "choose a writable folder with hydra.run.dir=/path/to/run"
     ]

@@ -380,7 +380,8 @@ def test_outputs_an_earlier_run_left_never_look_complete(tmp_path: Path, good_sl
     assert summary(out)["other.tif"]["status"] == "skipped"
     assert [folder.name for folder, _ in find_predictions(out)[0]] == ["good"]
 
-    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=10))  # still running then
+    # killed within ~0.02 s of its start, the run cannot have finished this one (seconds of tiles)
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(3072, 2048, seed=10))
     run_dir = tmp_path / "run"
     args = two_slide_args(good_slide, second, workers=0)
     subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={run_dir}"], check=True, capture_output=True, timeout=300)
