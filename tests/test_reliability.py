@@ -244,8 +244,8 @@ def test_resume_redoes_slides_when_the_config_changes(tmp_path: Path, good_slide
 
 
 def test_ctrl_c_keeps_finished_slides_and_leaves_no_partial_outputs(tmp_path: Path, good_slide: Path) -> None:
-    # large enough that the second slide is still running when the signal comes, at OpenVINO's speed too
-    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=9))
+    # 384 tiles: still running when the signal comes, one second into it
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(6144, 4096, seed=9))
     run_dir = tmp_path / "run"
     args = two_slide_args(good_slide, second, workers=1)
     process = start_and_wait_for_first_slide(args, run_dir)
@@ -305,7 +305,7 @@ def test_same_stem_slides_get_distinct_folders(tmp_path: Path) -> None:
 
 def test_sigterm_stops_like_ctrl_c(tmp_path: Path, good_slide: Path) -> None:
     """docker stop / Kubernetes / SLURM send SIGTERM (then SIGKILL): the run stops promptly and cleanly, exit 143."""
-    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=10))  # still running then
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(6144, 4096, seed=10))  # still running then
     run_dir = tmp_path / "run"
     args = two_slide_args(good_slide, second, workers=1)
     process = start_and_wait_for_first_slide(args, run_dir)
@@ -323,7 +323,7 @@ def test_sigterm_stops_like_ctrl_c(tmp_path: Path, good_slide: Path) -> None:
 def test_a_second_run_into_a_busy_folder_is_refused(tmp_path: Path, good_slide: Path) -> None:
     """Two runs in one folder corrupt each other: while one runs, another is refused with one line naming its PID,
     without touching the first run's files; the lock goes with the first run."""
-    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=12))
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(6144, 4096, seed=12))
     run_dir = tmp_path / "run"
     args = two_slide_args(good_slide, second, workers=0)
     first = start_and_wait_for_first_slide(args, run_dir)
@@ -348,7 +348,7 @@ def test_a_killed_dataloader_worker_is_one_line_and_keeps_finished_slides(tmp_pa
     and how to finish, the finished slide kept, the unfinished one left without outputs and listed as interrupted."""
     import psutil
 
-    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(8192, 6144, seed=10))  # still running then
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(6144, 4096, seed=10))  # still running then
     run_dir = tmp_path / "run"
     process = start_and_wait_for_first_slide(two_slide_args(good_slide, second, workers=1), run_dir)
     workers = psutil.Process(process.pid).children(recursive=True)
