@@ -104,6 +104,7 @@ def test_real_slide_mask_auto_runtime_equals_torch_fp32(tmp_path: Path, caplog: 
         assert predict(slide, tmp_path / "auto", [*common, "model.runtime=auto", "model.runtime_min_tiles=0"]) == 0
     expected = "openvino" if openvino_available() else "torch"  # the tests run at trainer.precision=32
     assert f"model.runtime=auto: {expected}" in caplog.text
+    assert ("an INT8 export (wsiseg-export export.format=openvino" in caplog.text) == (expected == "openvino")
     reference, auto = _mask(tmp_path / "torch"), _mask(tmp_path / "auto")
     assert reference.shape == auto.shape and int(reference.max()) - int(reference.min()) > 50
     diff = np.abs(reference.astype(np.int16) - auto.astype(np.int16))
