@@ -55,6 +55,7 @@ from wsiseg.onnx_graph import (
     quiet,
 )
 from wsiseg.onnx_net import OnnxRuntimeNet, sidecar_path
+from wsiseg.openvino_net import ir_weights_path
 from wsiseg.options import check_option_types
 from wsiseg.quantize import NNCF_MISSING, nncf_available
 
@@ -474,7 +475,9 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
             export_onnx(net, fp32, opset=opset or 17, fp16=fp16, example_size=sizes[0], output_name=output_name)
         checks = {"activation": activation, "mean": mean, "std": std, "batches": batches, "sizes": sizes}
         verify = verify_torchscript if fmt == "torchscript" else verify_onnx
-        result = verify(fp32, net, tolerance=tolerance, **checks) if ex.verify else None  # type: ignore[operator]
+        result = None
+        if ex.verify and (int8 or fmt != "openvino"):  # a float32 IR is verified itself, below
+            result = verify(fp32, net, tolerance=tolerance, **checks)  # type: ignore[operator]
         final = fp32
         if int8:
             final = Path(scratch) / ("int8.xml" if fmt == "openvino" else "int8.onnx")
@@ -541,8 +544,6 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     if fmt == "openvino":
         import openvino
 
-        from wsiseg.openvino_net import ir_weights_path
-
         sidecar["weights_file"] = ir_weights_path(path).name
         sidecar["openvino_version"] = openvino.__version__
     if quantization is not None:
@@ -552,7 +553,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
             "compared": f"the FP32 graph before quantisation, outputs after activation={activation}",
         }
     write_json_atomic(sidecar_path(path), sidecar)
-    files = [path, path.with_suffix(".bin")] if fmt == "openvino" else [path]
+    files = [path, ir_weights_path(path)] if fmt == "openvino" else [path]
     size_mb = sum(f.stat().st_size for f in files) / 2**20
     precision = "int8" if quantization else "fp16" if fp16 else "fp32"
     what = f"{fmt}{f' opset {opset}' if opset and fmt == 'onnx' else ''} {precision}"

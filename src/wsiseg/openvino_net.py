@@ -22,7 +22,6 @@ from wsiseg.onnx_net import OnnxRuntimeNet
 __all__ = [
     "OpenVinoNet",
     "INFERENCE_PRECISIONS",
-    "IR_SUFFIX",
     "compile_for_cpu",
     "ir_weights_path",
     "openvino_available",
@@ -34,7 +33,6 @@ __all__ = [
 ]
 
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
-IR_SUFFIX = ".xml"  # an OpenVINO IR file; its weights are the .bin of the same name
 
 
 def openvino_available() -> bool:
