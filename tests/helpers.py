@@ -58,12 +58,19 @@ def assert_matches_rounded(actual: np.ndarray, expected: np.ndarray) -> None:
     )
 
 
-def run_main(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """``wsiseg.predict.main`` (what the ``wsiseg-predict`` console script runs) with ``argv``, in this process (an
-    interpreter start costs ~10 s on 2 cores): (exit status, stderr). Hydra's logging set-up is undone after."""
-    from wsiseg.predict import main
+def run_main(
+    argv: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str = "wsiseg-predict",
+) -> tuple[int, str]:
+    """The ``main`` of ``command``'s module (what the console script runs: ``wsiseg-predict`` → ``wsiseg.predict``)
+    with ``argv``, in this process (an interpreter start costs ~10 s on 2 cores): (exit status, stderr). Hydra's
+    logging set-up is undone after."""
+    import importlib
 
-    monkeypatch.setattr(sys, "argv", ["wsiseg-predict", *argv])
+    main = importlib.import_module(f"wsiseg.{command.removeprefix('wsiseg-')}").main
+    monkeypatch.setattr(sys, "argv", [command, *argv])
     capsys.readouterr()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

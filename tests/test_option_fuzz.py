@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,111 @@ def test_every_bad_option_is_one_line_exit_2_and_no_run_folder(
             named = named or "does not match" in lines[0]
         if not (ok and named and not run_dir.exists()):
             failures.append(f"{override}: exit {status}, folder left {run_dir.exists()}, stderr {err.strip()[-300:]!r}")
+    assert not failures, f"seed {SEED}: {len(failures)} of {len(cases)} bad options not refused cleanly:\n" + "\n".join(
+        failures
+    )
+
+
+class Hung(BaseException):
+    """A case ran past its time limit (not an Exception: the entry points' handlers must not catch it)."""
+
+
+def run_with_time_limit(
+    argv: list[str], command: str, seconds: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int | None, str]:
+    """``run_main`` for ``command``; (None, "") when it ran past ``seconds``: a hang fails, not the suite."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Hung
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        return run_main(argv, monkeypatch, capsys, command=command)
+    except Hung:
+        return None, ""
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def draw_section_cases(config: str, section: str, rng: random.Random) -> list[tuple[str, Any]]:
+    """A wrongly typed value for every key of ``section`` in ``config`` (empty for keys that have a value)."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name=config, overrides=["model=demo"] if config != "eval" else [])
+    keys = {k: v for k, v in leaves(cfg[section], f"{section}.").items()}
+    cases = []
+    for key in sorted(keys):
+        candidates = wrong_types(keys[key])
+        if keys[key] not in (None, "???", []) and not isinstance(keys[key], bool):
+            candidates.append(None)
+        if candidates:
+            cases.append((key, rng.choice(candidates)))
+    return cases
+
+
+# The red team's hangs (export and bench spun at 100 % CPU on these) and more of each kind.
+EXPORT_CASES = [
+    "export.format=tflite",
+    "export.path={tmp}",  # a folder
+    "export.path={tmp}/missing/x.onnx",
+    "export.path=/proc/x.onnx",
+    "export.opset=5",
+    "export.opset=999",
+    "export.quantize=int4",
+    "export.quantize=int8",  # no calibration slides
+    "export.format=openvino export.path={tmp}/x.onnx",
+    "export.batches=[0]",
+    "export.sizes=[[60,64]]",
+    "export.tolerance=-1",
+    "export.dice_floor=2",
+    "export.calibration_tiles=0",
+]
+BENCH_CASES = ["bench.max_tiles=0", "bench.naive_tiles=-1", "bench.generated_size=0", "bench.model_batches=0"]
+EVAL_CASES = ["eval.predictions=/nonexistent", "eval.level=-1", "eval.threshold=2"]
+
+
+@pytest.mark.parametrize(
+    ("command", "config", "section", "curated"),
+    [
+        ("wsiseg-export", "export", "export", EXPORT_CASES),
+        ("wsiseg-bench", "bench", "bench", BENCH_CASES),
+        ("wsiseg-eval", "eval", "eval", EVAL_CASES),
+    ],
+)
+def test_other_commands_refuse_bad_options_in_one_line_without_hanging(
+    command: str,
+    config: str,
+    section: str,
+    curated: list[str],
+    fuzz_inputs: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    slide, _ = fuzz_inputs
+    rng = random.Random(f"{SEED}-{command}")
+    base = {
+        "wsiseg-export": ["model=demo", f"export.path={tmp_path}/ok.onnx"],
+        "wsiseg-bench": ["model=demo", "trainer=cpu", f"bench.slide={slide}"],
+        "wsiseg-eval": [f"eval.predictions={tmp_path}", f"eval.annotations={tmp_path}"],
+    }[command]
+    cases = [c.format(tmp=tmp_path).split() for c in curated]
+    cases += [[as_override(key, value)] for key, value in draw_section_cases(config, section, rng)]
+    print(f"\nseed {SEED} ({command}): {len(cases)} cases")
+    failures = []
+    for n, overrides in enumerate(cases):
+        run_dir = tmp_path / f"run{n}"
+        keys = {o.split("=", 1)[0] for o in overrides}
+        argv = [a for a in base if a.split("=", 1)[0] not in keys] + overrides + [f"hydra.run.dir={run_dir}"]
+        status, err = run_with_time_limit(argv, command, 60, monkeypatch, capsys)
+        lines = err.strip().splitlines()
+        ok = status == 2 and len(lines) == 1 and lines[0].startswith(f"{command}: error: ")
+        if not ok or run_dir.exists():
+            what = "hung (60 s)" if status is None else f"exit {status}"
+            failures.append(
+                f"{' '.join(overrides)}: {what}, folder left {run_dir.exists()}, stderr {err.strip()[-300:]!r}"
+            )
     assert not failures, f"seed {SEED}: {len(failures)} of {len(cases)} bad options not refused cleanly:\n" + "\n".join(
         failures
     )

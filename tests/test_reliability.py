@@ -406,3 +406,58 @@ def test_outputs_an_earlier_run_left_never_look_complete(tmp_path: Path, good_sl
         else:
             assert rows[f"{name}.tif"]["status"] == "pending"
             assert not (run_dir / name / "mask.tif").exists(), f"{name}: an old-config mask.tif was left"
+
+
+def test_a_run_cut_short_fails_its_slides_with_the_count_and_resume_redoes_them(
+    tmp_path: Path, good_slide: Path
+) -> None:
+    """A slide is complete only when every planned tile was predicted: Lightning's ``limit_predict_batches`` (or
+    ``fast_dev_run``) stops feeding tiles early, which once gave ``complete`` slides with blank mask areas."""
+    second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(1024, 768, seed=9))
+    out = tmp_path / "out"
+    cut = [*FAST, "data.batch_size=2", "data.tissue.enabled=false", "+trainer.limit_predict_batches=2"]
+    assert predict([good_slide, second], out, cut) == 1
+    rows = summary(out)
+    assert rows["good.tif"]["status"] == "failed" and rows["second.tif"]["status"] == "failed"
+    planned = json.loads((out / "good" / "report.json").read_text())["tiles_tissue"]
+    assert rows["good.tif"]["reason"].startswith(f"only 4 of {planned} planned tiles were predicted")
+    assert rows["second.tif"]["reason"].startswith("only 0 of ")
+    for name in ("good", "second"):
+        assert not (out / name / "mask.tif").exists() and not (out / name / "heatmap.png").exists()
+    # trainer options are outside the config hash: resume must still redo both, since neither is complete
+    assert (
+        predict([good_slide, second], out, [*FAST, "data.batch_size=2", "data.tissue.enabled=false", "resume=true"])
+        == 0
+    )
+    rows = summary(out)
+    assert rows["good.tif"]["status"] == "complete" and rows["second.tif"]["status"] == "complete"
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_tensor(tmp_path: Path, good_slide: Path) -> None:
+    from wsiseg.config import asset_path
+
+    state = torch.load(asset_path("demo_unet.pt"), map_location="cpu", weights_only=True)
+    key = sorted(k for k, v in state.items() if v.is_floating_point())[3]
+    state[key].view(-1)[0] = float("nan")
+    poisoned = tmp_path / "nan.pth"
+    torch.save(state, poisoned)
+    message = user_error(good_slide, tmp_path / "out", [*FAST, f"model.checkpoint={poisoned}"])
+    assert f"tensor '{key}' holds 1 NaN/infinite value(s)" in message and str(poisoned) in message
+    assert not (tmp_path / "out" / "good").exists()
+
+
+def test_non_finite_network_output_fails_the_slide_naming_the_tile(tmp_path: Path, good_slide: Path) -> None:
+    """The geometry probe with a huge gain overflows float16 (the maps' dtype on their way to the host): infinities,
+    which once became a clean ``complete`` mask."""
+    out = tmp_path / "out"
+    probe = ["model=probe", "model.net.gain=1e6", "data.patch_size=256", "writer.output_downsample=4"]
+    assert predict(good_slide, out, probe) == 1
+    report = json.loads((out / "good" / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert re.search(r"NaN/infinite values for the tile at read-level \(\d+, \d+\)", report["error"]), report["error"]
+    assert not (out / "good" / "mask.tif").exists()
+
+
+def test_softmax_over_one_channel_is_refused(tmp_path: Path, good_slide: Path) -> None:
+    message = user_error(good_slide, tmp_path / "out", [*FAST, "model.activation=softmax"])
+    assert message.startswith("model.activation=softmax but the network outputs 1 channel"), message

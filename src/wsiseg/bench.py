@@ -756,7 +756,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 @hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors("wsiseg-bench"):
+    with user_errors("wsiseg-bench", run_dir=Path(HydraConfig.get().runtime.output_dir)):
         check_option_types(cfg, ("bench", "data", "model", "model.net", "trainer"))
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         if str(cfg.data.get("_target_", "")).endswith("PatchFolderDataModule"):

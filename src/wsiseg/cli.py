@@ -51,6 +51,10 @@ class ProgressBarSafeHandler(logging.StreamHandler):
 def _route_console_logs_around_progress_bar() -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
+        stream = getattr(handler, "stream", None)
+        if hasattr(stream, "reconfigure"):
+            # a file name that is not UTF-8 (kept by Python as lone surrogates) is logged as \xNN, not as a traceback
+            stream.reconfigure(errors="backslashreplace")
         if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr):
             safe = ProgressBarSafeHandler(handler.stream)
             safe.setLevel(handler.level)

@@ -51,7 +51,9 @@ def build(node: Any, **kwargs: Any) -> Any:
         cause = next((e for e in exception_chain(exc) if isinstance(e, UserInputError)), None)
         if cause is None:
             raise
-        raise cause from None
+    # Raised outside the handler: inside it, Python would set ``exc`` as ``cause``'s context while ``cause`` already
+    # sits in ``exc``'s chain, a loop that a walk of the chain never leaves.
+    raise cause from None
 
 
 def build_trainer(node: Any, **kwargs: Any) -> Any:

@@ -23,11 +23,14 @@ class NoProcessableSlideError(UserInputError):
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and the exceptions behind it (``__cause__``, else ``__context__``), outermost first: Hydra and Lightning
-    wrap the error a user can act on."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        yield seen
-        seen = seen.__cause__ or seen.__context__
+    wrap the error a user can act on. Each exception comes once: a chain that loops (an exception re-raised inside
+    the handler of one that wraps it) ends where it would repeat."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def first_line(exc: BaseException) -> str:

@@ -31,6 +31,7 @@ import cv2
 import hydra
 import numpy as np
 import tifffile
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from wsiseg.annotations import DEFAULT_EXCLUDE, find_annotation, ground_truth_mask
@@ -545,7 +546,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors("wsiseg-eval"):
+    with user_errors("wsiseg-eval", run_dir=Path(HydraConfig.get().runtime.output_dir)):
         result = run_eval(cfg)
     print(format_table(result))
     print(f"wrote {Path(cfg.eval.output_dir) / 'eval.json'} and froc.png")

@@ -35,6 +35,7 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -424,6 +425,11 @@ class ExportOptions:
             raise UserInputError("export.batches and export.sizes need at least one entry each (batches >= 1)")
         if self.quantize not in QUANTIZE:
             raise UserInputError(f"export.quantize must be one of {', '.join(QUANTIZE)}; got '{self.quantize}'")
+        # checked even when nothing is quantised: a value out of range is a mistake whether or not it is used now
+        if self.calibration_tiles < 1 or self.holdout_tiles < 1:
+            raise UserInputError("export.calibration_tiles and export.holdout_tiles must be >= 1")
+        if not 0 < self.dice_floor <= 1:
+            raise UserInputError(f"export.dice_floor must be in (0, 1], got {self.dice_floor}")
         if self.quantize == "int8":
             if self.format == "torchscript" or self.fp16:
                 raise UserInputError(
@@ -436,10 +442,6 @@ class ExportOptions:
                 raise UserInputError(
                     "export.quantize=int8 needs tissue to calibrate on: export.calibration_slides='[/data/a.svs]'"
                 )
-            if self.calibration_tiles < 1 or self.holdout_tiles < 1:
-                raise UserInputError("export.calibration_tiles and export.holdout_tiles must be >= 1")
-            if not 0 < self.dice_floor <= 1:
-                raise UserInputError(f"export.dice_floor must be in (0, 1], got {self.dice_floor}")
 
 
 def run_export(cfg: DictConfig) -> dict[str, Any]:
@@ -630,7 +632,7 @@ def _quantize(
 
 @hydra.main(config_path=str(config_dir()), config_name="export", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors("wsiseg-export"):
+    with user_errors("wsiseg-export", run_dir=Path(HydraConfig.get().runtime.output_dir)):
         run_export(cfg)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wsiseg.errors import UserInputError
+from wsiseg.errors import UserInputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,8 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
     is logged.
 
     Raises:
-        UserInputError: the file is missing, is not a PyTorch checkpoint, or needs unpickling without ``trust``.
+        UserInputError: the file is missing, is not a PyTorch checkpoint, needs unpickling without ``trust``, or a
+            floating-point tensor holds NaN or infinite values (named in the message).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -309,7 +310,7 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
         if not trust:
             if not _is_pickle(path):
                 raise UserInputError(
-                    f"model.checkpoint '{path}' is not a readable PyTorch checkpoint: {str(safe_error).splitlines()[0]}"
+                    f"model.checkpoint '{path}' is not a readable PyTorch checkpoint: {first_line(safe_error)}"
                 ) from None
             raise UserInputError(
                 f"model.checkpoint '{path}' holds pickled objects that torch.load(weights_only=True) refuses (a whole "
@@ -333,6 +334,13 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserInputError(f"model.checkpoint '{path}' holds no state_dict (found {type(obj).__name__})")
+    for key, tensor in obj.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserInputError(
+                f"model.checkpoint '{path}': tensor '{key}' holds {bad} NaN/infinite value(s) (a diverged or corrupt "
+                "training run): its masks would be meaningless; use a checkpoint from before the divergence"
+            )
     return _strip_prefixes(obj)
 
 

@@ -55,21 +55,32 @@ def compile_options(device_type: str) -> dict[str, Any]:
     return {"freezing": True} if device_type == "cpu" else {}
 
 
-def _check_channel_index(net: nn.Module, channel_index: int) -> None:
-    """``reduction=channel`` keeps a channel the network has: counted on one stride-sized zero tile (CPU, float32),
-    so a wrong index fails before any slide is read, not after inference.
-
-    Raises:
-        UserInputError: naming ``model.channel_index`` and the network's channel count.
-    """
+def output_channels(net: nn.Module) -> int:
+    """The channels ``net`` outputs, counted on one stride-sized zero tile (float32, on the net's device)."""
     stride = network_stride(net)
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        channels = int(net.eval()(torch.zeros(1, 3, stride, stride, device=device)).shape[1])
-    if not 0 <= channel_index < channels:
+        return int(net.eval()(torch.zeros(1, 3, stride, stride, device=device)).shape[1])
+
+
+def check_head(channels: int, activation: str | None, reduction: str, channel_index: int, where: str = "") -> None:
+    """The network head makes sense for a network with ``channels`` output channels: ``reduction=channel`` keeps a
+    channel it has, and ``softmax`` is over 2 or more channels (over one channel it is 1 everywhere: every pixel,
+    tissue or not, would be tumour). Checked before any slide is read, not after inference; ``where`` names the network
+    in the message (e.g. an ONNX file).
+
+    Raises:
+        UserInputError: naming ``model.channel_index`` or ``model.activation`` and the network's channel count.
+    """
+    if reduction == "channel" and not 0 <= channel_index < channels:
         raise UserInputError(
-            f"model.channel_index={channel_index} but the network outputs {channels} channel(s): use "
+            f"model.channel_index={channel_index} but the network{where} outputs {channels} channel(s): use "
             f"model.channel_index between 0 and {channels - 1}, or model.reduction=max"
+        )
+    if activation == "softmax" and channels < 2:
+        raise UserInputError(
+            f"model.activation=softmax but the network{where} outputs {channels} channel: softmax over one channel is "
+            "1 everywhere (every pixel tumour); use model.activation=sigmoid for a 1-channel logit network, or none"
         )
 
 
@@ -184,13 +195,15 @@ class SegmentationModule(pl.LightningModule):
                 net, mean=mean, std=std, activation=activation, reduction=reduction, channel_index=channel_index
             )
             mean, std, activation = onnx.mean, onnx.std, onnx.activation
+            if activation == "softmax":  # onnx_settings checked channel_index against the file
+                check_head(net.output_channels(), activation, reduction, channel_index, f" '{net.path}'")
             self.weights = str(net.path)
             checkpoint, channels_last, compile = None, False, False
             runtime = "torch"  # the file's own runtime
         else:
             self.weights = self._load_weights(net, checkpoint, bool(trust_checkpoint))
-            if reduction == "channel":
-                _check_channel_index(net, channel_index)
+            if reduction == "channel" or activation == "softmax":
+                check_head(output_channels(net), activation, reduction, channel_index)
         self.net = net.eval()
         self.checkpoint = checkpoint
         mean = (0.5, 0.5, 0.5) if mean is None else mean
@@ -430,8 +443,11 @@ class SegmentationModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Any]:
         """``batch["image"]``: (N, 3, H, W) uint8 on this device (the data module decodes compressed tiles); the other
-        keys are passed through with ``probs`` added."""
+        keys are passed through with ``probs`` and ``finite`` added (``finite``: (N,) bool on the device, False for a
+        tile whose map holds a NaN or an infinity)."""
         probs = self(batch["image"]).to(self.output_dtype)
         out = {k: v for k, v in batch.items() if k != "image"}
         out["probs"] = probs
+        # computed on the device, read by the writer with the maps: a tile with NaN/inf fails its slide
+        out["finite"] = torch.isfinite(probs).flatten(1).all(dim=1)
         return out

@@ -87,7 +87,7 @@ def test_resume_keeps_only_complete_reports_of_the_same_config_with_their_output
     assert read_complete_report(folder, "other") is None
     (folder / ".partial-rank0").mkdir()
     (folder / ".mask.tif.tmp").write_bytes(b"x")
-    remove_stale(folder)
+    remove_stale(folder, root=tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["heatmap.png", "mask.tif"]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.sharding import assign_slides, choose_shard, tiles_of_rank
+from wsiseg.safe_paths import safe_output_name
 
 __all__ = ["RunPlan", "output_names", "slide_identity"]
 
@@ -32,9 +33,11 @@ def _base_name(path: Path) -> str:
 
 def output_names(paths: Sequence[Path]) -> list[str]:
     """One output folder name per slide, unique within the run: the file name without its extension (``p.v1.svs`` →
-    ``p.v1``; ``x.ome.tif`` → ``x``); a name already taken gets ``-2``, ``-3``, … — never one that another slide's own
-    name is, so ``[A/x.tif, B/x.tif, C/x-2.tif]`` become ``x``, ``x-3``, ``x-2``. The same list gives the same names."""
-    natural = [_base_name(Path(p)) for p in paths]
+    ``p.v1``; ``x.ome.tif`` → ``x``), made a plain folder name by :func:`wsiseg.safe_paths.safe_output_name` (``...svs``
+    → ``slide``, ``summary.json.svs`` → ``summary.json-slide``); a name already taken gets ``-2``, ``-3``, … — never one
+    that another slide's own name is, so ``[A/x.tif, B/x.tif, C/x-2.tif]`` become ``x``, ``x-3``, ``x-2``. The same list
+    gives the same names."""
+    natural = [safe_output_name(_base_name(Path(p))) for p in paths]
     counts: dict[str, int] = {}
     for name in natural:
         counts[name] = counts.get(name, 0) + 1

@@ -251,6 +251,7 @@ class PatchWriter(BasePredictionWriter):
         image_indices = as_ints(prediction["image_index"])
         piece_indices = as_ints(prediction["piece_index"])
         errors = prediction.get("error") or [""] * len(image_indices)
+        finite = prediction["finite"].cpu().tolist()
         self._batch_size = max(self._batch_size, len(image_indices))
         for i, (index, piece_index) in enumerate(zip(image_indices, piece_indices)):
             image = self.plan.images[index]
@@ -260,6 +261,11 @@ class PatchWriter(BasePredictionWriter):
             state.pieces += 1
             if errors[i]:
                 state.error = state.error or errors[i]
+            elif not finite[i]:
+                state.error = state.error or (
+                    f"image '{image.path}': the network output NaN/infinite values for piece {piece_index}: check the "
+                    "checkpoint, model.mean/std and trainer.precision (float16 can overflow)"
+                )
             elif not state.error:
                 try:
                     self._add_piece(image, state, piece_index, probs[i], None if pixels is None else pixels[i])

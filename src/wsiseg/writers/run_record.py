@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from wsiseg.atomic import write_json_atomic
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.plan import RunPlan
 from wsiseg.errors import UserInputError
+from wsiseg.safe_paths import display_name, inside, remove_inside
 from wsiseg.writers.render import OUTPUT_FILES
 
 __all__ = [
@@ -102,31 +102,41 @@ def reported_tiles(output_dir: Path, names: Sequence[str]) -> int:
     return total
 
 
-def remove_stale(slide_dir: Path) -> None:
+def remove_stale(slide_dir: Path, *, root: Path) -> None:
     """Remove what an interrupted run left in a slide folder: the old report (the slide is being redone), partial
-    stores, scratch pyramids and temporary files. Completed outputs are replaced atomically later."""
-    (slide_dir / "report.json").unlink(missing_ok=True)
+    stores, scratch pyramids and temporary files. Completed outputs are replaced atomically later.
+
+    ``root`` is the run folder: ``slide_dir`` must lie inside it and every entry removed inside ``slide_dir``
+    (:func:`wsiseg.safe_paths.inside`, links resolved), else nothing is removed.
+
+    Raises:
+        UnsafePathError: ``slide_dir`` is not inside ``root``.
+    """
+    inside(root, slide_dir)
+    if not slide_dir.is_dir():
+        return
+    remove_inside(slide_dir, slide_dir / "report.json")
     for leftover in slide_dir.glob(".*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+        remove_inside(slide_dir, leftover)
 
 
-def clear_outputs(slide_dir: Path) -> None:
+def clear_outputs(slide_dir: Path, *, root: Path) -> None:
     """Remove a slide folder's report, outputs (:data:`wsiseg.writers.render.OUTPUT_FILES`) and scratch files: the
     slide is redone by this run, or cannot be processed by it, so nothing an earlier run wrote there may look like
-    this run's result. The folder itself stays."""
+    this run's result. The folder itself stays. ``root`` as in :func:`remove_stale`."""
+    inside(root, slide_dir)
+    if not slide_dir.is_dir():
+        return
     for name in OUTPUT_FILES:
-        (slide_dir / name).unlink(missing_ok=True)
-    remove_stale(slide_dir)
+        remove_inside(slide_dir, slide_dir / name)
+    remove_stale(slide_dir, root=root)
 
 
-def discard_unreported(slide_dir: Path) -> None:
+def discard_unreported(slide_dir: Path, *, root: Path) -> None:
     """A slide stopped while its files were written has no ``report.json``: remove every output it may have left
     (:func:`clear_outputs`), so none looks complete."""
     if not (slide_dir / "report.json").exists():
-        clear_outputs(slide_dir)
+        clear_outputs(slide_dir, root=root)
 
 
 def check_writable(folder: Path) -> None:
@@ -161,7 +171,7 @@ def base_report(
     :mod:`wsiseg.data.grid`, tile counts); ``status`` starts ``incomplete``."""
     level = slide.level
     return {
-        "slide": str(slide.path),
+        "slide": display_name(str(slide.path)),
         "name": slide.name,
         "slide_identity": slide.identity,
         "status": "incomplete",
@@ -243,7 +253,7 @@ class RunRecord:
         **extra: Any,
     ) -> None:
         """One result row (``complete``, ``skipped``, ``failed`` or ``interrupted``); ``extra`` fields follow."""
-        row: dict[str, Any] = {"slide": str(path)}
+        row: dict[str, Any] = {"slide": display_name(str(path))}
         if name is not None:
             row["name"] = name
         row.update({"status": status, "tiles": tiles, "seconds": seconds, "reason": reason, **extra})
@@ -298,7 +308,14 @@ class RunRecord:
         ``summary.csv`` and ``index.html`` are written beside it (:mod:`wsiseg.writers.run_index`).
         ``ranks``: each process's share and clock at the end of a run (``ranks`` in the file)."""
         rows = self.rows + [
-            {"slide": str(s.path), "name": s.name, "status": "pending", "tiles": 0, "seconds": 0.0, "reason": ""}
+            {
+                "slide": display_name(str(s.path)),
+                "name": s.name,
+                "status": "pending",
+                "tiles": 0,
+                "seconds": 0.0,
+                "reason": "",
+            }
             for s in pending or ()
         ]
         write_json_atomic(

@@ -17,7 +17,7 @@ from wsiseg.writers.render import OUTPUT_FILES, RenderOptions, render_slide
 from wsiseg.writers.run_record import RunRecord, base_report
 from wsiseg.writers.stitcher import SlideState
 
-__all__ = ["write_slide"]
+__all__ = ["incomplete_reason", "write_slide"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ def write_slide(
     rank: int = 0,
 ) -> str:
     """Render ``slide``'s outputs from ``state.store`` into ``out_dir`` and record them; returns the status
-    (``complete`` or ``failed``). A tile error recorded in ``state`` fails the slide without rendering; a failure while
+    (``complete`` or ``failed``). A slide is complete only when every planned tile was predicted with a finite map: a
+    tile error recorded in ``state`` (unreadable, NaN/inf out of the network) or a planned tile that never arrived
+    fails the slide without rendering (the reason gives the count); a failure while
     rendering removes whatever was written. The store itself is left to the caller. ``position`` (``2/5``) prefixes
     the log line of a completed slide; ``rank`` (the DDP rank writing it) goes into the report."""
     report = base_report(
@@ -54,6 +56,8 @@ def write_slide(
     try:
         if state.error:
             raise RuntimeError(state.error)
+        if len(state.tiles_seen) != slide.tiles_tissue:
+            raise RuntimeError(incomplete_reason(len(state.tiles_seen), slide.tiles_tissue))
         fields = render_slide(
             slide,
             state.store,
@@ -87,6 +91,14 @@ def write_slide(
             out_dir,
         )
     return str(report["status"])
+
+
+def incomplete_reason(predicted: int, planned: int) -> str:
+    """Why a slide with ``predicted`` of its ``planned`` tiles is not complete: its mask would be partly blank."""
+    return (
+        f"only {predicted} of {planned} planned tiles were predicted (the run stopped feeding this slide early, e.g. "
+        "trainer.limit_predict_batches or fast_dev_run): its mask would be partly blank; run without those options"
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -93,9 +93,9 @@ class SlideWriter(BasePredictionWriter):
         self._in_order = 0  # position in distribution.mine of the next slide to write (tiles arrive in slide order)
         if distribution.rank == 0:  # before any rank writes (under DDP the claiming all-gather is the barrier)
             for index in range(len(self.plan.slides)):  # redone: an earlier run's outputs must not look complete
-                clear_outputs(self._stitcher.slide_dir(index))
+                clear_outputs(self._stitcher.slide_dir(index), root=self.output_dir)
             for name in self.plan.failed_names:  # cannot be processed now: neither may theirs
-                clear_outputs(self.output_dir / name)
+                clear_outputs(self.output_dir / name, root=self.output_dir)
             self.record.write_summary(pending=self.plan.slides)  # summary.json describes this run from its start
 
     # -- Lightning hooks -----------------------------------------------------------------------------------------
@@ -116,7 +116,8 @@ class SlideWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        probs, ready = to_host_async(prediction["probs"])
+        probs, _ = to_host_async(prediction["probs"])
+        finite, ready = to_host_async(prediction["finite"])  # same stream, after probs: one event says both landed
         slides, tiles = as_ints(prediction["slide_index"]), as_ints(prediction["tile_index"])
         errors = list(prediction.get("error") or [""] * len(slides))
         owned, indices = self._owned, list(batch_indices) if batch_indices is not None else [None] * len(slides)
@@ -128,20 +129,37 @@ class SlideWriter(BasePredictionWriter):
         # A slide's clock starts with the batch holding its first tile (read and computed before it reaches here).
         started, self._batch_clock = self._batch_clock, time.perf_counter()
         if self._worker is None:
-            self._blend(probs, ready, slides, tiles, errors, mine, started)
+            self._blend(probs, finite, ready, slides, tiles, errors, mine, started)
         else:
-            self._worker.submit(probs, ready, slides, tiles, errors, mine, started)
+            self._worker.submit(probs, finite, ready, slides, tiles, errors, mine, started)
 
-    def _blend(self, probs: Any, ready: Any, slides: list[int], *rest: Any) -> None:
+    def _blend(
+        self, probs: Any, finite: Any, ready: Any, slides: list[int], tiles: list[int], errors: list[str], *rest: Any
+    ) -> None:
         if ready is not None:
             ready.synchronize()  # the device-to-host copy of this batch has landed
-        self._stitcher.add_batch(probs.numpy(), slides, *rest)
+        if not bool(finite.all()):
+            errors = [
+                error or self._not_finite(s, t, ok) for s, t, ok, error in zip(slides, tiles, finite.tolist(), errors)
+            ]
+        self._stitcher.add_batch(probs.numpy(), slides, tiles, errors, *rest)
         mine = self._distribution.mine
         if self._distribution.in_slide_order and slides:
             # tiles arrive in slide order: every earlier slide of this rank is complete
             while self._in_order < len(mine) and mine[self._in_order] < max(slides):
                 self._finish(mine[self._in_order])
                 self._in_order += 1
+
+    def _not_finite(self, slide_index: int, tile_index: int, finite: bool) -> str:
+        """The error of a tile whose map is not finite (empty when it is): the slide then fails, naming the tile."""
+        if finite:
+            return ""
+        slide = self.plan.slides[slide_index]
+        x, y = (int(v) for v in slide.origins[tile_index])
+        return (
+            f"the network output NaN/infinite values for the tile at read-level ({x}, {y}) (level {slide.level.level}) "
+            "of this slide: check the checkpoint, model.mean/std and trainer.precision (float16 can overflow)"
+        )
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._worker is not None:
@@ -184,7 +202,7 @@ class SlideWriter(BasePredictionWriter):
             self._stitcher.release(index)
         for index in self._distribution.mine:  # a slide stopped while its files were written: none of them stays
             if index not in self._finished:
-                discard_unreported(self._stitcher.slide_dir(index))
+                discard_unreported(self._stitcher.slide_dir(index), root=self.output_dir)
         if self._distribution.rank == 0:
             # slides other ranks completed before the stop keep their outputs: listed from their reports
             for index in unfinished:
