@@ -59,8 +59,19 @@ def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     result, report = run_bench(tmp_path, *SMALL_SLIDE_BENCH, "bench.max_tiles=24", "bench.naive_tiles=8")
     assert "speedup optimised/naive" in result.stdout
     cases = report["cases"]
-    assert set(cases) == {"naive", "optimised", "read_bound", "model_bound"}
+    assert set(cases) == {"naive", "optimised", "read_bound", "model_bound", "host_bound"}
+    host = cases.pop("host_bound")
     tiles = report["settings"]["tiles"]
+    # the host-bound case: the same tiles through the real reader and writer with a zero-cost network
+    assert host["patches"] == tiles and host["slides"] == 1 and host["patches_per_s"] > 0
+    assert host["reader_in"] == "workers" and all(
+        host["host_cpu_us_per_tile"][k] > 0 for k in ("main", "stitch", "reader")
+    )
+    assert len(host["finalise_s"]) == 1 and host["finalise_s"][0] > 0
+    assert 0 <= host["blocked_s"] < host["seconds"] and host["blocked_fraction"] < 1
+    host_report = json.loads((tmp_path / "host_bound" / "bench_slide" / "report.json").read_text())
+    assert host_report["status"] == "complete" and host_report["tiles_processed"] == tiles
+    assert "host_bound" in result.stdout
     assert 0 < tiles <= 24
     assert cases["optimised"]["patches"] == cases["read_bound"]["patches"] == tiles
     assert cases["naive"]["patches"] == min(8, tiles)

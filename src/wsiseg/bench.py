@@ -7,7 +7,9 @@ All cases run on the same tiles in one process, one after the other, so their ra
 2. **optimised** — the real ``wsiseg-predict`` pipeline (DataLoader workers, the trainer's precision, channels_last,
    optional compile, the writer included);
 3. **read bound** — the data pipeline alone (workers reading and decoding tiles, nothing else);
-4. **model bound** — the module on device-resident batches.
+4. **model bound** — the module on device-resident batches;
+5. **host bound** — the pipeline with a zero-cost network (:mod:`wsiseg.bench_host`): the ceiling any device reaches
+   on this host, with the host's CPU time per tile by thread.
 
     wsiseg-bench                                   # generated slide, demo-sized defaults
     wsiseg-bench bench.slide=/data/test_040.tif model=unet_camelyon trainer=gpu model.compile=true
@@ -42,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wsiseg.atomic import write_json_atomic
 from wsiseg.batch_size import resolve_batch_size
+from wsiseg.bench_host import host_bound_case
 from wsiseg.cli import exit_if_run_dir_unusable, user_errors
 from wsiseg.config import build, build_trainer, config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
@@ -453,6 +456,7 @@ class BenchOptions:
             bench's slide.
         peers: also time the peers (MONAI's WSI pipeline) on the naive loop's tiles and weights; a peer that is not
             installed is skipped with a line saying so.
+        host_bound: also run the pipeline with a zero-cost network (:mod:`wsiseg.bench_host`): the host's ceiling.
 
     Raises:
         UserInputError: one line naming the ``bench.*`` key.
@@ -467,6 +471,7 @@ class BenchOptions:
     ddp_ranks: Sequence[int] = ()
     cohort_slides: int = 0
     peers: bool = True
+    host_bound: bool = True
 
     def __post_init__(self) -> None:
         for key in ("generated_size", "max_tiles", "naive_tiles", "model_batches"):
@@ -582,6 +587,12 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     # as many tiles as a batch, so a compiled network sees the shape it was compiled for
     sample = torch.stack([datamodule.dataset[i]["image"] for i in range(min(batch_size, tiles))]).to(device)
     agreement = precision_agreement(module, trainer, reference, sample)
+    host_bound = None
+    if bench.host_bound:
+        with torch.inference_mode(), trainer.precision_plugin.forward_context():
+            maps = module(sample).to(module.output_dtype)
+        host_bound = host_bound_case(cfg, datamodule, maps, out_dir / "host_bound")
+        log.info("host_bound: %s", host_bound)
 
     optimised = results["optimised"].patches_per_s
     read_rate, model_rate = results["read_bound"].patches_per_s, results["model_bound"].patches_per_s
@@ -607,7 +618,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     ddp_slides = cohort(bench, slide_path, out_dir) if bench.ddp_ranks else []
     ddp = [_ddp_throughput(cfg, ddp_slides, int(r), out_dir / f"ddp{r}") for r in bench.ddp_ranks]
     report = {
-        "cases": {k: v.as_dict() for k, v in results.items()},
+        "cases": {k: v.as_dict() for k, v in results.items()} | ({"host_bound": host_bound} if host_bound else {}),
         "summary": summary,
         "peers": peers,
         "ddp_cpu": ddp,
@@ -711,6 +722,16 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{name:<12} {c['patches']:>8} {c['patches_per_s']:>10.2f} {c['ms_per_patch']:>9.2f} "
             f"{gpu:>12} {c['peak_rss_mb']:>12.0f}"
+        )
+    host = report["cases"].get("host_bound")
+    if host:
+        cpu = host["host_cpu_us_per_tile"]
+        rate = "-" if host["patches_per_s"] is None else f"{host['patches_per_s']:.2f}"
+        lines.append(
+            f"{'host_bound':<12} {host['patches']:>8} {rate:>10}   (zero-cost network, steady state) host CPU per "
+            f"tile: main {cpu['main']:.0f} us, stitch {cpu['stitch']:.0f} us, reader {cpu['reader']:.0f} us "
+            f"({host['reader_in']}); finalise {host['finalise_s']} s; blocked {host['blocked_s']:.2f} s "
+            f"({host['blocked_fraction']:.1%})"
         )
     s = report["summary"]
     lines.append(

@@ -18,7 +18,7 @@ from wsiseg.malloc import keep_freed_memory
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
 from wsiseg.openvino_net import openvino_available
 
-__all__ = ["SegmentationModule", "ACTIVATIONS", "REDUCTIONS", "RANDOM_WEIGHTS", "FIXED_WEIGHTS"]
+__all__ = ["SegmentationModule", "ACTIVATIONS", "REDUCTIONS", "RANDOM_WEIGHTS", "FIXED_WEIGHTS", "step_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,16 @@ def check_head(channels: int, activation: str | None, reduction: str, channel_in
             f"model.activation=softmax but the network{where} outputs {channels} channel: softmax over one channel is "
             "1 everywhere (every pixel tumour); use model.activation=sigmoid for a 1-channel logit network, or none"
         )
+
+
+def step_outputs(batch: dict[str, Any], probs: torch.Tensor) -> dict[str, Any]:
+    """What ``predict_step`` hands the writers: ``batch``'s keys but ``image``, with ``probs`` (N, C', h, w) and
+    ``finite`` ((N,) bool, computed on ``probs``' device: False for a tile whose map holds a NaN or an infinity; the
+    writer reads it with the maps and fails that tile's slide)."""
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out["probs"] = probs
+    out["finite"] = torch.isfinite(probs).flatten(1).all(dim=1)
+    return out
 
 
 class SegmentationModule(pl.LightningModule):
@@ -445,9 +455,4 @@ class SegmentationModule(pl.LightningModule):
         """``batch["image"]``: (N, 3, H, W) uint8 on this device (the data module decodes compressed tiles); the other
         keys are passed through with ``probs`` and ``finite`` added (``finite``: (N,) bool on the device, False for a
         tile whose map holds a NaN or an infinity)."""
-        probs = self(batch["image"]).to(self.output_dtype)
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out["probs"] = probs
-        # computed on the device, read by the writer with the maps: a tile with NaN/inf fails its slide
-        out["finite"] = torch.isfinite(probs).flatten(1).all(dim=1)
-        return out
+        return step_outputs(batch, self(batch["image"]).to(self.output_dtype))

@@ -41,3 +41,34 @@ def test_a_full_disk_is_named_in_the_slide_reason() -> None:
     short = OSError("2304000 requested and 798592 written")  # how a short TIFF write reads
     assert "choose another writer.output_dir" in _reason(short)
     assert _reason(ValueError("tile 3: corrupt\nTraceback-like detail")) == "tile 3: corrupt"  # one line
+
+
+def test_slides_finalised_on_their_own_thread_equal_inline_ones(tmp_path: Path) -> None:
+    """``writer.blend_thread=true`` (the GPU default): tiles blend on one thread and finished slides are written on
+    another while the next slide's tiles keep coming; every output equals the inline run's, byte for byte, and the
+    rank's host figures list one finalisation per slide."""
+    import tifffile
+
+    from tests.helpers import predict
+    from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
+
+    slides = [
+        write_synthetic_slide(tmp_path / f"s{i}.tif", SyntheticSlide(1024 + 256 * i, 768, seed=20 + i))
+        for i in range(3)
+    ]
+    base = ["model=demo", "data.patch_size=256", "data.overlap=32", "writer.output_downsample=2", "data.batch_size=3"]
+    runs = {}
+    for threaded in ("true", "false"):
+        out = tmp_path / f"threaded-{threaded}"
+        assert predict(slides, out, [*base, f"writer.blend_thread={threaded}"]) == 0
+        runs[threaded] = out
+    for i in range(3):
+        threaded, inline = runs["true"] / f"s{i}", runs["false"] / f"s{i}"
+        for level in range(len(tifffile.TiffFile(inline / "mask.tif").pages)):
+            assert (
+                tifffile.imread(threaded / "mask.tif", key=level) == tifffile.imread(inline / "mask.tif", key=level)
+            ).all()
+        assert (threaded / "heatmap.png").read_bytes() == (inline / "heatmap.png").read_bytes()
+    ranks = json.loads((runs["true"] / "summary.json").read_text())["ranks"]
+    assert len(ranks) == 1 and len(ranks[0]["finalise_s"]) == 3 and min(ranks[0]["finalise_s"]) > 0
+    assert ranks[0]["stitch_cpu_s"] > 0 and ranks[0]["blocked_s"] >= 0

@@ -5,6 +5,7 @@ which rank blends which tile and writes which slide. It holds no geometry, rende
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,16 @@ from wsiseg.writers.stitcher import Stitcher
 from wsiseg.writers.worker import OrderedWorker
 
 __all__ = ["SlideWriter"]
+
+
+@dataclass
+class _HostFigures:
+    """Host time of one rank's run (:meth:`SlideWriter.host_figures`)."""
+
+    blocked_s: float = 0.0
+    stitch_cpu_s: float = 0.0
+    finalise_cpu_s: float = 0.0
+    finalise_s: list[float] = field(default_factory=list)
 
 
 class SlideWriter(BasePredictionWriter):
@@ -77,7 +88,9 @@ class SlideWriter(BasePredictionWriter):
         self._finished: set[int] = set()
         self._seen_reports: set[int] = set()  # slides other ranks are known to have written (a report stays)
         self._in_order = 0
-        self._worker: OrderedWorker | None = None
+        self._worker: OrderedWorker | None = None  # blends batches (GPU runs)
+        self._finaliser: OrderedWorker | None = None  # writes finished slides, beside the blending (GPU runs)
+        self._host = _HostFigures()
         self._batch_clock, self._batch_size = time.perf_counter(), 0
         self._clock: dict[str, float] = {}  # this rank's unix times: start, first and last batch, done writing
         self._tiles_seen = 0
@@ -89,7 +102,7 @@ class SlideWriter(BasePredictionWriter):
         )
         self.record.start(self.plan)
         self._finished, self._seen_reports, self._batch_clock = set(), set(), time.perf_counter()
-        self._clock, self._tiles_seen = {"start_at": time.time()}, 0
+        self._clock, self._tiles_seen, self._host = {"start_at": time.time()}, 0, _HostFigures()
         self._in_order = 0  # position in distribution.mine of the next slide to write (tiles arrive in slide order)
         if distribution.rank == 0:  # before any rank writes (under DDP the claiming all-gather is the barrier)
             for index in range(len(self.plan.slides)):  # redone: an earlier run's outputs must not look complete
@@ -105,6 +118,8 @@ class SlideWriter(BasePredictionWriter):
         on_cpu = trainer.strategy.root_device.type == "cpu"
         inline = not self.blend_thread if self.blend_thread != "auto" else on_cpu
         self._worker = None if inline else OrderedWorker(self._blend)
+        # at most one slide finalising at a time (and one more waiting): the memory of two finished slides' stores
+        self._finaliser = None if inline else OrderedWorker(self._finish, max_pending=1, name="wsiseg-finalise")
 
     def write_on_batch_end(
         self,
@@ -131,24 +146,36 @@ class SlideWriter(BasePredictionWriter):
         if self._worker is None:
             self._blend(probs, finite, ready, slides, tiles, errors, mine, started)
         else:
+            waiting = time.perf_counter()
             self._worker.submit(probs, finite, ready, slides, tiles, errors, mine, started)
+            self._host.blocked_s += time.perf_counter() - waiting  # > 0 when the blend queue was full
 
     def _blend(
         self, probs: Any, finite: Any, ready: Any, slides: list[int], tiles: list[int], errors: list[str], *rest: Any
     ) -> None:
         if ready is not None:
             ready.synchronize()  # the device-to-host copy of this batch has landed
+        cpu = time.thread_time()
         if not bool(finite.all()):
             errors = [
                 error or self._not_finite(s, t, ok) for s, t, ok, error in zip(slides, tiles, finite.tolist(), errors)
             ]
         self._stitcher.add_batch(probs.numpy(), slides, tiles, errors, *rest)
+        self._host.stitch_cpu_s += time.thread_time() - cpu
         mine = self._distribution.mine
         if self._distribution.in_slide_order and slides:
             # tiles arrive in slide order: every earlier slide of this rank is complete
             while self._in_order < len(mine) and mine[self._in_order] < max(slides):
-                self._finish(mine[self._in_order])
+                self._hand_over(mine[self._in_order])
                 self._in_order += 1
+
+    def _hand_over(self, index: int) -> None:
+        """Slide ``index`` is complete: write it, on the finaliser thread when there is one (it then waits while an
+        earlier slide is still being written, so at most one finalises)."""
+        if self._finaliser is None:
+            self._finish(index)
+            return
+        self._finaliser.submit(index)
 
     def _not_finite(self, slide_index: int, tile_index: int, finite: bool) -> str:
         """The error of a tile whose map is not finite (empty when it is): the slide then fails, naming the tile."""
@@ -162,10 +189,12 @@ class SlideWriter(BasePredictionWriter):
         )
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._worker is not None:
-            self._worker.close()
-            self._worker.raise_error()
-            self._worker = None
+        workers = [w for w in (self._worker, self._finaliser) if w is not None]
+        for worker in workers:  # blending first: it hands slides to the finaliser
+            worker.close()
+        self._stop_workers()
+        for worker in workers:
+            worker.raise_error()
         for index in self._distribution.slides_to_write(self._stitcher, trainer):
             self._finish(index)
         self._clock["done_at"] = time.time()  # this rank's work is done; from here it waits for the others
@@ -181,22 +210,40 @@ class SlideWriter(BasePredictionWriter):
             ]
             self.record.write_summary(ranks=ranks)
 
+    def _stop_workers(self) -> None:
+        self._worker = self._finaliser = None
+
+    def host_figures(self) -> dict[str, Any]:
+        """Where this rank's host time went, for the benchmark and ``summary.json``: ``blocked_s``, seconds the main
+        loop waited to hand a batch to the blend thread (its queue was full); ``stitch_cpu_s``, CPU seconds spent
+        blending tiles (on the blend thread, or between batches when blending inline); ``finalise_s``, wall seconds
+        each written slide took to finalise (pyramid, heatmap, contours, report), in the order written, and
+        ``finalise_cpu_s``, the CPU seconds of the thread that finalised them (thread pools it used not counted)."""
+        return {
+            "blocked_s": round(self._host.blocked_s, 4),
+            "stitch_cpu_s": round(self._host.stitch_cpu_s, 4),
+            "finalise_cpu_s": round(self._host.finalise_cpu_s, 4),
+            "finalise_s": [round(v, 3) for v in self._host.finalise_s],
+        }
+
     def _rank_figures(self) -> dict[str, Any]:
         """This rank's share and clock (unix seconds): its first and last predicted batch, and when it had written
-        its slides (the rest of the run it waits for the others)."""
+        its slides (the rest of the run it waits for the others); and :meth:`host_figures`."""
         return {
             "rank": self._distribution.rank,
             "slides": len(self._distribution.mine),
             "tiles": self._tiles_seen,
             **{key: round(value, 3) for key, value in self._clock.items()},
+            **self.host_figures(),
         }
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Stop blending, drop this rank's partial stores of unfinished slides (finished ones stay; ``resume=true``
         redoes the rest) and, on rank 0, write ``summary.json`` with the unfinished slides as ``interrupted``."""
-        if self._worker is not None:
-            self._worker.close(timeout=60, error=exception)
-            self._worker = None
+        for worker in (self._worker, self._finaliser):
+            if worker is not None:
+                worker.close(timeout=60, error=exception)
+        self._stop_workers()
         unfinished = [i for i in range(len(self.plan.slides)) if i not in self._finished]
         for index in unfinished:
             self._stitcher.release(index)
@@ -233,6 +280,7 @@ class SlideWriter(BasePredictionWriter):
         """Write slide ``index``'s outputs and report once, then free its store."""
         if index in self._finished:
             return
+        started, cpu = time.perf_counter(), time.thread_time()
         try:
             write_slide(
                 self.plan.slides[index],
@@ -249,6 +297,8 @@ class SlideWriter(BasePredictionWriter):
             )
         finally:
             self._stitcher.release(index)
+        self._host.finalise_s.append(time.perf_counter() - started)
+        self._host.finalise_cpu_s += time.thread_time() - cpu
         self._finished.add(index)  # only now: interrupted while writing, the slide counts as unfinished
         if self._distribution.rank == 0:  # summary.json describes the run at every moment (rank 0's view under DDP)
             pending = [s for i, s in enumerate(self.plan.slides) if i not in self._finished and not self._reported(i)]

@@ -1,5 +1,6 @@
 """One background thread that runs submitted jobs in order, with a bounded queue, re-raising a job's error on the
-submitting thread. The slide writer blends on it on GPUs, so the host blends while the device runs the next batch."""
+submitting thread. The slide writer blends on one on GPUs, so the host blends while the device runs the next batch, and
+finalises slides (pyramid, heatmap, contours) on another, so the next slide's tiles keep flowing meanwhile."""
 
 from __future__ import annotations
 
