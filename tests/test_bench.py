@@ -16,6 +16,7 @@ SMALL_SLIDE_BENCH = [
     "trainer=cpu",
     "trainer.enable_progress_bar=false",
     "bench.generated_size=2048",
+    "data.patch_size=256",
     "bench.model_batches=2",
     "data.batch_size=4",
     "data.num_workers=1",

@@ -1,4 +1,5 @@
-"""``data.batch_size=auto``: the largest batch that fits on the device, found by an out-of-memory probe."""
+"""``data.batch_size``: the device's default (null) or the largest batch that fits on the device (``auto``, found by an
+out-of-memory probe), in whole network chunks."""
 
 from __future__ import annotations
 
@@ -10,22 +11,54 @@ import torch
 from wsiseg.errors import UserInputError
 from wsiseg.module import SegmentationModule
 
-__all__ = ["resolve_batch_size", "probe_max_batch", "default_batch_size", "CPU_AUTO_BATCH", "GPU_DEFAULT_BATCH"]
+__all__ = [
+    "CPU_AUTO_BATCH",
+    "GPU_DEFAULT_BATCH",
+    "default_batch_size",
+    "gpu_default_batch",
+    "network_chunk",
+    "probe_max_batch",
+    "resolve_batch_size",
+    "whole_chunks",
+]
 
 log = logging.getLogger(__name__)
 
 # On CPU small batches keep activations in cache, so throughput falls as the batch grows; batch 2 keeps most of batch
 # 1's rate while amortising per-batch overhead (measurements: docs/performance.md, "Batch size on CPU").
 CPU_AUTO_BATCH = 2
-GPU_DEFAULT_BATCH = 16  # data.batch_size=null on a GPU (auto probes the memory instead)
+# data.batch_size=null on a GPU (at most one network chunk; auto probes the memory instead): enough tiles per batch
+# that the GPU's kernels stay large and the per-batch host work (collation, the copy, the writer's hand-off) is shared.
+GPU_DEFAULT_BATCH = 32
 
 
 def default_batch_size(device_type: str | None = None) -> int:
-    """``data.batch_size=null`` (the default): what is fast on the device kind, :data:`CPU_AUTO_BATCH` on CPUs and
-    :data:`GPU_DEFAULT_BATCH` elsewhere; None: the device this process would run on (CUDA when visible)."""
+    """``data.batch_size=null`` (the default) where the network is not known (the data module's own loader):
+    :data:`CPU_AUTO_BATCH` on CPUs and :data:`GPU_DEFAULT_BATCH` elsewhere; None: the device this process would run
+    on (CUDA when visible). :func:`resolve_batch_size` also caps the GPU default at one network chunk."""
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return CPU_AUTO_BATCH if device_type == "cpu" else GPU_DEFAULT_BATCH
+
+
+def network_chunk(module: SegmentationModule, patch_size: int) -> int:
+    """Tiles of ``patch_size`` px the module runs through its network at once (``model.max_chunk``, else the most that
+    keep the largest activation under the 32-bit index limit: :meth:`SegmentationModule.chunk_size`)."""
+    shape_only = torch.empty((1 << 20, 3, patch_size, patch_size), dtype=torch.uint8, device="meta")
+    return int(module.chunk_size(shape_only))
+
+
+def gpu_default_batch(chunk: int) -> int:
+    """``data.batch_size=null`` on a GPU: :data:`GPU_DEFAULT_BATCH`, or one network chunk of ``chunk`` tiles when that
+    is smaller (a batch of one chunk and a bit would run a second, mostly padded chunk)."""
+    return max(1, min(GPU_DEFAULT_BATCH, chunk))
+
+
+def whole_chunks(batch: int, chunk: int) -> int:
+    """``batch`` rounded down to a multiple of ``chunk`` (tiles per network call), so no network call of the batch is
+    short: a compiled network pads a short chunk to the size it was compiled for, computing tiles it throws away. A
+    batch smaller than one chunk is one network call already and is kept."""
+    return batch if batch < chunk else batch // chunk * chunk
 
 
 def probe_max_batch(
@@ -34,7 +67,8 @@ def probe_max_batch(
     """Double the batch from 1 until a forward pass runs out of CUDA memory (or ``cap``); return the last that fit.
 
     The module splits batches into chunks under the 32-bit index limit of eager kernels, exactly as in prediction,
-    so the probe measures what prediction will need.
+    so the probe measures what prediction will need. It synchronises with the device after each try (once per run,
+    before prediction).
     """
     module = module.to(device).eval()
     best, size = 0, 1
@@ -57,15 +91,27 @@ def probe_max_batch(
 def resolve_batch_size(
     batch_size: int | str | None, module: SegmentationModule, patch_size: int, device: torch.device, trainer: Any
 ) -> int:
-    """``batch_size`` as an int: None is the device's default (:func:`default_batch_size`); ``auto`` probes CUDA
-    memory (on CPU it is :data:`CPU_AUTO_BATCH`)."""
+    """``batch_size`` as an int. None: the device's default, on a GPU at most one network chunk
+    (:func:`gpu_default_batch`); ``auto``: the largest batch that fits in CUDA memory, rounded down to whole network
+    chunks (:func:`whole_chunks`) — on CPU :data:`CPU_AUTO_BATCH`; an int is kept as given."""
     if batch_size is None:
-        return default_batch_size(device.type)
+        if device.type == "cpu":
+            return default_batch_size("cpu")
+        return gpu_default_batch(network_chunk(module, patch_size))
     if batch_size != "auto":
         return int(batch_size)
     if device.type != "cuda":
         log.info("data.batch_size=auto on CPU: using %d", CPU_AUTO_BATCH)
         return CPU_AUTO_BATCH
     found = probe_max_batch(module, patch_size, device, trainer)
-    log.info("data.batch_size=auto: %d tiles of %d px fit on %s", found, patch_size, device)
-    return found
+    chunk = network_chunk(module, patch_size)
+    batch = whole_chunks(found, chunk)
+    log.info(
+        "data.batch_size=auto: %d tiles of %d px fit on %s; using %d (whole chunks of %d tiles)",
+        found,
+        patch_size,
+        device,
+        batch,
+        chunk,
+    )
+    return batch

@@ -463,9 +463,9 @@ class BenchOptions:
     """
 
     slide: str | None = None
-    generated_size: int = 4096
+    generated_size: int = 20480
     seed: int = 3
-    max_tiles: int = 256
+    max_tiles: int = 512
     naive_tiles: int = 128
     model_batches: int = 16
     ddp_ranks: Sequence[int] = ()

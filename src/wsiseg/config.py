@@ -96,14 +96,22 @@ def _default_precision() -> str:
     return "16-mixed" if torch.cuda.is_available() else cpu_precision()
 
 
-def default_workers() -> int:
-    """DataLoader workers when ``data.num_workers`` is not given: the cores but one on a GPU machine (the cores read
-    while the GPU computes), a quarter of the cores on CPU-only machines (the network's threads use them)."""
-    if torch.cuda.is_available():
-        return _spare_cores()  # the GPU computes; the cores read and decode tiles
+def default_workers(device_type: str | None = None, cores: int | None = None) -> int:
+    """DataLoader workers when ``data.num_workers`` is not given, for a run on ``device_type`` (``cuda``, ``cpu``;
+    None: CUDA when a device is visible) on a machine of ``cores`` cores (None: this one's).
+
+    GPU runs: every core but one, without a cap (the main process feeds the GPU; reading and decoding tiles is what
+    holds a GPU run back, so every other core reads). CPU-only runs: a quarter of the cores, at most 8 (the network's
+    threads use the cores).
+    """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    cores = cores or os.cpu_count() or 2
+    if device_type != "cpu":
+        return max(1, cores - 1)
     # On CPU the network's threads use every core: a reader process only competes with them (on 2 cores one worker was
     # slower than reading in the main process). Workers pay off from 4 cores up.
-    return min(8, (os.cpu_count() or 2) // 4)
+    return min(8, cores // 4)
 
 
 def usable_cores(limit: int = 8) -> int:

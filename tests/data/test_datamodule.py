@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import shared_slide
@@ -40,3 +41,58 @@ def test_no_processable_slide_gives_the_real_reason() -> None:
     message = str(info.value)
     assert message.startswith("none of the 2 slides in data.slides can be processed; the first: slide '")
     assert "does not exist" in message and "could be opened" not in message
+
+
+# -- GPU defaults, as pure functions of the device kind -------------------------------------------------------------
+
+
+def test_auto_reader_is_jpeg_on_cuda() -> None:
+    """data.reader=auto: JPEG tiles on CUDA (nvJPEG, with or without workers) and on CPU runs without workers;
+    OpenSlide for CPU runs with workers."""
+    from wsiseg.data.readers import resolve_reader
+
+    assert resolve_reader("auto", 15, "cuda") == resolve_reader("auto", 0, "cuda") == "jpeg"
+    assert resolve_reader("auto", 0, "cpu") == "jpeg"
+    assert resolve_reader("auto", 1, "cpu") == "openslide"
+
+
+def test_auto_reader_chooses_jpeg_tiles_when_cuda_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA visible (pretended: the choice is all that runs), auto picks the JPEG-tile reader for a JPEG-tiled
+    slide even with workers, and OpenSlide for a slide without JPEG tiles."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    chosen = {}
+    for name in ("CMU-1-Small-Region.svs", "openslide-python__boxes.tiff"):
+        dm = SlideTileDataModule(str(shared_slide(name)), patch_size=256, num_workers=4, reader="auto")
+        dm.setup("predict")
+        chosen[name] = dm.tile_reader.name
+    assert chosen == {"CMU-1-Small-Region.svs": "jpeg", "openslide-python__boxes.tiff": "openslide"}
+
+
+@pytest.mark.parametrize(
+    ("device_type", "cores", "workers"),
+    [("cuda", 16, 15), ("cuda", 64, 63), ("cuda", 1, 1), ("cpu", 2, 0), ("cpu", 16, 4), ("cpu", 64, 8)],
+)
+def test_default_workers(device_type: str, cores: int, workers: int) -> None:
+    """data.num_workers=null: every core but one on GPU runs (no cap), a quarter of the cores up to 8 on CPU."""
+    from wsiseg.config import default_workers
+
+    assert default_workers(device_type, cores) == workers
+
+
+def test_default_batch_sizes() -> None:
+    """data.batch_size=null: 2 on CPUs, 32 on GPUs or one network chunk when smaller (the 31M U-Net's chunk is 63
+    tiles of 512 px, 15 of 1024 px); auto keeps whole chunks."""
+    from wsiseg.batch_size import default_batch_size, gpu_default_batch, network_chunk, resolve_batch_size, whole_chunks
+    from wsiseg.model import Unet
+    from wsiseg.module import SegmentationModule
+
+    assert default_batch_size("cpu") == 2 and default_batch_size("cuda") == 32
+    assert gpu_default_batch(63) == 32 and gpu_default_batch(15) == 15
+    assert [whole_chunks(b, 63) for b in (512, 256, 63, 62, 1)] == [504, 252, 63, 62, 1]
+    module = SegmentationModule(Unet(3, 3), checkpoint="random", compile=False)
+    assert (network_chunk(module, 512), network_chunk(module, 1024)) == (63, 15)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_batch_size(None, module, 512, cuda, None) == 32
+    assert resolve_batch_size(None, module, 1024, cuda, None) == 15
+    assert resolve_batch_size(None, module, 512, cpu, None) == 2
+    assert resolve_batch_size(48, module, 512, cuda, None) == 48

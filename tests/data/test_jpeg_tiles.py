@@ -19,6 +19,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from tests.conftest import shared_slide
 from tests.helpers import predict
+from tests.test_gpu import ONCE_PER_RUN, CudaSyncs, syncs_allowed
+from tests.test_gpu import cuda_syncs as cuda_syncs  # the autouse fixture: GPU cases run in sync debug mode
 from wsiseg.data import jpeg_tiles
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.jpeg_dataset import JpegTileDataset
@@ -424,31 +426,40 @@ def test_unknown_reader_is_one_line_error() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("slide", "patch", "overlap"), [(CMU, 512, 64), ("synthetic", 256, 48)])
-def test_nvjpeg_patches_equal_openslide_reads(synthetic_slide: Path, slide: str, patch: int, overlap: int) -> None:
+def test_nvjpeg_patches_equal_openslide_reads(
+    synthetic_slide: Path, cuda_syncs: CudaSyncs, slide: str, patch: int, overlap: int
+) -> None:
+    """nvJPEG patches match OpenSlide's reads; decoding a batch never waits for the GPU (sync debug mode), but for
+    the colour check on the first batch of each colour kind."""
     path = synthetic_slide if slide == "synthetic" else shared_slide(slide)
     dm = _datamodule(path, 0, patch, overlap)
     plan = dm.dataset.slides[0]
     diffs = []
     checks: dict[int, bool] = {}  # colour kinds checked against libjpeg, kept over the batches as the reader does
+    cuda_syncs.allow("jpeg_tiles.py:colour_mismatch", ONCE_PER_RUN["jpeg_tiles.py:colour_mismatch"])
     with openslide.OpenSlide(str(path)) as handle:
         for batch in dm.predict_dataloader():
             out = decode_batch(batch, "cuda", checks)
             assert out["image"].is_cuda
+            with syncs_allowed():  # the patches read back to compare
+                host = out["image"].cpu()
             for n, (x, y) in enumerate(zip(out["x"].tolist(), out["y"].tolist())):
                 expected = read_rgb(handle, x, y, plan.level, patch, patch)
-                diffs.append(np.abs(out["image"][n].permute(1, 2, 0).cpu().numpy().astype(int) - expected))
+                diffs.append(np.abs(host[n].permute(1, 2, 0).numpy().astype(int) - expected))
     diff = np.stack(diffs)
     print(f"\nnvJPEG {path.name}: mean |diff| {diff.mean():.4f}, max {diff.max()}, colour checks {checks}")
     assert diff.mean() <= MEAN_LIMIT
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_auto_reader_reads_jpeg_tiles_on_cpu_only_runs_without_workers(synthetic_slide: Path, workers: int) -> None:
-    """data.reader=auto (the config default): JPEG tiles decoded in the main process when no CUDA device is visible
-    and num_workers=0 (where it was measured faster), OpenSlide otherwise."""
+def test_auto_reader_reads_jpeg_tiles_on_cuda_and_on_cpu_runs_without_workers(
+    synthetic_slide: Path, workers: int
+) -> None:
+    """data.reader=auto (the config default): JPEG tiles when a CUDA device is visible (nvJPEG) or when the main
+    process reads on a CPU-only machine (num_workers=0, where it was measured faster), OpenSlide otherwise."""
     dm = SlideTileDataModule([str(synthetic_slide)], patch_size=256, num_workers=workers, reader="auto")
     dm.setup("predict")
-    expect_jpeg = workers == 0 and not torch.cuda.is_available()
+    expect_jpeg = workers == 0 or torch.cuda.is_available()
     assert dm.tile_reader.name == ("jpeg" if expect_jpeg else "openslide")
     dataset = dm.predict_dataloader().dataset
     assert isinstance(dataset, JpegTileDataset) == expect_jpeg
@@ -462,9 +473,9 @@ def test_auto_reader_falls_back_without_a_warning(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.INFO, logger="wsiseg"):
         dataset = dm.predict_dataloader().dataset
     assert type(dataset).__name__ == "SlideTileDataset" and dm.tile_reader.name == "openslide"
-    if resolve_reader("auto", 0) == "jpeg":  # this CPU-only machine; with CUDA auto picks OpenSlide without trying
-        fallbacks = [r for r in caplog.records if "not JPEG-tiled" in r.getMessage()]
-        assert fallbacks and all(r.levelno == logging.INFO for r in fallbacks)
+    assert resolve_reader("auto", 0) == "jpeg"  # tried, then fell back
+    fallbacks = [r for r in caplog.records if "not JPEG-tiled" in r.getMessage()]
+    assert fallbacks and all(r.levelno == logging.INFO for r in fallbacks)
 
 
 def test_decoder_errors_keep_the_reason_not_the_decoders_build_path() -> None:

@@ -92,18 +92,22 @@ class SlideTileDataModule(pl.LightningDataModule):
         output_downsample: read-level px per mask px (``writer.output_downsample``).
         tissue: tissue detection settings.
         batch_size: tiles per batch; None (the default): the device's default, 2 on CPUs (small batches keep the
-            activations in cache) and 16 on GPUs; ``auto``: the largest that fits in GPU memory (2 on CPUs). Resolved
-            by the entry point (:func:`wsiseg.batch_size.resolve_batch_size`).
+            activations in cache) and 32 on GPUs (at most one network chunk); ``auto``: the largest that fits in GPU
+            memory, in whole network chunks (2 on CPUs). Resolved by the entry point
+            (:func:`wsiseg.batch_size.resolve_batch_size`).
         num_workers: DataLoader worker processes (each holds its own OpenSlide handles); None: the config default
-            (:func:`wsiseg.config.default_workers`).
-        pin_memory: pin host batches (only takes effect with CUDA).
+            (:func:`wsiseg.config.default_workers`: every core but one on GPU machines).
+        pin_memory: pin host batches in the DataLoader's pin thread (only takes effect with CUDA); when off, the
+            device hook pins each batch's pixels itself just before the copy: copies to CUDA are always non-blocking
+            copies out of pinned memory, so the host never waits for them.
         prefetch_factor: batches prefetched per worker.
         on_error: ``skip`` — a slide that cannot be opened is reported and skipped; ``raise`` — stop the run.
         reader: ``openslide`` — workers read RGB tiles with OpenSlide; ``jpeg`` (alias ``gpu_jpeg``) — workers read
             only the compressed JPEG tiles and the module decodes them on its device, nvJPEG on CUDA, libjpeg-turbo on
             the CPU (falls back to OpenSlide, with one warning, unless every slide is JPEG-tiled at its read level; see
-            ``wsiseg.data.jpeg_tiles``); ``auto`` — ``jpeg`` when no CUDA device is visible and the main process reads
-            (``num_workers=0``), where it halves the reading time (fallback logged, not warned), else ``openslide``.
+            ``wsiseg.data.jpeg_tiles``); ``auto`` — ``jpeg`` when a CUDA device is visible, or on CPU-only runs whose
+            main process reads (``num_workers=0``), else ``openslide`` (:func:`wsiseg.data.readers.resolve_reader`;
+            fallback logged, not warned).
         read_threads: threads reading the tiles of one batch concurrently (OpenSlide decodes without holding the
             GIL). None: every core when ``num_workers`` is 0 (the main process reads between network calls, so the
             cores are otherwise idle then), 1 with workers (they already read in parallel).
@@ -329,8 +333,11 @@ class SlideTileDataModule(pl.LightningDataModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Only the pixels go to the device (the reader decodes compressed tiles there); tile indices and errors stay
         on the host, so the writer reads them without waiting for the device (a ``.tolist()`` of a CUDA tensor would
-        synchronise with the running batch)."""
+        synchronise with the running batch). To CUDA the pixels leave from pinned memory, without blocking: pinned by
+        the DataLoader's pin thread (``data.pin_memory``), else here."""
         if isinstance(batch, dict) and ("image" in batch or "jpeg_tiles" in batch):
+            if device.type == "cuda":
+                batch = _pinned_pixels(batch)
             return self.tile_reader.to_device(batch, device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
@@ -356,3 +363,12 @@ class SlideTileDataModule(pl.LightningDataModule):
         return self.tile_reader.dataloader(
             self.dataset, self._loader_batch_size(), self.num_workers, self.pin_memory, self.prefetch_factor, indices
         )
+
+
+def _pinned_pixels(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with its host pixels (``image``) in pinned memory, so their copy to CUDA is a non-blocking one (a
+    copy out of pageable memory makes the host wait for it); the loader's batch itself is left as it was."""
+    image = batch.get("image")
+    if isinstance(image, torch.Tensor) and image.device.type == "cpu" and not image.is_pinned():
+        return {**batch, "image": image.pin_memory()}
+    return batch

@@ -274,16 +274,20 @@ def jpeg_dataloader(
     num_workers: int,
     prefetch_factor: int,
     indices: Sequence[int] | None = None,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """The ``data.reader=jpeg`` DataLoader over ``openslide``'s tiles at ``indices`` (None: all, in order): JPEG tiles
-    for every slide with a layout, ``openslide``'s reads for the others."""
+    for every slide with a layout, ``openslide``'s reads for the others. ``pin_memory`` (None: when a CUDA device is
+    visible): the pin thread pins the pixels of batches that mix in slides OpenSlide reads, off the main process's
+    path (the compressed tiles stay in numpy arrays; :func:`~wsiseg.data.jpeg_tiles.decode_batch` pins the little
+    that crosses from them)."""
     return DataLoader(
         JpegTileDataset(openslide.slides, list(layouts), openslide=openslide),
         batch_size=batch_size,
         sampler=None if indices is None else list(indices),
         num_workers=num_workers,
         collate_fn=collate_jpeg_tiles,
-        pin_memory=False,  # only compressed bytes and a few indices travel: nothing worth pinning
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory and torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )

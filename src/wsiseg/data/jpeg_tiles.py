@@ -13,6 +13,10 @@ The ``data.reader=jpeg`` path (alias ``gpu_jpeg``; libjpeg-turbo on the CPU, nvJ
    and assembles the ``(N, 3, P, P)`` uint8 patches there with one gather (tiles straddled, overlap, white past the
    level's edge), so ``predict_step`` gets device-resident images without a host round trip.
 
+On CUDA nothing in 3. makes the host wait for the device: every host-to-device copy (the batch's index arrays, tiles
+decoded on the host, pixels OpenSlide read) is a non-blocking copy out of pinned memory (:func:`host_to_device`), and
+the decoded tiles are stacked with one call, so the host queues the batch and goes on to the next one.
+
 Frames: tile and patch geometry is in **read-level px** (pixels of the TIFF page = the OpenSlide level read); the
 TIFF page is read directly, so a level with a non-integer downsample is read on its own pixel grid (OpenSlide resamples
 such reads at a sub-pixel offset, see README "Coordinate frames").
@@ -29,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tifffile
@@ -43,15 +47,19 @@ __all__ = [
     "COLOUR_RGB",
     "COLOUR_YCBCR",
     "CompressedTiles",
+    "DecodedStreams",
     "JpegTileLayout",
     "SUPPORTED_VENDORS",
     "UnsupportedLevelError",
+    "arrays_to_device",
     "assemble_patches",
     "decode_batch",
     "decode_streams",
+    "host_to_device",
     "inspect_jpeg_level",
     "jpeg_colour_space",
     "merge_tables",
+    "stack_tiles",
     "tile_stream",
 ]
 
@@ -410,45 +418,88 @@ def decoder_reason(exc: BaseException) -> str:
     return re.sub(r"\s*\(?(?:at|in) /\S+\)?", "", text).strip() or type(exc).__name__
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait: to CUDA, a ``non_blocking`` copy out of pinned memory
+    (pinned here unless the DataLoader's pin thread did it already); a tensor already on a device, or a CPU target,
+    is a plain ``.to``.
+
+    The pinned source need not outlive the call: ``pin_memory()`` allocates from PyTorch's caching host allocator,
+    which records an event on the copy's stream for every non-blocking copy out of one of its blocks and does not hand
+    that block out again before the event has completed, so freeing the tensor early cannot recycle memory the copy
+    still reads (a reference kept on the batch would do the same, for longer).
+    """
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device, non_blocking=True)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def arrays_to_device(arrays: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Integer ``arrays`` as int64 tensors of the same shapes on ``device``, through one host-to-device copy (one
+    pinned buffer, split into views on the device): a batch's small index arrays cost one copy, not one each."""
+    flat = [np.ascontiguousarray(array, dtype=np.int64).reshape(-1) for array in arrays]
+    moved = host_to_device(torch.from_numpy(np.concatenate(flat) if flat else np.zeros(0, np.int64)), device)
+    views, start = [], 0
+    for array, part in zip(arrays, flat):
+        views.append(moved[start : start + part.size].view(np.shape(array)))
+        start += part.size
+    return views
+
+
+class DecodedStreams(NamedTuple):
+    """The unique streams of a batch, decoded (:func:`decode_streams`); one entry per stream in each list.
+
+    Attributes:
+        images: (3, h, w) uint8 RGB; None where no decoder took the stream (its patches get white and an error).
+        on_host: decoded on the CPU for a CUDA batch (libjpeg fallback): still to be copied to the device.
+        errors: why the stream could not be decoded; empty when it was.
+    """
+
+    images: list[torch.Tensor | None]
+    on_host: list[bool]
+    errors: list[str]
+
+
 def decode_streams(
     tiles: CompressedTiles, device: torch.device, colour_checked: dict[int, bool] | None = None
-) -> tuple[list[torch.Tensor], list[str]]:
-    """Decode the batch's unique streams to (3, h, w) uint8 RGB tensors on ``device``.
+) -> DecodedStreams:
+    """Decode the batch's unique streams to (3, h, w) uint8 RGB tensors, on ``device`` where its decoder can.
 
     CUDA: one batched nvJPEG call. The first time each colour kind (RGB-in-JPEG, YCbCr) is met (``colour_checked``,
     per colour kind: True once nvJPEG was found to agree with libjpeg, False when it did not; the reader keeps it for
-    its run, None checks afresh), one tile is also decoded on the CPU; if nvJPEG disagrees on the colour conversion
-    the kind is decoded on the CPU from then on (one warning). A batch that fails to decode is retried stream by
-    stream (on the CPU when the device refuses a stream): a stream no decoder takes becomes a white tile and an error
-    message for the patches using it (the writer then fails that slide only).
-
-    Returns:
-        (decoded tiles, per-stream error messages: empty when decoded).
+    its run, None checks afresh), one tile is also decoded on the CPU and compared (the only point where decoding
+    waits for the device, once per colour kind and run); if nvJPEG disagrees on the colour conversion the kind is
+    decoded on the CPU from then on (one warning). A batch that fails to decode is retried stream by stream (on the
+    CPU when the device refuses a stream): a stream no decoder takes is left None with an error message for the
+    patches using it (the writer then fails that slide only). Tiles decoded on the CPU for a CUDA batch stay on the
+    host (``on_host``): :func:`assemble_patches` moves them in one copy.
     """
     streams = tiles.streams
     errors = [""] * len(streams)
     colour_checked = {} if colour_checked is None else colour_checked
+    cpu = torch.device("cpu")
     on_cpu = [device.type != "cuda" or colour_checked.get(int(c)) is False for c in tiles.colours]
     decoded: list[torch.Tensor | None] = [None] * len(streams)
-    for cpu in (False, True):
-        indices = [i for i in range(len(streams)) if on_cpu[i] == cpu]
-        target = torch.device("cpu") if cpu else device
+    for host in (False, True):
+        indices = [i for i in range(len(streams)) if on_cpu[i] == host]
+        target = cpu if host else device
         try:
             for i, image in zip(indices, _decode([streams[i] for i in indices], target)):
                 decoded[i] = image
         except RuntimeError:  # find the culprit(s); a stream nvJPEG refuses may still decode on the CPU
             for i in indices:
-                for attempt in dict.fromkeys((target, torch.device("cpu"))):
+                for attempt in dict.fromkeys((target, cpu)):
                     try:
                         decoded[i] = _decode([streams[i]], attempt)[0]
-                        errors[i] = ""
+                        errors[i], on_cpu[i] = "", attempt.type == "cpu"
                         break
                     except RuntimeError as exc:
                         errors[i] = f"{tiles.labels[i]}: JPEG tile cannot be decoded: {decoder_reason(exc)}"
     if device.type == "cuda":
         _check_device_colours(tiles, streams, decoded, on_cpu, colour_checked)
-    white = torch.full((3, 1, 1), 255, dtype=torch.uint8)
-    return [(white if image is None else image).to(device, non_blocking=True) for image in decoded], errors
+    on_host = [device.type == "cuda" and host for host in on_cpu]
+    return DecodedStreams(decoded, on_host, errors)
 
 
 def _check_device_colours(
@@ -459,7 +510,8 @@ def _check_device_colours(
     colour_checked: dict[int, bool],
 ) -> None:
     """Compare the device decode of the largest stream of each not-yet-checked colour kind with libjpeg; switch the
-    kind to CPU decoding (for later batches, and this one) when they disagree."""
+    kind to CPU decoding (for later batches, and this one: ``decoded`` and ``on_cpu`` are updated) when they
+    disagree."""
     for colour in sorted({int(c) for c in tiles.colours}):
         if colour in colour_checked:
             continue
@@ -486,14 +538,43 @@ def _check_device_colours(
             )
             for i in members:
                 decoded[i] = _decode([streams[i]], torch.device("cpu"))[0]
+                on_cpu[i] = True
 
 
-def assemble_patches(decoded: Sequence[torch.Tensor], tiles: CompressedTiles, device: torch.device) -> torch.Tensor:
+def _fit_tile(image: torch.Tensor, tile_h: int, tile_w: int) -> torch.Tensor:
+    """``image`` (3, h, w) as (3, tile_h, tile_w): a tile stored smaller than the grid's tiles gets white beyond it."""
+    h, w = image.shape[-2:]
+    if (h, w) == (tile_h, tile_w):
+        return image
+    return F.pad(image[:, :tile_h, :tile_w], (0, max(0, tile_w - w), 0, max(0, tile_h - h)), value=255)
+
+
+def stack_tiles(decoded: DecodedStreams, tile_h: int, tile_w: int, device: torch.device) -> torch.Tensor:
+    """The batch's decoded tiles as one (U + 1, tile_h, tile_w, 3) uint8 HWC tensor on ``device``: tile u in row u,
+    white where a stream was not decoded and in the last row (where missing tiles and pixels outside the level point).
+
+    One ``torch.stack`` of the (contiguous, CHW) tiles and one layout copy, whatever the number of tiles (CUDA copies
+    many stacked inputs per kernel; a tile per kernel would cost ~one launch per tile). Tiles decoded on the host
+    (``on_host``) are stacked there first and cross to the device in one non-blocking copy out of pinned memory.
+    """
+    white = torch.full((3, tile_h, tile_w), 255, dtype=torch.uint8, device=device)
+    fitted = [None if image is None else _fit_tile(image, tile_h, tile_w) for image in decoded.images]
+    host = [i for i, image in enumerate(fitted) if image is not None and decoded.on_host[i]]
+    if host:
+        block = host_to_device(torch.stack([fitted[i] for i in host]), device)  # type: ignore[misc]
+        for i, image in zip(host, block.unbind(0)):
+            fitted[i] = image
+    chw = torch.stack([white if image is None else image for image in fitted] + [white])
+    return chw.permute(0, 2, 3, 1).contiguous()
+
+
+def assemble_patches(decoded: DecodedStreams, tiles: CompressedTiles, device: torch.device) -> torch.Tensor:
     """Cut the batch's patches out of its decoded tiles on ``device``.
 
     Every output pixel (read-level px ``origin + (px, py)``) is gathered from the tile covering it; pixels past the
-    level's right/bottom edge (and of missing tiles) are white, as OpenSlide reads them. One gather for the whole
-    batch, whatever the overlap or how many tiles a patch straddles.
+    level's right/bottom edge (and of missing or undecodable tiles) are white, as OpenSlide reads them. One gather for
+    the whole batch, whatever the overlap or how many tiles a patch straddles; the patch geometry and tile lookup
+    reach the device in one non-blocking copy (:func:`arrays_to_device`).
 
     Returns:
         (N, 3, P, P) uint8 RGB in channels_last memory format (what the module converts to anyway).
@@ -502,23 +583,15 @@ def assemble_patches(decoded: Sequence[torch.Tensor], tiles: CompressedTiles, de
     count = len(tiles)
     if count == 0:
         return torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
-    geometry = torch.as_tensor(tiles.geometry, device=device)
     tile_h = int(tiles.geometry[:, 5].max())
     tile_w = int(tiles.geometry[:, 4].max())
-    # All tiles as (U + 1, tile_h, tile_w, 3) HWC pixels; the last one is white (missing tiles, outside the level).
-    stack = torch.empty((len(decoded) + 1, tile_h, tile_w, 3), dtype=torch.uint8, device=device)
-    stack[-1] = 255
-    for i, image in enumerate(decoded):
-        h, w = image.shape[-2:]
-        if (h, w) != (tile_h, tile_w):  # a tile stored smaller than the grid's tiles: white beyond it
-            image = F.pad(image[:, :tile_h, :tile_w], (0, max(0, tile_w - w), 0, max(0, tile_h - h)), value=255)
-        stack[i] = image.permute(1, 2, 0)
-    blank = len(decoded)
+    stack = stack_tiles(decoded, tile_h, tile_w, device)  # (U + 1, tile_h, tile_w, 3); the last tile is white
+    blank = len(decoded.images)
     rows, cols = tiles.lookup.shape[1:]
     # One extra row and column of white tiles: where pixels past the level's edge point.
     lookup = np.full((count, rows + 1, cols + 1), blank, dtype=np.int64)
     lookup[:, :rows, :cols] = np.where(tiles.lookup < 0, blank, tiles.lookup)
-    base = torch.as_tensor(lookup * (tile_h * tile_w), device=device)
+    geometry, base = arrays_to_device([tiles.geometry, lookup * (tile_h * tile_w)], device)
     steps = torch.arange(size, device=device)
     ox, oy, c0, r0, tw, th, width, height = (geometry[:, k : k + 1] for k in range(8))
     ax, ay = ox + steps, oy + steps  # (N, P) absolute read-level px
@@ -540,25 +613,27 @@ def decode_batch(
     that cannot be decoded come back white with ``batch["error"]`` set, as the OpenSlide reader reports them. In a
     batch that mixes in patches OpenSlide read (``image``, ``image_rows``, ``jpeg_rows`` from
     :func:`~wsiseg.data.jpeg_dataset.collate_jpeg_tiles`) every patch takes its row of the batch. ``colour_checked``:
-    see :func:`decode_streams`."""
+    see :func:`decode_streams`. On CUDA every host-to-device copy is non-blocking, out of pinned memory."""
     device = torch.device(device)
     tiles: CompressedTiles = batch["jpeg_tiles"]
-    decoded, stream_errors = decode_streams(tiles, device, colour_checked)
+    decoded = decode_streams(tiles, device, colour_checked)
     out = {k: v for k, v in batch.items() if k not in ("jpeg_tiles", "image_rows", "jpeg_rows")}
     patches = assemble_patches(decoded, tiles, device)
     rows = list(range(len(tiles)))
     if "image_rows" in batch:  # a batch mixing slides read by OpenSlide: their patches take their own rows
-        rows = list(batch["jpeg_rows"])
-        count, size = len(rows) + len(batch["image_rows"]), tiles.patch_size
-        full = torch.empty((count, 3, size, size), dtype=torch.uint8, device=device)
-        full = full.contiguous(memory_format=torch.channels_last)
-        full[rows] = patches
-        full[list(batch["image_rows"])] = batch["image"].to(device)
-        patches = full
+        rows, image_rows = list(batch["jpeg_rows"]), list(batch["image_rows"])
+        # Both kinds side by side, then one gather puts every patch in its row. The row order goes to the device as
+        # a tensor: indexing a CUDA tensor with a Python list copies the list there synchronously.
+        order = np.empty(len(rows) + len(image_rows), dtype=np.int64)
+        order[rows] = np.arange(len(rows))
+        order[image_rows] = len(rows) + np.arange(len(image_rows))
+        (order_on_device,) = arrays_to_device([order], device)
+        both = torch.cat([patches, host_to_device(batch["image"], device)])
+        patches = both.index_select(0, order_on_device).contiguous(memory_format=torch.channels_last)
     out["image"] = patches
-    if any(stream_errors):
+    if any(decoded.errors):
         errors = list(out.get("error") or [""] * len(patches))
-        for message, owners in zip(stream_errors, tiles.owners):
+        for message, owners in zip(decoded.errors, tiles.owners):
             for n in owners if message else ():
                 errors[rows[n]] = errors[rows[n]] or message
         out["error"] = errors

@@ -111,20 +111,26 @@ class JpegTileReader:
         return moved
 
 
-def resolve_reader(option: str, num_workers: int) -> str:
-    """``data.reader`` as ``openslide`` or ``jpeg``. ``auto``: JPEG tiles when no CUDA device is visible and the main
-    process reads (``num_workers=0``), where decoding them beats OpenSlide (docs/performance.md); GPU decoding (nvJPEG)
-    is not measured yet, so CUDA runs read with OpenSlide."""
+def resolve_reader(option: str, num_workers: int, device_type: str | None = None) -> str:
+    """``data.reader`` as ``openslide`` or ``jpeg`` for a run on ``device_type`` (``cuda``, ``cpu``; None: CUDA when a
+    device is visible) with ``num_workers`` DataLoader workers. ``auto``: JPEG tiles on CUDA (the workers only read
+    compressed bytes and nvJPEG decodes each batch on the GPU, where OpenSlide would decode them in the workers, the
+    bound of a GPU run) and on CPU-only runs whose main process reads (``num_workers=0``: libjpeg-turbo between network
+    calls beats OpenSlide, docs/performance.md); else OpenSlide (CPU workers decode in parallel with the network)."""
     if option == "auto":
-        return "jpeg" if num_workers == 0 and not torch.cuda.is_available() else "openslide"
+        if device_type is None:
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        return "jpeg" if device_type == "cuda" or num_workers == 0 else "openslide"
     return "openslide" if option == "openslide" else "jpeg"
 
 
-def choose_reader(option: str, slides: Sequence[SlideTiles], num_workers: int) -> TileReader:
-    """The reader for ``slides`` under ``data.reader=option``: :class:`JpegTileReader` when JPEG tiles are chosen and
-    at least one slide has them at its read level (the others are named once, as a warning unless chosen by
-    ``auto``), else :class:`OpenSlideReader`."""
-    if resolve_reader(option, num_workers) == "jpeg":
+def choose_reader(
+    option: str, slides: Sequence[SlideTiles], num_workers: int, device_type: str | None = None
+) -> TileReader:
+    """The reader for ``slides`` under ``data.reader=option`` (:func:`resolve_reader`): :class:`JpegTileReader` when
+    JPEG tiles are chosen and at least one slide has them at its read level (the others are named once, as a warning
+    unless chosen by ``auto``; they are read by OpenSlide), else :class:`OpenSlideReader`."""
+    if resolve_reader(option, num_workers, device_type) == "jpeg":
         from wsiseg.data.jpeg_dataset import jpeg_layouts
 
         layouts = jpeg_layouts(slides, option, quiet=option == "auto")
