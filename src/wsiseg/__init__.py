@@ -1,18 +1,65 @@
-"""wsiseg: fast U-Net segmentation of whole-slide images with Lightning and Hydra."""
+"""wsiseg: fast U-Net segmentation of whole-slide images with Lightning and Hydra.
 
-from wsiseg.data.datamodule import SlideTileDataModule
-from wsiseg.model import MilesialUNet, Unet, load_checkpoint
-from wsiseg.module import SegmentationModule
-from wsiseg.writers.slide_writer import SlideWriter
+The Python door is :class:`Segmenter`::
+
+    import wsiseg
+
+    seg = wsiseg.Segmenter("demo")                       # or Segmenter(checkpoint="UNet_17.pth", device="cuda")
+    maps = seg.predict_tiles(pil_images)                 # (N, 1, H, W) float32 probabilities
+    result = seg.predict_slides("slides/", "out/")       # one row per slide; result.mask(...), result.heatmap(...)
+
+Names are imported on first use: ``import wsiseg`` loads no deep-learning library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wsiseg.data.datamodule import SlideTileDataModule
+    from wsiseg.engine import Segmenter
+    from wsiseg.errors import UserInputError
+    from wsiseg.model import MilesialUNet, Unet, load_checkpoint
+    from wsiseg.module import SegmentationModule
+    from wsiseg.pipeline.result import RunResult
+    from wsiseg.writers.slide_writer import SlideWriter
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_LAZY = {
+    "Segmenter": "wsiseg.engine",
+    "RunResult": "wsiseg.pipeline.result",
+    "UserInputError": "wsiseg.errors",
+    "SegmentationModule": "wsiseg.module",
+    "SlideTileDataModule": "wsiseg.data.datamodule",
+    "SlideWriter": "wsiseg.writers.slide_writer",
+    "Unet": "wsiseg.model",
+    "MilesialUNet": "wsiseg.model",
+    "load_checkpoint": "wsiseg.model",
+}
+
 __all__ = [
+    "MilesialUNet",
+    "RunResult",
     "SegmentationModule",
+    "Segmenter",
     "SlideTileDataModule",
     "SlideWriter",
     "Unet",
-    "MilesialUNet",
-    "load_checkpoint",
+    "UserInputError",
     "__version__",
+    "load_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsiseg' has no attribute '{name}'")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -108,11 +108,9 @@ def exit_if_version_asked(command: str) -> None:
         return
     from importlib.metadata import PackageNotFoundError, version
 
-    import torch
-
     import wsiseg
 
-    parts = [f"torch {torch.__version__}"]  # with its build tag (+cpu, +cu130): which wheel is installed
+    parts = [f"torch {_torch_version()}"]  # with its build tag (+cpu, +cu130): which wheel is installed
     for package in ("lightning", "hydra-core", "openslide-python"):
         try:
             parts.append(f"{package} {version(package)}")
@@ -120,6 +118,27 @@ def exit_if_version_asked(command: str) -> None:
             parts.append(f"{package} missing")
     print(f"{command} (wsiseg) {wsiseg.__version__}; {', '.join(parts)}")
     sys.exit(0)
+
+
+def _torch_version() -> str:
+    """torch's ``__version__`` with its build tag, read from its ``version.py`` without importing torch (seconds);
+    the package metadata's version (no build tag) when that file cannot be read."""
+    import importlib.util
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        text = (Path(spec.origin).parent / "version.py").read_text() if spec and spec.origin else ""
+    except (ImportError, OSError):
+        text = ""
+    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    if found:
+        return found.group(1)
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "missing"
 
 
 def find_user_error(exc: BaseException) -> UserInputError | None:

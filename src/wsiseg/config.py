@@ -11,7 +11,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 __all__ = [
@@ -84,6 +83,8 @@ def cpu_precision() -> str:
     """The Lightning precision CPU runs use: ``bf16-mixed`` where oneDNN runs bfloat16 (AVX-512 or Arm BF16 CPUs),
     else ``32-true`` (elsewhere bfloat16 convolutions fall back to slow reference kernels). Spelled as Lightning
     reports ``trainer.precision``, so the config, the report and the trainer agree."""
+    import torch
+
     try:
         bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -93,6 +94,8 @@ def cpu_precision() -> str:
 
 def _default_precision() -> str:
     # Lightning would turn 16-mixed into bf16-mixed on CPU with a warning; say what each device really runs.
+    import torch
+
     return "16-mixed" if torch.cuda.is_available() else cpu_precision()
 
 
@@ -105,6 +108,8 @@ def default_workers(device_type: str | None = None, cores: int | None = None) ->
     threads use the cores).
     """
     if device_type is None:
+        import torch
+
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     cores = cores or os.cpu_count() or 2
     if device_type != "cpu":

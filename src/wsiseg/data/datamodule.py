@@ -24,7 +24,7 @@ from wsiseg.data.slide import choose_level, open_slide
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
 from wsiseg.errors import NoProcessableSlideError, UserInputError
 
-__all__ = ["SlideTileDataModule", "TissueOptions", "expand_slide_paths"]
+__all__ = ["SlideTileDataModule", "TissueOptions", "expand_slide_paths", "slides_in_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +61,44 @@ class TissueOptions:
 
 
 def expand_slide_paths(slides: str | Sequence[str]) -> list[Path]:
-    """Turn ``data.slides`` (one path, a glob, or a list of either) into a sorted-per-pattern list of paths.
+    """Turn ``data.slides`` (one path, a folder, a glob, or a list of them) into a sorted-per-pattern list of paths.
 
-    An existing file is taken literally even when its name holds glob characters (``slide[1].tif``); a glob that
-    matches nothing is kept as given so validation reports it by name.
+    A folder stands for every regular file under it (sub-folders included, hidden ones not) that OpenSlide can open,
+    sorted; a folder without any is kept as given, so validation says so. An existing file is taken literally even when
+    its name holds glob characters (``slide[1].tif``); a glob that matches nothing is kept as given so validation
+    reports it by name.
     """
     patterns = [slides] if isinstance(slides, (str, Path)) else list(slides)
     paths: list[Path] = []
     for pattern in patterns:
         pattern = str(Path(str(pattern)).expanduser())
+        if Path(pattern).is_dir():
+            paths.extend(slides_in_folder(Path(pattern)) or [Path(pattern)])
+            continue
         literal = Path(pattern).exists()
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) and not literal else [pattern]
         paths.extend(Path(m) for m in (matches or [pattern]))
     return paths
 
 
+def slides_in_folder(folder: Path) -> list[Path]:
+    """The regular files under ``folder`` (recursively, skipping hidden files and folders) whose format OpenSlide
+    recognises (``OpenSlide.detect_format``: headers only), sorted by path."""
+    import openslide
+
+    found = []
+    for path in sorted(folder.rglob("*")):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if not hidden and path.is_file() and openslide.OpenSlide.detect_format(str(path)) is not None:
+            found.append(path)
+    return found
+
+
 class SlideTileDataModule(pl.LightningDataModule):
     """Tiles one or more slides for prediction.
 
     Args:
-        slides: slide paths or globs (``data.slides``).
+        slides: slide paths, folders of slides or globs (``data.slides``; :func:`expand_slide_paths`).
         level: pyramid level to read (0 = full resolution), never resampled; None with ``mpp`` set plans the read
             level from ``mpp`` (see :func:`wsiseg.data.slide.choose_level`).
         mpp: target microns per read-level px, used when ``level`` is None: the coarsest level at least that fine is

@@ -20,13 +20,18 @@ def open_slide(path: str | Path) -> openslide.OpenSlide:
     """Open ``path`` with OpenSlide.
 
     Raises:
-        UserInputError: the path is missing, is a directory, or OpenSlide cannot open it (message says why).
+        UserInputError: the path is missing, is a directory or not a regular file, or OpenSlide cannot open it
+            (message says why).
     """
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"slide '{path}' does not exist: check data.slides")
     if path.is_dir():
-        raise UserInputError(f"slide '{path}' is a directory: pass slide files (a glob such as '{path}/*.svs' works)")
+        raise UserInputError(
+            f"slide '{path}' is a directory holding no file OpenSlide can open: pass slide files, or a folder of them"
+        )
+    if not path.is_file():  # a FIFO, socket or device would block or fail inside OpenSlide's open
+        raise UserInputError(f"slide '{path}' is not a regular file (a pipe, socket or device): pass slide files")
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:

@@ -1,0 +1,210 @@
+"""The one assembler of a prediction run: a composed config in, a :class:`~wsiseg.pipeline.result.RunResult` out.
+
+``wsiseg-predict``, the Python engine (:class:`wsiseg.Segmenter`) and the benchmark's whole-run timings are doors onto
+:func:`run`: it checks the options, plans the run once (slides, levels, grids, tissue, what resume keeps), builds the
+data module, module, writer and trainer from the plan, and runs ``trainer.predict``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from wsiseg.batch_size import resolve_batch_size
+from wsiseg.config import build_trainer
+from wsiseg.data.datamodule import SlideTileDataModule
+from wsiseg.data.plan import RunPlan, slide_identity
+from wsiseg.errors import NoProcessableSlideError, UserInputError
+from wsiseg.model import holds_weights
+from wsiseg.options import check_bool, check_option_types, check_required, check_trainer_device
+from wsiseg.pipeline.result import RunResult
+from wsiseg.run_lock import run_folder_lock
+from wsiseg.writers.options import slide_writer_options
+from wsiseg.writers.patch_writer import PatchWriter
+from wsiseg.writers.progress import SlideProgress
+from wsiseg.writers.run_record import RunRecord, config_hash, read_complete_report, reported_tiles
+from wsiseg.writers.slide_writer import SlideWriter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["check_shard", "resume_check", "run", "run_provenance"]
+
+
+def run(cfg: DictConfig) -> RunResult:
+    """Run the prediction ``cfg`` describes (the composed ``predict.yaml``: slides or a patch folder) holding the
+    output folder's lock (one run per folder; see :mod:`wsiseg.run_lock`); returns its :class:`RunResult`.
+
+    Raises:
+        UserInputError: a bad option, path or checkpoint, before any slide is read (one line naming it).
+    """
+    check_required(cfg)
+    check_bool(cfg, "resume")
+    check_option_types(cfg, ("data", "writer", "model", "model.net", "trainer"))
+    output_dir = Path(cfg.writer.output_dir)
+    with run_folder_lock(output_dir):
+        rows = predict_in_folder(cfg)
+    return RunResult(output_dir, tuple(rows))
+
+
+def predict_in_folder(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Instantiate datamodule, module, writer and trainer from ``cfg``, run ``trainer.predict``.
+
+    Cheap checks come first (required keys and the writable output folder in :func:`run`; the device, patch
+    size vs the network's stride and writer options here), then the model is built and the checkpoint loaded, then
+    slides are opened and tiled.
+
+    Returns:
+        the run's result rows (one per slide or image: ``status`` ``complete``, ``skipped`` or ``failed``; the reasons
+        are in ``summary.json``).
+    """
+    check_trainer_device(cfg)
+    slide_mode = _check_mode_pairing(cfg)
+    net_class = get_class(cfg.model.net._target_)
+    if not holds_weights(net_class):  # an ONNX file's stride is known once its sidecar is read
+        _check_patch_size(cfg, int(getattr(net_class, "stride", 1)))
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    provenance = run_provenance(cfg)
+    writer_options = OmegaConf.to_container(cfg.writer, resolve=True)
+    output_dir = Path(cfg.writer.output_dir)
+    if slide_mode:
+        slide_writer_options(**_without(writer_options, "_target_", "output_dir", "output_downsample"))  # checked early
+        keep = resume_check(output_dir, run_config) if cfg.get("resume") else None
+        datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep)  # a callable: not through OmegaConf
+    else:
+        outputs = PatchWriter.outputs_for(run_config=run_config, **_without(writer_options, "_target_"))
+        keep = outputs.is_complete if cfg.get("resume") else None
+        datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep, outputs_of=outputs.written)
+    module = instantiate(cfg.model)
+    _check_patch_size(cfg, module.stride)
+    # Opens and tiles the slides, or reads the images' headers: the plan every part gets through its constructor.
+    try:
+        plan = datamodule.plan_run() if slide_mode else datamodule.plan_run(module.stride)
+    except NoProcessableSlideError as exc:
+        if len(exc.failed) == 1:
+            raise
+        record = RunRecord(output_dir, run_config, provenance)  # every slide's reason, where a script finds it
+        record.start(RunPlan(failed=tuple((Path(str(p)), r) for p, r in exc.failed)))
+        record.write_summary()
+        reasons = output_dir / "summary.json"
+        raise NoProcessableSlideError(f"{exc}; every slide's reason: {reasons}", exc.failed) from None
+    writer = instantiate(cfg.writer, _partial_=True)(plan=plan, run_config=run_config, provenance=provenance)
+    # slide mode: the data module hands each DDP rank its share itself (data.shard), so Lightning's sampler stays out
+    callbacks: list[Any] = [writer]
+    if slide_mode:  # under DDP, rank 0's bar also counts the slides every rank has written
+        callbacks.append(SlideProgress([output_dir / slide.name for slide in plan.slides]))
+    no_sampler = {"use_distributed_sampler": False} if slide_mode else {}
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, **no_sampler)
+    if slide_mode and trainer.world_size > 1:
+        check_shard(plan, trainer.world_size)
+    if not slide_mode and trainer.world_size > 1:
+        raise UserInputError(
+            f"patch mode (data=patches) runs on one device, the trainer has {trainer.world_size}: "
+            "set trainer.devices=1 (or trainer=gpu / trainer=cpu)"
+        )
+    datamodule = datamodule.with_batch_size(
+        resolve_batch_size(datamodule.batch_size, module, datamodule.patch_size, trainer.strategy.root_device, trainer)
+    )
+    # compile=auto weighs the whole run's slide tiles, resumed ones included (so a resumed run compiles, or not, as the
+    # uninterrupted run did: compiled and eager outputs may differ by a grey level); patch pieces come in several
+    # shapes, each a recompilation, so patch mode is not weighed.
+    whole_run = plan.tiles + reported_tiles(output_dir, [name for _, name in plan.resumed]) if slide_mode else None
+    module.prepare(trainer.strategy.root_device.type, planned_tiles=whole_run, precision=str(trainer.precision))
+    if slide_mode and plan.tiles == 0:
+        # No tissue anywhere, or everything resumed: Lightning would run no hooks, so write the outputs directly.
+        if trainer.global_rank == 0:
+            writer.write_without_tiles()
+    else:
+        try:
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        except SystemExit:
+            if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) after its callbacks' on_exception
+                raise KeyboardInterrupt from None
+            raise
+    return list(writer.results)
+
+
+def _without(options: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in keys}
+
+
+def _check_mode_pairing(cfg: DictConfig) -> bool:
+    """True for slide mode, False for patch mode; UserInputError when ``data`` and ``writer`` are of different modes."""
+    slide_data = get_class(cfg.data._target_) is SlideTileDataModule
+    slide_writer = get_class(cfg.writer._target_) is SlideWriter
+    if slide_data and not slide_writer:
+        raise UserInputError(
+            "writer=patches writes patch-folder outputs but data=slides reads slides: add data=patches"
+        )
+    if slide_writer and not slide_data:
+        raise UserInputError("data=patches needs the patch writer: add writer=patches to the command line")
+    return slide_data
+
+
+def _check_patch_size(cfg: DictConfig, stride: int) -> None:
+    if cfg.data.get("patch_size") and cfg.data.patch_size % stride:
+        raise UserInputError(
+            f"data.patch_size={cfg.data.patch_size} is not a multiple of the network's stride {stride}: "
+            f"use e.g. {max(stride, cfg.data.patch_size // stride * stride)}"
+        )
+
+
+def resume_check(output_dir: Path, run_config: dict[str, Any]) -> Callable[[str, Path], bool]:
+    """``resume=true``: whether ``output_dir/<name>`` holds complete outputs of the slide file at ``path`` for this
+    config (another slide with the same name, or the same path rewritten since, is redone)."""
+    expected = config_hash(run_config)
+
+    def complete(name: str, path: Path) -> bool:
+        identity = slide_identity(path) if path.is_file() else {"path": str(path)}
+        return read_complete_report(output_dir / name, expected, identity) is not None
+
+    return complete
+
+
+def check_shard(plan: RunPlan, world: int) -> None:
+    """Every DDP rank must get tiles to predict (Lightning runs no hooks on a rank without any, and the others would
+    wait for it): refuse a plan that leaves one idle, naming the option to change."""
+    mode = plan.shard_mode(world)
+    idle = [rank for rank in range(world) if not plan.tiles_of_rank(rank, world)]
+    if idle and plan.tiles:
+        if mode == "slides":
+            raise UserInputError(
+                f"data.shard=slides: {sum(1 for s in plan.slides if s.tiles_tissue)} slide(s) with tissue for {world} "
+                "ranks leave rank(s) "
+                + ", ".join(map(str, idle))
+                + " without work: use data.shard=tiles (or auto), or "
+                "fewer trainer.devices"
+            )
+        raise UserInputError(
+            f"{plan.tiles} tile(s) for {world} ranks leave rank(s) {', '.join(map(str, idle))} without work: use fewer "
+            "trainer.devices"
+        )
+    log.info("DDP over %d ranks: data.shard=%s -> %s", world, plan.shard, mode)
+
+
+def run_provenance(cfg: DictConfig) -> dict[str, Any]:
+    """What produced a run's outputs, for ``report.json``: library versions and the weights file with its SHA-256
+    (the ONNX file for ``model/net=onnx``; ``random`` for untrained weights)."""
+    from importlib.metadata import version
+
+    import lightning
+
+    import wsiseg
+    from wsiseg.export import sha256_file
+
+    model = cfg.model
+    weights = model.net.get("path") if holds_weights(get_class(model.net._target_)) else model.get("checkpoint")
+    path = Path(str(weights)).expanduser() if weights else None
+    return {
+        "wsiseg_version": wsiseg.__version__,
+        "torch_version": torch.__version__,
+        "lightning_version": lightning.__version__,
+        "openslide_version": version("openslide-python"),
+        "weights": None if weights is None else str(path.absolute() if path and path.is_file() else weights),
+        "weights_sha256": sha256_file(path) if path is not None and path.is_file() else None,
+    }
