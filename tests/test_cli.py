@@ -208,3 +208,53 @@ def test_only_hydras_start_up_files_make_a_run_folder_unused(tmp_path: Path, mon
     discard_unused_run_dir(busy)
     assert not (tmp_path / "outputs").exists(), "the empty date/time parents go with the unused folder"
     assert (busy / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "override", "expected"),
+    [
+        ("wsiseg-predict", "data.foo=1", "unknown option 'data.foo'"),
+        ("wsiseg-predict", "data.patch_sise=256", "unknown option 'data.patch_sise'; did you mean data.patch_size?"),
+        (
+            "wsiseg-predict",
+            "+resumee=true",
+            "unknown option '+resumee': no part of wsiseg reads it; did you mean resume?",
+        ),
+        ("wsiseg-predict", "+data.foo=1", "unknown option '+data.foo'"),
+        ("wsiseg-predict", "model=nonexistent", "Could not find 'model/nonexistent'; available: demo, "),
+        ("wsiseg-predict", "data.slides=a,b", "Ambiguous value for argument 'data.slides=a,b'"),
+        ("wsiseg-predict", "data.slides=[a", "cannot parse the override 'data.slides=[a': no viable alternative"),
+        (
+            "wsiseg-predict",
+            "data.slides=/my slides/a.svs",
+            "cannot parse the override 'slides/a.svs'",
+        ),  # split by the shell
+        ("wsiseg-eval", "eval.foo=1", "unknown option 'eval.foo'"),
+        ("wsiseg-bench", "bench.foo=1", "unknown option 'bench.foo'"),
+        ("wsiseg-export", "+export.foo=1", "unknown option '+export.foo': no part of wsiseg reads it"),
+    ],
+)
+def test_hydra_refusals_are_one_line_exit_2_and_no_run_folder(
+    command: str,
+    override: str,
+    expected: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Hydra's own errors (an unknown key or group, an unparsable value) used to print 3-13 lines and exit 1, the status
+    of a failed slide, after making the run folder; a typo added with ``+`` was accepted silently."""
+    from tests.helpers import run_main
+
+    run_dir = tmp_path / "run"
+    status, err = run_main([*override.split(" "), f"hydra.run.dir={run_dir}"], monkeypatch, capsys, command=command)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"{command}: error: {expected}"), lines[0]
+    assert not run_dir.exists()
+
+
+def test_lightning_options_can_be_added_to_the_trainer(tmp_path: Path) -> None:
+    from wsiseg.cli import override_error
+
+    assert override_error("predict", ["model=demo", "+trainer.limit_predict_batches=2"]) is None

@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from wsiseg.atomic import write_json_atomic
 from wsiseg.batch_size import resolve_batch_size
 from wsiseg.bench_host import host_bound_case
-from wsiseg.cli import exit_if_run_dir_unusable, user_errors
+from wsiseg.cli import exit_if_overrides_bad, exit_if_run_dir_unusable, user_errors
 from wsiseg.config import build, build_trainer, config_dir
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.jpeg_tiles import decode_batch
@@ -789,6 +789,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point ``wsiseg-bench``; a run folder Hydra cannot create is one line, exit 2."""
     exit_if_run_dir_unusable("wsiseg-bench")
+    exit_if_overrides_bad("wsiseg-bench", "bench")
     _hydra_main()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -20,6 +21,7 @@ __all__ = [
     "user_errors",
     "find_user_error",
     "quiet_library_noise",
+    "exit_if_overrides_bad",
     "exit_if_run_dir_unusable",
     "exit_if_version_asked",
     "discard_unused_run_dir",
@@ -98,6 +100,103 @@ def exit_if_run_dir_unusable(command: str) -> None:
             "folder with hydra.run.dir=/path/to/run",
             file=sys.stderr,
         )
+        sys.exit(2)
+
+
+def _config_keys(cfg: object, prefix: str = "") -> list[str]:
+    """Every key path of a composed config (``data.tissue.enabled``), for "did you mean"."""
+    from omegaconf import OmegaConf
+
+    keys: list[str] = []
+    for key in cfg:  # type: ignore[attr-defined]
+        path = f"{prefix}{key}"
+        keys.append(path)
+        try:
+            value = cfg[key]  # type: ignore[index]
+        except Exception:  # ??? or an interpolation only the app resolves
+            continue
+        if OmegaConf.is_dict(value):
+            keys.extend(_config_keys(value, f"{path}."))
+    return keys
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+# Keys that take options nobody lists in the configs: Lightning's Trainer arguments (``+trainer.fast_dev_run=2``).
+_OPEN_SECTIONS = ("trainer.",)
+
+
+def override_error(config_name: str, overrides: list[str]) -> str | None:
+    """Why Hydra would refuse ``overrides`` of ``conf/<config_name>.yaml`` (or why wsiseg does: a ``+key`` that adds an
+    option no part reads), as one line with "did you mean" where a real key is close; None when they compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from wsiseg.config import config_dir
+
+    group_names = {d.name for d in config_dir().iterdir() if d.is_dir()}
+    groups = [o for o in overrides if o.split("=", 1)[0] in group_names]  # model=demo: the keys it brings
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        try:
+            compose(config_name=config_name, overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as exc:
+            text = str(exc).strip()
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            message = lines[0] if lines else type(exc).__name__
+            found = re.match(r"Could not override '([^']+)'", message)
+            if found:
+                known = _config_keys(compose(config_name=config_name, overrides=groups))
+                return f"unknown option '{found.group(1)}'{_did_you_mean(found.group(1), known)}"
+            missing = re.search(r"Could not find '([^']+)'", message)
+            if missing:
+                options = []
+                for line in lines[1:]:
+                    if line.startswith("Config search path"):
+                        break
+                    if not line.startswith("Available options"):
+                        options.append(line)
+                return f"{message.split(':', 1)[-1].strip()}; available: {', '.join(options)}"
+            if message.startswith("Ambiguous value"):
+                return (
+                    f"{message}: a list is written in brackets (data.slides='[a.svs,b.svs]'), a comma in a value quoted"
+                )
+            override = getattr(exc, "override", None)
+            if override is not None:  # the parser's message alone does not say which override it could not read
+                return (
+                    f"cannot parse the override '{override}': {message}; quote a value holding spaces or brackets "
+                    "(data.slides='\"/my slides/a.svs\"')"
+                )
+            return message
+        added = [o[1:].split("=", 1)[0] for o in overrides if o.startswith("+") and not o.startswith("++")]
+        added = [key for key in added if not key.startswith(_OPEN_SECTIONS)]
+        if added:
+            known = _config_keys(compose(config_name=config_name, overrides=groups))
+            key = added[0]
+            return f"unknown option '+{key}': no part of wsiseg reads it{_did_you_mean(key, known)}"
+    return None
+
+
+def exit_if_overrides_bad(command: str, config_name: str) -> None:
+    """Compose the command line's overrides before Hydra does: an unknown key or group, a value Hydra cannot parse or
+    an added ``+key`` no part reads is one line, exit status 2, and no run folder (Hydra would print several lines and
+    exit 1, the status of a failed slide, after creating the folder). Sweeps (``--multirun``) are left to Hydra."""
+    argv = sys.argv[1:]
+    if any(a in ("-m", "--multirun") or a.startswith(("--help", "-h", "--hydra-help", "--info")) for a in argv):
+        return
+    overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra.")]
+    try:
+        problem = override_error(config_name, overrides)
+    except Exception as exc:  # composing needs what Hydra needs anyway: let Hydra report it
+        logging.getLogger(__name__).debug("override pre-check skipped: %s", exc)
+        return
+    if problem:
+        print(f"{command}: error: {problem}", file=sys.stderr)
         sys.exit(2)
 
 

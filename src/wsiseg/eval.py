@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wsiseg.annotations import DEFAULT_EXCLUDE, find_annotation, ground_truth_mask
 from wsiseg.atomic import atomic_path, write_json_atomic
-from wsiseg.cli import exit_if_run_dir_unusable, user_errors
+from wsiseg.cli import exit_if_overrides_bad, exit_if_run_dir_unusable, user_errors
 from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
 from wsiseg.options import check_option_types
@@ -555,6 +555,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point ``wsiseg-eval``; a run folder Hydra cannot create is one line, exit 2."""
     exit_if_run_dir_unusable("wsiseg-eval")
+    exit_if_overrides_bad("wsiseg-eval", "eval")
     _hydra_main()
 
 

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from wsiseg.atomic import write_json_atomic
-from wsiseg.cli import exit_if_run_dir_unusable, user_errors
+from wsiseg.cli import exit_if_overrides_bad, exit_if_run_dir_unusable, user_errors
 from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
@@ -639,6 +639,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point ``wsiseg-export``; a run folder Hydra cannot create is one line, exit 2."""
     exit_if_run_dir_unusable("wsiseg-export")
+    exit_if_overrides_bad("wsiseg-export", "export")
     _hydra_main()
 
 
