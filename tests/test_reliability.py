@@ -328,6 +328,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path: Path, good_slide: 
     args = two_slide_args(good_slide, second, workers=0)
     first = start_and_wait_for_first_slide(args, run_dir)
     good_report = (run_dir / "good" / "report.json").read_bytes()
+    hydra_files = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     refused = subprocess.run(
         [str(SCRIPT), *args, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300
     )
@@ -340,6 +341,8 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path: Path, good_slide: 
     line = refused.stderr.strip().splitlines()[-1]
     assert f"is in use by another wsiseg run (PID {first.pid})" in line, line
     assert (run_dir / "good" / "report.json").read_bytes() == good_report
+    # refused before Hydra wrote anything: the first run's own record of its config is intact
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
     assert not (run_dir / ".wsiseg.lock").exists()
 
 
@@ -461,3 +464,26 @@ def test_non_finite_network_output_fails_the_slide_naming_the_tile(tmp_path: Pat
 def test_softmax_over_one_channel_is_refused(tmp_path: Path, good_slide: Path) -> None:
     message = user_error(good_slide, tmp_path / "out", [*FAST, "model.activation=softmax"])
     assert message.startswith("model.activation=softmax but the network outputs 1 channel"), message
+
+
+def test_resume_removes_what_a_killed_run_left_beside_kept_outputs(tmp_path: Path, good_slide: Path) -> None:
+    """Killed right after a slide's report appeared, a run leaves scratch files next to complete outputs; the resumed
+    run keeps the outputs (same bytes, same mtime) and removes the leftovers."""
+    out = tmp_path / "out"
+    assert predict(good_slide, out, FAST) == 0
+    slide_dir = out / "good"
+    (slide_dir / ".scratch").mkdir()
+    (slide_dir / ".scratch" / "0_0.npy").write_bytes(b"x")
+    (slide_dir / ".partial-rank0").mkdir()
+    (slide_dir / ".mask.tif.tmp").write_bytes(b"x")
+    mask = slide_dir / "mask.tif"
+    before = (mask.read_bytes(), mask.stat().st_mtime_ns)
+    assert predict(good_slide, out, [*FAST, "resume=true"]) == 0
+    assert (mask.read_bytes(), mask.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in slide_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_empty_output_folder_and_a_huge_tile_are_refused(tmp_path: Path, good_slide: Path) -> None:
+    assert user_error(good_slide, "", FAST).startswith("writer.output_dir is empty")  # not the working folder
+    message = user_error(good_slide, tmp_path / "out", [*FAST, "data.patch_size=1048576"])
+    assert message.startswith("data.patch_size=1048576 is larger than 8192 px")

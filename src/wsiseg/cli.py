@@ -79,7 +79,8 @@ def quiet_library_noise() -> None:
 def exit_if_run_dir_unusable(command: str) -> None:
     """Hydra creates the run folder (``hydra.run.dir=...``; by default under ``outputs/`` in the working folder)
     before any wsiseg code runs, and a folder it cannot create ends in its traceback. Check first: one line and exit
-    status 2 when the folder cannot be created. Nothing is created here."""
+    status 2 when the folder cannot be created, or when another run holds it (Hydra would rewrite that run's
+    ``.hydra/config.yaml`` before wsiseg sees the lock). Nothing is created here."""
     import tempfile
 
     given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
@@ -90,6 +91,12 @@ def exit_if_run_dir_unusable(command: str) -> None:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     key = "hydra.run.dir" if given else "the working folder"
+    from wsiseg.run_lock import busy_message
+
+    busy = busy_message(target.absolute()) if given else None
+    if busy:  # refused before Hydra writes its .hydra/ files into the folder of the run that holds it
+        print(f"{command}: error: {busy}", file=sys.stderr)
+        sys.exit(2)
     try:
         if not ancestor.is_dir():
             raise NotADirectoryError(f"'{ancestor}' is a file")

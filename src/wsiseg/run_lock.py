@@ -15,7 +15,7 @@ from pathlib import Path
 from wsiseg.errors import UserInputError
 from wsiseg.writers.run_record import check_writable
 
-__all__ = ["LOCK_NAME", "run_folder_lock", "is_secondary_rank"]
+__all__ = ["LOCK_NAME", "busy_message", "run_folder_lock", "is_secondary_rank"]
 
 LOCK_NAME = ".wsiseg.lock"
 
@@ -28,6 +28,30 @@ def is_secondary_rank() -> bool:
         if value not in (None, "", "0"):
             return True
     return False
+
+
+def busy_message(folder: Path) -> str | None:
+    """The refusal :func:`run_folder_lock` would give ``folder`` now (another process holds its lock), else None.
+    Nothing is created: a run folder that does not exist yet is free."""
+    path = folder / LOCK_NAME
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _in_use(folder, handle.read().strip() or "unknown")
+    except OSError:
+        return None
+    return None
+
+
+def _in_use(folder: Path, holder: str) -> str:
+    return (
+        f"writer.output_dir '{folder}' is in use by another wsiseg run (PID {holder}): wait for it to finish or "
+        "choose another hydra.run.dir"
+    )
 
 
 @contextmanager
@@ -49,10 +73,7 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise UserInputError(
-            f"writer.output_dir '{folder}' is in use by another wsiseg run (PID {holder}): wait for it to finish or "
-            "choose another hydra.run.dir"
-        ) from None
+        raise UserInputError(_in_use(folder, holder)) from None
     try:
         handle.seek(0)
         handle.truncate()

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from wsiseg.config import default_workers, usable_cores
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
-from wsiseg.data.grid import TileGrid
+from wsiseg.data.grid import TileGrid, check_patch_size
 from wsiseg.data.plan import RunPlan, output_names, slide_identity
 from wsiseg.data.readers import READERS, TileReader, choose_reader
 from wsiseg.data.sharding import SHARD_MODES
@@ -167,8 +167,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.shard = shard
         if on_error not in ("skip", "raise"):
             raise UserInputError(f"data.on_error must be 'skip' or 'raise', got '{on_error}'")
-        if patch_size < 1:
-            raise UserInputError(f"data.patch_size must be a positive integer, got {patch_size}")
+        check_patch_size(patch_size)
         if not 0 <= overlap < patch_size:
             raise UserInputError(f"data.overlap must satisfy 0 <= overlap < patch_size ({patch_size}), got {overlap}")
         if output_downsample < 1 or patch_size % output_downsample or overlap % output_downsample:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "MAX_PATCH_SIZE",
+    "check_patch_size",
     "TileGrid",
     "tile_origins",
     "output_size",
@@ -26,6 +28,28 @@ __all__ = [
     "blend_window",
     "BLEND_MODES",
 ]
+
+# The largest tile side wsiseg reads, px: a 8192² tile is 192 MiB of RGB and tens of GiB of a U-Net's activations; a
+# larger one is a typo that would try to allocate far more than any machine has.
+MAX_PATCH_SIZE = 8192
+
+
+def check_patch_size(patch_size: object) -> None:
+    """``data.patch_size`` is a positive integer of at most :data:`MAX_PATCH_SIZE` px.
+
+    Raises:
+        UserInputError: naming ``data.patch_size`` and the limit.
+    """
+    from wsiseg.errors import UserInputError
+
+    if isinstance(patch_size, (str, bool)) or not isinstance(patch_size, int) or patch_size < 1:
+        raise UserInputError(f"data.patch_size must be a positive integer, got {patch_size}")
+    if patch_size > MAX_PATCH_SIZE:
+        raise UserInputError(
+            f"data.patch_size={patch_size} is larger than {MAX_PATCH_SIZE} px, the largest tile wsiseg reads (its "
+            "pixels and the network's activations would not fit in memory): use 512-2048"
+        )
+
 
 BLEND_MODES = ("none", "linear", "gaussian")
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from wsiseg.data.grid import TileGrid
+from wsiseg.data.grid import TileGrid, check_patch_size
 from wsiseg.data.slide import rgba_to_rgb
 from wsiseg.errors import UserInputError
 
@@ -369,8 +369,7 @@ class PatchFolderDataModule(pl.LightningDataModule):
         outputs_of: Callable[[Sequence[PatchImage]], set[Path]] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(patch_size, str) or patch_size < 1:
-            raise UserInputError(f"data.patch_size must be a positive integer, got {patch_size}")
+        check_patch_size(patch_size)
         if not 0 <= overlap < patch_size:
             raise UserInputError(f"data.overlap must satisfy 0 <= overlap < patch_size ({patch_size}), got {overlap}")
         if pad_multiple is not None and (isinstance(pad_multiple, str) or pad_multiple < 1):

@@ -28,7 +28,7 @@ from wsiseg.run_lock import run_folder_lock
 from wsiseg.writers.options import slide_writer_options
 from wsiseg.writers.patch_writer import PatchWriter
 from wsiseg.writers.progress import SlideProgress
-from wsiseg.writers.run_record import RunRecord, config_hash, read_complete_report, reported_tiles
+from wsiseg.writers.run_record import RunRecord, check_writable, config_hash, read_complete_report, reported_tiles
 from wsiseg.writers.slide_writer import SlideWriter
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def run(cfg: DictConfig) -> RunResult:
     check_required(cfg)
     check_bool(cfg, "resume")
     check_option_types(cfg, ("data", "writer", "model", "model.net", "trainer"))
+    check_writable(str(cfg.writer.output_dir))  # before the lock: an empty path is not the working folder
     output_dir = Path(cfg.writer.output_dir)
     with run_folder_lock(output_dir):
         rows = predict_in_folder(cfg)

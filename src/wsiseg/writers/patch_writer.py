@@ -437,7 +437,7 @@ class PatchWriter(BasePredictionWriter):
 
 def _outputs(output_dir: str | Path, options: PatchWriterOptions, run_config: dict[str, Any] | None) -> PatchOutputs:
     """The outputs of a writer with these (checked) options, in a folder proven writable."""
-    check_writable(Path(output_dir))
+    check_writable(output_dir)
     return PatchOutputs(Path(output_dir), options.mask, config_hash(run_config, extra=options.rendering))
 
 

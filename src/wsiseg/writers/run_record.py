@@ -26,6 +26,7 @@ __all__ = [
     "RunRecord",
     "config_hash",
     "read_complete_report",
+    "remove_leftovers",
     "remove_stale",
     "reported_tiles",
     "discard_unreported",
@@ -116,8 +117,16 @@ def remove_stale(slide_dir: Path, *, root: Path) -> None:
     if not slide_dir.is_dir():
         return
     remove_inside(slide_dir, slide_dir / "report.json")
-    for leftover in slide_dir.glob(".*"):
-        remove_inside(slide_dir, leftover)
+    remove_leftovers(slide_dir, root=root)
+
+
+def remove_leftovers(slide_dir: Path, *, root: Path) -> None:
+    """Remove the hidden entries of a slide folder (partial stores, scratch pyramids, temporary files): what a killed
+    run left next to outputs that are complete and kept (``resume=true``). ``root`` as in :func:`remove_stale`."""
+    inside(root, slide_dir)
+    if slide_dir.is_dir():
+        for leftover in slide_dir.glob(".*"):
+            remove_inside(slide_dir, leftover)
 
 
 def clear_outputs(slide_dir: Path, *, root: Path) -> None:
@@ -139,12 +148,16 @@ def discard_unreported(slide_dir: Path, *, root: Path) -> None:
         clear_outputs(slide_dir, root=root)
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: str | Path) -> None:
     """Create ``folder`` if needed and prove a file can be written there.
 
     Raises:
-        UserInputError: naming ``writer.output_dir`` and why it is not writable.
+        UserInputError: naming ``writer.output_dir`` and why it is not writable, or that it is empty (an empty path
+            would write into the working folder).
     """
+    if not str(folder).strip():
+        raise UserInputError("writer.output_dir is empty: give the run folder, e.g. writer.output_dir=outputs/run1")
+    folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".wsiseg-write-test-{os.getpid()}"

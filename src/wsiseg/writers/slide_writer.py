@@ -22,6 +22,7 @@ from wsiseg.writers.run_record import (
     clear_outputs,
     discard_unreported,
     read_complete_report,
+    remove_leftovers,
 )
 from wsiseg.writers.slide_outputs import write_slide
 from wsiseg.writers.stitcher import Stitcher
@@ -78,8 +79,8 @@ class SlideWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         checked = slide_writer_options(**options)
         self.store, self.render, self.blend_thread = checked.store, checked.render, checked.blend_thread
+        check_writable(output_dir)
         self.output_dir, self.plan, self.output_downsample = Path(output_dir), plan, output_downsample
-        check_writable(self.output_dir)
         self.record = RunRecord(self.output_dir, run_config, provenance)
         self.results = self.record.rows
         self._distribution: Distribution = SingleProcess(len(plan.slides))
@@ -109,6 +110,8 @@ class SlideWriter(BasePredictionWriter):
                 clear_outputs(self._stitcher.slide_dir(index), root=self.output_dir)
             for name in self.plan.failed_names:  # cannot be processed now: neither may theirs
                 clear_outputs(self.output_dir / name, root=self.output_dir)
+            for _, name in self.plan.resumed:  # kept: only what a killed run left beside their outputs goes
+                remove_leftovers(self.output_dir / name, root=self.output_dir)
             self.record.write_summary(pending=self.plan.slides)  # summary.json describes this run from its start
 
     # -- Lightning hooks -----------------------------------------------------------------------------------------
