@@ -218,9 +218,33 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_existing and args.path.exists():
         print(f"{args.path} exists; kept")
         return
+    problem = _argument_problem(args)
+    if problem:
+        parser.exit(2, f"wsiseg-synth: error: {problem}\n")
     spec = SyntheticSlide(args.width, args.height, args.seed, args.tissue_blobs, args.tumour_blobs, args.tissue_scale)
-    write_synthetic_slide(args.path, spec)
+    try:
+        write_synthetic_slide(args.path, spec)
+    except OSError as exc:
+        parser.exit(2, f"wsiseg-synth: error: cannot write '{args.path}': {exc.strerror or exc}\n")
     print(f"wrote {args.path}")
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """Why ``wsiseg-synth``'s arguments cannot make a slide (one line naming the option), else None."""
+    for option in ("width", "height"):
+        if getattr(args, option) < 64:
+            return f"--{option} must be at least 64 px, got {getattr(args, option)}"
+    if args.tissue_blobs < 1:
+        return f"--tissue-blobs must be at least 1 (a slide needs tissue), got {args.tissue_blobs}"
+    if args.tumour_blobs < 0:
+        return f"--tumour-blobs must be >= 0, got {args.tumour_blobs}"
+    if not 0 < args.tissue_scale <= 1:
+        return f"--tissue-scale must be in (0, 1] (island radius / shorter side), got {args.tissue_scale}"
+    if args.path.is_dir():
+        return f"'{args.path}' is a folder: give a file name, e.g. {args.path / 'slide.tif'}"
+    if not args.path.parent.is_dir():
+        return f"the folder of '{args.path}' does not exist: create it first"
+    return None
 
 
 if __name__ == "__main__":
