@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,32 @@ def test_release_deletes_the_store_and_scratch(tmp_path: Path) -> None:
 def test_unknown_blend_is_a_user_error() -> None:
     with pytest.raises(UserInputError, match="writer.blend must be one of none, linear, gaussian; got 'cubic'"):
         StoreOptions(blend="cubic")
+
+
+@pytest.mark.parametrize(
+    ("overlap", "tissue", "most_chunks"), [(16, 1.0, 192 + 2), (16, 0.7, 192 + 2), (24, 0.2, 2 * 192)]
+)
+def test_a_camelyon_wide_strip_in_raster_order_never_reads_a_spilled_chunk_back(
+    tmp_path: Path, overlap: int, tissue: float, most_chunks: int
+) -> None:
+    """98,000 × 4,096 px at output downsample 1 (512 px tiles, overlap 256, 512 px chunks, a 128 MiB budget of 64
+    chunks) scaled down 16× on each axis: the same 192 chunks a row, 8 chunk rows and 64-chunk budget. With all tiles
+    or a random tissue subset, none is re-read, and the cache holds one chunk row and the tile's two chunks (not the
+    two chunk rows a tile row spans); at a smaller step (tiles 4 steps high), at most two chunk rows."""
+    slide = planned_slide("strip", size=(98000 // 16, 4096 // 16), patch=32, overlap=overlap)
+    keep = np.random.default_rng(0).random(slide.tiles_tissue) < tissue
+    slide = replace(slide, origins=slide.origins[keep])
+    chunk_bytes = 2 * 32 * 32 * 4  # one sum plane and the weight plane, float32
+    stitcher = Stitcher([slide], tmp_path, options=StoreOptions(chunk=32, cache_bytes=64 * chunk_bytes))
+    n = slide.tiles_tissue
+    tiles = np.random.default_rng(1).random((32, 1, 32, 32), dtype=np.float32).astype(np.float16)
+    for start in range(0, n, 32):
+        count = min(32, n - start)
+        stitcher.add_batch(
+            tiles[:count], [0] * count, list(range(start, start + count)), [""] * count, [True] * count, 0
+        )
+    store = stitcher.state(0).store
+    assert store.chunk_grid == (8, 192)
+    stats = store.stats()
+    assert stats["reloads"] == 0 and 64 < stats["cache_chunks"] <= most_chunks
+    assert stats["evictions"] == len(store.touched) - len(store._cache)  # the finished chunks are spilled, once each

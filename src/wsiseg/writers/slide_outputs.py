@@ -53,6 +53,7 @@ def write_slide(
         batch_size=batch_size,
     )
     report["rank"] = rank
+    report["store"] = state.store.stats()  # evictions and reloads of its chunk cache (a thrashing cache shows here)
     try:
         if state.error:
             raise RuntimeError(state.error)

@@ -105,12 +105,14 @@ class Stitcher:
             slide = self.slides[index]
             self.slide_dir(index).mkdir(parents=True, exist_ok=True)
             partial, size = self.partial_dir(index, self.rank), slide.grid.output_size
+            chunk, cache_bytes = self.options.chunk, self.options.cache_bytes
+            row_step = slide.grid.step // self.output_downsample  # tiles arrive in raster order (SlideTiles.origins)
             store: BlendingAccumulator
             if slide.grid.overlap == 0 and self.channels == 1:
                 # no two tiles share a pixel: nothing to blend, keep the final uint8 values
-                store = TileMosaic(partial, size, self.options.chunk, self.options.cache_bytes)
+                store = TileMosaic(partial, size, chunk, cache_bytes, row_step)
             else:
-                store = BlendingAccumulator(partial, self.channels, size, self.options.chunk, self.options.cache_bytes)
+                store = BlendingAccumulator(partial, self.channels, size, chunk, cache_bytes, row_step)
             state = SlideState(store=store, started=time.perf_counter() if started is None else started)
             self.states[index] = state
         return state
