@@ -62,3 +62,11 @@ def test_tiles_of_rank_partition_the_dataset(mode: str) -> None:
     else:  # whole slides, each rank's in slide order
         for indices, slides in zip(per_rank, assign_slides(counts, 3)):
             assert indices == [i for s in slides for i in range(starts[s], starts[s] + counts[s])]
+
+
+def test_slides_with_fewer_slides_than_ranks_shares_tiles() -> None:
+    """A resumed ``data.shard=slides`` run with 1 slide left for 2 ranks (the red team's kill -9 of rank 0) shares
+    that slide's tiles instead of refusing the run."""
+    assert choose_shard("slides", [7], 2) == "tiles"
+    assert choose_shard("slides", [7, 0, 0], 2) == "tiles"  # slides without tissue give a rank nothing either
+    assert choose_shard("slides", [7, 3], 2) == "slides"

@@ -23,14 +23,19 @@ SLIDES_PER_RANK = 2  # auto shards by slide from this many slides per rank
 
 def choose_shard(mode: str, tile_counts: Sequence[int], world: int) -> str:
     """``slides`` or ``tiles`` for a run of slides with ``tile_counts`` tiles each on ``world`` ranks (see the module
-    docstring for ``auto``). One rank always runs ``slides`` (there is nothing to share)."""
+    docstring for ``auto``). One rank always runs ``slides`` (there is nothing to share); ``slides`` with fewer slides
+    holding tiles than ranks runs ``tiles`` (a rank without a slide would be idle, and Lightning would wait for it:
+    a resumed run with any number of ranks finishes what is left)."""
     if mode not in SHARD_MODES:
         raise UserInputError(f"data.shard must be one of {', '.join(SHARD_MODES)}; got '{mode}'")
     if world <= 1:
         return "slides"
+    counts = [int(c) for c in tile_counts]
+    if mode == "slides":
+        # fewer slides with tiles than ranks (a resumed run's remainder, say) would leave a rank idle: share tiles
+        return "slides" if sum(1 for c in counts if c) >= world else "tiles"
     if mode != "auto":
         return mode
-    counts = [int(c) for c in tile_counts]
     total = sum(counts)
     if len(counts) >= SLIDES_PER_RANK * world and max(counts, default=0) * world <= total:
         return "slides"
