@@ -245,7 +245,13 @@ EXPORT_CASES = [
     "export.dice_floor=2",
     "export.calibration_tiles=0",
 ]
-BENCH_CASES = ["bench.max_tiles=0", "bench.naive_tiles=-1", "bench.generated_size=0", "bench.model_batches=0"]
+BENCH_CASES = [
+    "bench.max_tiles=0",
+    "bench.naive_tiles=-1",
+    "bench.generated_size=0",
+    "bench.model_batches=0",
+    "data=patches data.input_dir=/nonexistent writer=patches",  # was a RuntimeError traceback
+]
 EVAL_CASES = ["eval.predictions=/nonexistent", "eval.level=-1", "eval.threshold=2"]
 
 

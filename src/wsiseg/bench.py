@@ -657,11 +657,12 @@ def run_patch_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     datamodule = instantiate(cfg.data)
     module: SegmentationModule = instantiate(cfg.model)
+    datamodule.plan_run(module.stride)  # the pipeline's own checks: a missing folder, no images (one line each)
     trainer = build_trainer(cfg.trainer, callbacks=[])
     device = trainer.strategy.root_device
     images = list_images(datamodule.input_dir, datamodule.extensions)
     if not images:
-        raise RuntimeError(f"no images under {datamodule.input_dir}")
+        raise UserInputError(f"data.input_dir '{datamodule.input_dir}' holds no images: pass a folder of patches")
     reference = copy.deepcopy(module.net).eval().to(device)
     stride = module.stride
     mean = module.mean.view(1, 1, -1).numpy()
