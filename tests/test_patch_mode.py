@@ -514,3 +514,69 @@ def test_a_killed_runs_temporary_files_are_removed(patch_dir: Path, tmp_path: Pa
     writer = run_patches(src, out, probe_module())
     assert outcome(writer) == {"small.png": "done"}
     assert not leftover.exists() and kept.exists()
+
+
+def _patch_run(input_dir: Path, output_dir: Path, *overrides: str) -> int:
+    from tests.helpers import compose_predict
+    from wsiseg.predict import run_predict
+
+    cfg = compose_predict(
+        [
+            "model=demo",
+            "trainer=cpu",
+            "trainer.enable_progress_bar=false",
+            "data=patches",
+            "writer=patches",
+            f"data.input_dir={input_dir}",
+            f"writer.output_dir={output_dir}",
+            "data.patch_size=256",
+            "data.num_workers=0",
+            "writer.write_workers=0",
+            *overrides,
+        ]
+    )
+    return run_predict(cfg)
+
+
+def test_a_users_file_is_never_overwritten_nor_dropped_from_the_inputs(patch_dir: Path, tmp_path: Path) -> None:
+    """Outputs written into the input folder: a user's ``case1_mask.png`` (ground truth) and ``case2_heatmap.png`` were
+    overwritten and silently left out of the inputs. Now the run is refused before anything is written, and a user's
+    file named like an output this run does not write stays an input."""
+    from wsiseg.errors import UserInputError
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("case1.png", "case2.png"):
+        shutil.copy(patch_dir / "a" / "p0.png", src / name)
+    Image.new("L", (256, 256), 255).save(src / "case1_mask.png")  # the user's ground truth
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    with pytest.raises(UserInputError, match=r"holds '.*case1_mask.png' \(1 such file\(s\)\), which this run would"):
+        _patch_run(src, src, "writer.mask=true")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    # without masks nothing of the user's is in the way: the ground truth is an input like the others
+    assert _patch_run(src, src) == 0
+    assert (src / "case1_mask.png").read_bytes() == before["case1_mask.png"]
+    assert {p.name for p in src.glob("*_heatmap.png")} == {
+        "case1_heatmap.png",
+        "case2_heatmap.png",
+        "case1_mask_heatmap.png",
+    }
+    (src / "case2_heatmap.png").unlink()
+    Image.new("RGB", (16, 16)).save(src / "case2_heatmap.png")  # a user's picture of that name
+    with pytest.raises(UserInputError, match="case2_heatmap.png"):
+        _patch_run(src, src)
+
+
+def test_resume_redoes_an_input_changed_with_its_mtime_set_back(patch_dir: Path, tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(patch_dir / "a" / "p0.png", src / "x.png")
+    assert _patch_run(src, out) == 0
+    heatmap = (out / "x_heatmap.png").read_bytes()
+    stat = (src / "x.png").stat()
+    Image.new("RGB", (256, 256), (120, 40, 160)).save(src / "x.png")  # new pixels, another file size ...
+    os.utime(src / "x.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the old modification time
+    assert _patch_run(src, out, "resume=true") == 0
+    assert (out / "x_heatmap.png").read_bytes() != heatmap
+    report = json.loads((out / "report.json").read_text())
+    assert report["done"] == 1 and report["skipped"] == 0

@@ -68,6 +68,8 @@ class PatchImage:
         origins: (K, 2) int64 piece origins (x, y), image px, raster order.
         piece: (h, w) shape of every piece, px (bottom/right padded past the image).
         mtime: the file's modification time, s since the epoch.
+        stamp: ``<size in bytes>:<mtime in ns>`` of the file when planned: a resumed run redoes an image whose file
+            changed, even with its modification time set back.
     """
 
     path: Path
@@ -77,6 +79,7 @@ class PatchImage:
     origins: np.ndarray
     piece: tuple[int, int]
     mtime: float
+    stamp: str = ""
 
     @property
     def tiled(self) -> bool:
@@ -436,7 +439,9 @@ class PatchFolderDataModule(pl.LightningDataModule):
                 failed.append((path, str(exc)))
                 continue
             rel = path.relative_to(self.input_dir).as_posix()
-            images.append(PatchImage(path, rel, key, size, origins, piece, path.stat().st_mtime))
+            stat = path.stat()
+            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+            images.append(PatchImage(path, rel, key, size, origins, piece, stat.st_mtime, stamp))
         outputs = self.outputs_of(images)
         ignored = tuple(i for i, image in enumerate(images) if image.path.resolve() in outputs)
         kept = tuple(i for i, image in enumerate(images) if i not in ignored and self.keep_complete(image))

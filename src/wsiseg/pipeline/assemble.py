@@ -94,6 +94,8 @@ def predict_in_folder(cfg: DictConfig) -> list[dict[str, Any]]:
         record.write_summary()
         reasons = output_dir / "summary.json"
         raise NoProcessableSlideError(f"{exc}; every slide's reason: {reasons}", exc.failed) from None
+    if not slide_mode:
+        _refuse_foreign_outputs(outputs.foreign([plan.images[i] for i in plan.todo]), output_dir)
     writer = instantiate(cfg.writer, _partial_=True)(plan=plan, run_config=run_config, provenance=provenance)
     # slide mode: the data module hands each DDP rank its share itself (data.shard), so Lightning's sampler stays out
     callbacks: list[Any] = [writer]
@@ -128,6 +130,20 @@ def predict_in_folder(cfg: DictConfig) -> list[dict[str, Any]]:
                 raise KeyboardInterrupt from None
             raise
     return list(writer.results)
+
+
+def _refuse_foreign_outputs(foreign: list[Path], output_dir: Path) -> None:
+    """Patch mode never overwrites a file it did not write (``writer.output_dir`` = ``data.input_dir`` would write
+    ``case1_mask.png`` over the user's ground truth of that name).
+
+    Raises:
+        UserInputError: naming the first such file and how many there are.
+    """
+    if foreign:
+        raise UserInputError(
+            f"writer.output_dir '{output_dir}' holds '{foreign[0]}' ({len(foreign)} such file(s)), which this run "
+            "would overwrite and wsiseg did not write: choose another writer.output_dir"
+        )
 
 
 def _without(options: dict[str, Any], *keys: str) -> dict[str, Any]:

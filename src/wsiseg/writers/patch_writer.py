@@ -9,6 +9,7 @@ keeps complete outputs (the entry point hands the data module :meth:`PatchOutput
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ HEATMAP_SUFFIX = "_heatmap.png"
 MASK_SUFFIX = "_mask.png"
 _HASH_KEY = "wsiseg:config"
 _SOURCE_KEY = "wsiseg:source"
+_STAMP_KEY = "wsiseg:source-stamp"
 
 
 @dataclass(frozen=True)
@@ -64,27 +66,38 @@ class PatchOutputs:
         return paths
 
     def is_complete(self, image: PatchImage) -> bool:
-        """True when every output of ``image`` exists, is a PNG of its size written under this hash, and is not older
-        than the input. Reads PNG headers only."""
+        """True when every output of ``image`` exists, is a PNG of its size written under this hash, from the input
+        file as it is now (its size and modification time in ns, recorded in the PNG: a changed input whose mtime was
+        set back is redone). Reads PNG headers only."""
         for path in self.paths(image).values():
             try:
-                if path.stat().st_mtime < image.mtime:
-                    return False
                 with Image.open(path) as im:
                     if im.format != "PNG" or im.size != image.size or im.info.get(_HASH_KEY) != self.hash:
+                        return False
+                    if im.info.get(_STAMP_KEY) != image.stamp:
                         return False
             except Exception:  # missing or unreadable output: not complete
                 return False
         return True
 
     def written(self, images: Sequence[PatchImage]) -> set[Path]:
-        """Resolved paths of every file this run may write for ``images`` (whether or not it asks for masks), so an
-        output folder inside the input folder never feeds its own outputs back as inputs."""
-        return {
-            (self.output_dir / f"{image.key}{suffix}").resolve()
-            for image in images
-            for suffix in (HEATMAP_SUFFIX, MASK_SUFFIX)
-        }
+        """Resolved paths of the files this run writes for ``images``, and of those an earlier run wrote there (a
+        mask written with ``writer.mask=true``), so an output folder inside the input folder never feeds outputs back
+        as inputs. A user's own file of such a name (``case1_mask.png`` ground truth) stays an input: see
+        :meth:`foreign`."""
+        paths = set()
+        for image in images:
+            for suffix in (HEATMAP_SUFFIX, MASK_SUFFIX):
+                path = self.output_dir / f"{image.key}{suffix}"
+                ours = suffix == HEATMAP_SUFFIX or self.mask
+                if (ours and not _foreign(path)) or _written_by_wsiseg(path):
+                    paths.add(path.resolve())
+        return paths
+
+    def foreign(self, images: Sequence[PatchImage]) -> list[Path]:
+        """Files this run would write for ``images`` that exist and were not written by wsiseg (a user's own
+        ``case1_mask.png``): never overwritten; the entry point refuses the run instead."""
+        return [path for image in images for path in self.paths(image).values() if _foreign(path)]
 
 
 @dataclass(frozen=True)
@@ -364,6 +377,7 @@ class PatchWriter(BasePredictionWriter):
         info = PngInfo()
         info.add_text(_HASH_KEY, self.outputs.hash)
         info.add_text(_SOURCE_KEY, image.rel)
+        info.add_text(_STAMP_KEY, image.stamp)
         if self.overlay and rgb is not None:
             heatmap = render_heatmap(rgb, mask, labels=labels, opacity=self.opacity)
         else:
@@ -433,6 +447,20 @@ class PatchWriter(BasePredictionWriter):
             report_path,
             "".join(f"\n{line}" for line in (["failed:", *failures] if failures else [])),
         )
+
+
+def _written_by_wsiseg(path: Path) -> bool:
+    """``path`` is a PNG a wsiseg patch run wrote (it carries the config hash text chunk)."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and _HASH_KEY in im.info
+    except Exception:
+        return False
+
+
+def _foreign(path: Path) -> bool:
+    """``path`` exists and is not a wsiseg output."""
+    return os.path.lexists(path) and not _written_by_wsiseg(path)
 
 
 def _outputs(output_dir: str | Path, options: PatchWriterOptions, run_config: dict[str, Any] | None) -> PatchOutputs:
