@@ -580,3 +580,35 @@ def test_resume_redoes_an_input_changed_with_its_mtime_set_back(patch_dir: Path,
     assert (out / "x_heatmap.png").read_bytes() != heatmap
     report = json.loads((out / "report.json").read_text())
     assert report["done"] == 1 and report["skipped"] == 0
+
+
+def test_a_corrupt_large_image_is_decoded_once_and_fails_alone(
+    patch_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3000x2000 image whose data is cut short plans as 96 pieces; it once was decoded again for every batch of its
+    pieces (and the network ran on each white piece). Now it is decoded once, fails with the decoder's reason, and
+    the other images complete."""
+    from wsiseg.data import patches as patches_module
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(patch_dir / "a" / "p0.png", src / "good.png")
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (2000, 3000, 3), dtype=np.uint8)).save(src / "big.png")
+    data = (src / "big.png").read_bytes()
+    (src / "big.png").write_bytes(data[: len(data) // 3])  # the header is whole, the pixels are not
+    decodes: list[str] = []
+    real = patches_module.load_rgb
+
+    def counted(path: Path) -> np.ndarray:
+        decodes.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(patches_module, "load_rgb", counted)
+    out = tmp_path / "out"
+    assert _patch_run(src, out, "data.batch_size=4") == 1
+    assert decodes.count("big.png") == 1
+    results = {Path(r["image"]).name: r for r in json.loads((out / "report.json").read_text())["results"]}
+    assert results["good.png"]["status"] == "complete"
+    assert results["big.png"]["status"] == "failed" and "cannot be decoded" in results["big.png"]["reason"]
+    assert not (out / "big_heatmap.png").exists()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -487,3 +488,59 @@ def test_an_empty_output_folder_and_a_huge_tile_are_refused(tmp_path: Path, good
     assert user_error(good_slide, "", FAST).startswith("writer.output_dir is empty")  # not the working folder
     message = user_error(good_slide, tmp_path / "out", [*FAST, "data.patch_size=1048576"])
     assert message.startswith("data.patch_size=1048576 is larger than 8192 px")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (root and a kernel that lets it mount one), unmounted after the test."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip() or 'mount failed'})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_finished_slides(
+    small_disk: Path, tmp_path: Path, good_slide: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The red team's full disk gave a 56-line OSError traceback and every slide 'interrupted'. The first slide fits,
+    the second's pyramid does not: it fails with the documented reason, the first slide's outputs are complete."""
+    from tests.helpers import run_main
+
+    big = write_synthetic_slide(tmp_path / "big.tif", SyntheticSlide(4096, 3072, seed=14))
+    run = small_disk / "run"
+    status, err = run_main(
+        [
+            *FAST,
+            f"data.slides=[{good_slide},{big}]",
+            "trainer=cpu",
+            "data.num_workers=0",
+            "trainer.enable_progress_bar=false",
+            "writer.output_downsample=1",
+            "writer.heatmap_max_side=256",
+            f"hydra.run.dir={run}",
+        ],
+        monkeypatch,
+        capsys,
+    )
+    assert status == 1 and "Traceback" not in err, err[-3000:]
+    report = json.loads((run / "good" / "report.json").read_text())
+    assert report["status"] == "complete" and (run / "good" / "mask.tif").is_file()
+    failed = json.loads((run / "big" / "report.json").read_text())
+    assert failed["status"] == "failed" and failed["error"].startswith("no space left on the output device")
+    assert sorted(p.name for p in (run / "big").iterdir()) == ["report.json"]  # nothing half-written stays
+
+
+def test_no_room_for_hydras_files_is_one_line(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from tests.helpers import run_main
+
+    (small_disk / "filler").write_bytes(bytes((4 << 20) - 16384))  # leaves less than Hydra's files need
+    status, err = run_main(["model=demo", f"hydra.run.dir={small_disk / 'run'}"], monkeypatch, capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot be created" in err and "No space left" in err

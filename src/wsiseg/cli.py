@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from wsiseg.errors import UserInputError, exception_chain, first_line
+from wsiseg.errors import UserInputError, exception_chain, first_line, full_disk
 
 __all__ = [
     "user_errors",
@@ -100,7 +100,11 @@ def exit_if_run_dir_unusable(command: str) -> None:
     try:
         if not ancestor.is_dir():
             raise NotADirectoryError(f"'{ancestor}' is a file")
-        Path(tempfile.mkdtemp(prefix=".wsiseg-probe-", dir=ancestor)).rmdir()
+        probe = Path(tempfile.mkdtemp(prefix=".wsiseg-probe-", dir=ancestor))
+        try:  # Hydra writes its .hydra/ files (tens of KiB) before any wsiseg code: room for them is checked too
+            (probe / "room").write_bytes(bytes(64 << 10))
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
     except OSError as exc:
         print(
             f"{command}: error: {key} '{target}' cannot be created ({exc.strerror or exc}): choose a writable "
@@ -319,6 +323,15 @@ def user_errors(command: str, run_dir: Path | None = None) -> Iterator[None]:
         user_error = find_user_error(exc)
         debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("WSISEG_DEBUG") == "1"
         worker = _dead_worker(exc)
+        full = full_disk(exc)
+        if full is not None and not debug:
+            where = f" ('{full.filename}')" if full.filename else ""
+            print(
+                f"{command}: error: no space left on the device of the output{where}: free space or choose another "
+                "writer.output_dir; completed slides are kept, re-run with resume=true to finish",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         if worker and not debug:
             print(
                 f"{command}: error: {worker}: usually the machine ran out of memory (fewer data.num_workers or a "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 
 
@@ -37,3 +38,12 @@ def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, or its type's name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def full_disk(exc: BaseException) -> OSError | None:
+    """The "no space left" (or disk quota) error behind ``exc``, if any: a run that fills its disk stops with one
+    line that says so, not a traceback."""
+    for seen in exception_chain(exc):
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen
+    return None

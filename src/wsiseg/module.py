@@ -455,4 +455,10 @@ class SegmentationModule(pl.LightningModule):
         """``batch["image"]``: (N, 3, H, W) uint8 on this device (the data module decodes compressed tiles); the other
         keys are passed through with ``probs`` and ``finite`` added (``finite``: (N,) bool on the device, False for a
         tile whose map holds a NaN or an infinity)."""
-        return step_outputs(batch, self(batch["image"]).to(self.output_dtype))
+        images, errors = batch["image"], batch.get("error")
+        if errors is not None and len(errors) and all(errors):
+            # every tile of the batch is unreadable (its slide or image fails): one tile gives the maps' shape, the
+            # rest is not computed (a corrupt image of hundreds of pieces would otherwise run them all)
+            shape = self(images[:1]).shape[1:]
+            return step_outputs(batch, images.new_zeros((images.shape[0], *shape), dtype=self.output_dtype))
+        return step_outputs(batch, self(images).to(self.output_dtype))

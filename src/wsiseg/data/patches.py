@@ -251,6 +251,9 @@ class PatchBatchDataset(Dataset):
 
     def __init__(self, images: Sequence[PatchImage], batches: list[list[tuple[int, int]]], pad: str = "white") -> None:
         self.images, self.batches, self.pad = images, batches, pad
+        # images that failed to decode in this process: not decoded again for their other pieces' batches (a corrupt
+        # 12000x9000 image has hundreds of pieces)
+        self._failed: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -260,6 +263,8 @@ class PatchBatchDataset(Dataset):
         decoded: dict[int, np.ndarray | str] = {}  # the pieces of a tiled image share one decode per batch
         for image_index, piece_index in self.batches[index]:
             image = self.images[image_index]
+            if image_index in self._failed:
+                decoded[image_index] = self._failed[image_index]
             if image_index not in decoded:
                 try:
                     rgb = load_rgb(image.path)
@@ -270,7 +275,7 @@ class PatchBatchDataset(Dataset):
                         )
                     decoded[image_index] = rgb
                 except UserInputError as exc:
-                    decoded[image_index] = str(exc)
+                    decoded[image_index] = self._failed[image_index] = str(exc)
             rgb_or_error = decoded[image_index]
             x, y = (int(v) for v in image.origins[piece_index])
             origins.append((image_index, piece_index, x, y))

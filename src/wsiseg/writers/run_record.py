@@ -18,7 +18,7 @@ from typing import Any
 from wsiseg.atomic import write_json_atomic
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.plan import RunPlan
-from wsiseg.errors import UserInputError
+from wsiseg.errors import UserInputError, full_disk
 from wsiseg.safe_paths import display_name, inside, remove_inside
 from wsiseg.writers.render import OUTPUT_FILES
 
@@ -304,14 +304,18 @@ class RunRecord:
         """The run stopped on ``exception``: list the ``unfinished`` slides as ``interrupted`` (log the ``started``
         ones by name: they are left without outputs) and write ``summary.json``."""
         kind = type(exception).__name__
+        reason = f"interrupted ({kind}) before this slide was written"
+        if full_disk(exception) is not None:
+            reason = "no space left on the output device before this slide was written: free space, then resume=true"
         if started:
             names = ", ".join(s.name for s in unfinished if s.name in started)
             log.error("interrupted (%s): unfinished slide(s) %s left without outputs", kind, names)
         for slide in unfinished:
-            self.add_row(
-                slide.path, "interrupted", name=slide.name, reason=f"interrupted ({kind}) before this slide was written"
-            )
-        self.write_summary()
+            self.add_row(slide.path, "interrupted", name=slide.name, reason=reason)
+        try:
+            self.write_summary()
+        except OSError as exc:  # a full disk cannot take the summary either: the reports of finished slides stay
+            log.error("summary.json not written: %s", exc)
 
     def write_summary(
         self, pending: Sequence[SlideTiles] | None = None, ranks: Sequence[dict[str, Any]] | None = None
