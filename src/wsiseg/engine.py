@@ -101,8 +101,8 @@ class Segmenter:
             commands: 16-mixed on GPUs, bf16-mixed on CPUs that run bfloat16, else 32).
         batch_size: tiles per batch (``data.batch_size``): None for the device's default, ``auto`` to probe GPU memory.
         num_workers: DataLoader workers (``data.num_workers``); None: the device's default.
-        compile: ``model.compile`` (``auto``, True, False).
-        runtime: ``model.runtime`` (``auto``, ``torch``, ``openvino``).
+        compile: ``model.compile`` (``auto``, True, False); None: the model config's (``auto``).
+        runtime: ``model.runtime`` (``auto``, ``torch``, ``openvino``); None: the model config's (``auto``).
         overrides: any other option, by its config key: ``{"data.overlap": 64, "writer.output_downsample": 4}``.
 
     Raises:
@@ -119,8 +119,8 @@ class Segmenter:
         precision: str | None = None,
         batch_size: int | str | None = None,
         num_workers: int | None = None,
-        compile: bool | str = "auto",
-        runtime: str = "auto",
+        compile: bool | str | None = None,
+        runtime: str | None = None,
         overrides: Mapping[str, Any] | None = None,
     ) -> None:
         from wsiseg.cli import quiet_library_noise
@@ -131,7 +131,11 @@ class Segmenter:
         if device not in _TRAINERS:
             raise UserInputError(f"device must be one of {', '.join(_TRAINERS)}; got '{device}'")
         self.model_name, self.device = model, device
-        options: dict[str, Any] = {"model.compile": compile, "model.runtime": runtime}
+        options: dict[str, Any] = {}
+        if compile is not None:
+            options["model.compile"] = compile
+        if runtime is not None:
+            options["model.runtime"] = runtime
         if checkpoint is not None:
             options["model.checkpoint"] = str(Path(checkpoint).expanduser())
         if precision is not None:

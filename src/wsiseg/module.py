@@ -84,13 +84,13 @@ def check_head(channels: int, activation: str | None, reduction: str, channel_in
         )
 
 
-def step_outputs(batch: dict[str, Any], probs: torch.Tensor) -> dict[str, Any]:
+def step_outputs(batch: dict[str, Any], probs: torch.Tensor, finite: torch.Tensor | None = None) -> dict[str, Any]:
     """What ``predict_step`` hands the writers: ``batch``'s keys but ``image``, with ``probs`` (N, C', h, w) and
-    ``finite`` ((N,) bool, computed on ``probs``' device: False for a tile whose map holds a NaN or an infinity; the
-    writer reads it with the maps and fails that tile's slide)."""
+    ``finite`` ((N,) bool on ``probs``' device: False for a tile whose map holds a NaN or an infinity; the writer reads
+    it with the maps and fails that tile's slide). ``finite`` None: computed here, on the device."""
     out = {k: v for k, v in batch.items() if k != "image"}
     out["probs"] = probs
-    out["finite"] = torch.isfinite(probs).flatten(1).all(dim=1)
+    out["finite"] = torch.isfinite(probs).flatten(1).all(dim=1) if finite is None else finite
     return out
 
 
