@@ -36,6 +36,18 @@ def test_import_loads_no_deep_learning_library() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_load_no_deep_learning_library(flag: str) -> None:
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('LOADED', sorted(m for m in ('torch', 'lightning', "
+        f"'openslide') if m in sys.modules))); sys.argv = ['wsiseg-predict', '{flag}']; "
+        "from wsiseg.predict import main; main()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "LOADED []"
+
+
 def test_predict_tiles_equals_the_pipelines_maps(tmp_path: Path, engine: object) -> None:
     """PIL tiles read with OpenSlide through the engine give the maps the pipeline's predict step gave for the same
     tiles of the real slide (FP32, max |d| <= 1e-6)."""

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wsiseg.errors import UserInputError
-from wsiseg.writers.run_record import check_writable
 
 __all__ = ["LOCK_NAME", "busy_message", "run_folder_lock", "is_secondary_rank"]
 
@@ -64,6 +63,8 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
     if is_secondary_rank():
         yield
         return
+    from wsiseg.writers.run_record import check_writable  # the writers' stack: not for a command's --help
+
     check_writable(folder)  # creates it, or says in one line why it cannot be written
     path = folder / LOCK_NAME
     handle = open(path, "a+")  # noqa: SIM115 - held open for the run's lifetime
