@@ -14,18 +14,9 @@ Names are imported on first use: ``import wsiseg`` loads no deep-learning librar
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from wsiseg.data.datamodule import SlideTileDataModule
-    from wsiseg.engine import Segmenter
-    from wsiseg.errors import UserInputError
-    from wsiseg.model import MilesialUNet, Unet, load_checkpoint
-    from wsiseg.module import SegmentationModule
-    from wsiseg.pipeline.result import RunResult
-    from wsiseg.writers.slide_writer import SlideWriter
-
-__version__ = "0.1.0"
+from wsiseg._version import __version__
 
 # public name -> the module that defines it
 _LAZY = {

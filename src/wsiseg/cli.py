@@ -218,7 +218,7 @@ def exit_if_version_asked(command: str) -> None:
         return
     from importlib.metadata import PackageNotFoundError, version
 
-    import wsiseg
+    from wsiseg._version import __version__
 
     parts = [f"torch {_torch_version()}"]  # with its build tag (+cpu, +cu130): which wheel is installed
     for package in ("lightning", "hydra-core", "openslide-python"):
@@ -226,7 +226,7 @@ def exit_if_version_asked(command: str) -> None:
             parts.append(f"{package} {version(package)}")
         except PackageNotFoundError:
             parts.append(f"{package} missing")
-    print(f"{command} (wsiseg) {wsiseg.__version__}; {', '.join(parts)}")
+    print(f"{command} (wsiseg) {__version__}; {', '.join(parts)}")
     sys.exit(0)
 
 

@@ -447,7 +447,7 @@ class ExportOptions:
 def run_export(cfg: DictConfig) -> dict[str, Any]:
     """Export, verify and describe the network of ``cfg.model`` as ``cfg.export`` (:class:`ExportOptions`) says;
     returns the sidecar dict."""
-    import wsiseg
+    from wsiseg._version import __version__
 
     if OmegaConf.is_missing(cfg.export, "path"):
         raise UserInputError("export.path is required: pass export.path=unet.onnx (or unet.pt for torchscript)")
@@ -527,7 +527,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": None
         if checkpoint is None
         else {"path": str(Path(checkpoint).expanduser().absolute()), "sha256": sha256_file(checkpoint)},
-        "wsiseg_version": wsiseg.__version__,
+        "wsiseg_version": __version__,
         "torch_version": torch.__version__,
         "verification": None
         if result is None

@@ -5,12 +5,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from wsiseg.pipeline.result import RunResult
-
-if TYPE_CHECKING:
-    from wsiseg.pipeline.assemble import run
 
 __all__ = ["RunResult", "run"]
 

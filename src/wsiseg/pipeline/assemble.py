@@ -211,14 +211,14 @@ def run_provenance(cfg: DictConfig) -> dict[str, Any]:
 
     import lightning
 
-    import wsiseg
+    from wsiseg._version import __version__
     from wsiseg.export import sha256_file
 
     model = cfg.model
     weights = model.net.get("path") if holds_weights(get_class(model.net._target_)) else model.get("checkpoint")
     path = Path(str(weights)).expanduser() if weights else None
     return {
-        "wsiseg_version": wsiseg.__version__,
+        "wsiseg_version": __version__,
         "torch_version": torch.__version__,
         "lightning_version": lightning.__version__,
         "openslide_version": version("openslide-python"),
