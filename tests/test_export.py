@@ -427,6 +427,19 @@ def test_sidecar_claiming_other_channels_than_the_file_is_refused(demo_onnx: tup
     assert "\n" not in str(info.value)
 
 
+def test_sidecar_with_a_hand_edited_stride_is_refused_before_any_slide(
+    demo_onnx: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Red-team item 20: a sidecar claiming inputs may be multiples of 2 let a 130 px patch through, and onnxruntime
+    failed mid-run with a traceback. The file is run once on a tile of the claimed side when the module is built."""
+    path, side = copied_export(demo_onnx, tmp_path)
+    side["input"]["height_width_multiple_of"] = 2  # the demo U-Net needs multiples of 16
+    sidecar_path(path).write_text(json.dumps(side))
+    with pytest.raises(UserInputError, match=r"does not run on a 2x2 tile although .*copy\.onnx\.json says") as info:
+        onnx_module(path)
+    assert "\n" not in str(info.value)
+
+
 def test_channel_index_beyond_the_sidecar_channels_is_refused(demo_onnx: tuple[Path, str]) -> None:
     with pytest.raises(UserInputError, match=r"model.channel_index=1 but .*demo\.onnx' outputs 1 channel") as info:
         onnx_module(demo_onnx[0], reduction="channel", channel_index=1)

@@ -544,3 +544,32 @@ def test_no_room_for_hydras_files_is_one_line(
     status, err = run_main(["model=demo", f"hydra.run.dir={small_disk / 'run'}"], monkeypatch, capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert "cannot be created" in err and "No space left" in err
+
+
+def test_a_fifo_among_the_slides_is_skipped_without_blocking(tmp_path: Path, good_slide: Path) -> None:
+    """A named pipe in data.slides blocked inside OpenSlide's open: the other slides never ran. Only regular files
+    are opened now (the alarm turns a regression into a failure, not a stuck suite)."""
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("the run blocked on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(240)
+    try:
+        status = predict([fifo, good_slide], tmp_path / "out", FAST)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert status == 1
+    rows = summary(tmp_path / "out")
+    assert rows["good.tif"]["status"] == "complete"
+    assert rows["pipe.svs"]["status"] == "skipped" and "is not a regular file" in rows["pipe.svs"]["reason"]
+
+
+def test_an_empty_checkpoint_file_is_one_line(tmp_path: Path, good_slide: Path) -> None:
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    message = user_error(good_slide, tmp_path / "out", [*FAST, f"model.checkpoint={empty}"])
+    assert message.startswith(f"model.checkpoint '{empty}' is not a readable PyTorch checkpoint"), message

@@ -224,6 +224,26 @@ def onnx_output_channels(path: str | Path, stride: int) -> int:
     return int(shape[1])
 
 
+def _check_stride_runs(net: Any, sidecar: OnnxSidecar) -> None:
+    """The file runs on one tile of the side its sidecar says inputs must be a multiple of: a hand-edited stride
+    would otherwise let a patch size through that fails mid-run inside the runtime.
+
+    Raises:
+        UserInputError: naming the file, the sidecar and the stride.
+    """
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, sidecar.stride, sidecar.stride))
+    except UserInputError:
+        raise
+    except Exception as exc:
+        raise UserInputError(
+            f"model.net.path '{net.path}' does not run on a {sidecar.stride}x{sidecar.stride} tile although "
+            f"{sidecar.path} says inputs are multiples of {sidecar.stride} ({type(exc).__name__}): the sidecar was "
+            "edited or belongs to another export; re-export with wsiseg-export"
+        ) from None
+
+
 @dataclass
 class OnnxSettings:
     """The module settings :func:`onnx_settings` resolved for an ONNX network."""
@@ -291,6 +311,7 @@ def onnx_settings(
                 f"model.net.path '{net.path}' outputs {channels} channel(s) but {sidecar.path} says "
                 f"{sidecar.channels}: the sidecar belongs to another export; re-export with wsiseg-export"
             )
+        _check_stride_runs(net, sidecar)
         mean = _agreed("model.mean", mean, sidecar.mean, sidecar)
         std = _agreed("model.std", std, sidecar.std, sidecar)
         activation = _agreed("model.activation", activation, sidecar.activation, sidecar)
