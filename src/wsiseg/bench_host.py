@@ -88,7 +88,8 @@ def host_bound_case(
 ) -> dict[str, Any]:
     """Run ``datamodule``'s planned tiles through ``trainer.predict`` with :class:`CachedMaps` (``maps``: the real
     module's output on a batch of real tiles) and ``cfg.writer`` blending on its thread, as a GPU host runs them: in
-    batches of at least :data:`wsiseg.batch_size.GPU_DEFAULT_BATCH` tiles; outputs go to ``out_dir``.
+    batches of :data:`wsiseg.batch_size.GPU_DEFAULT_BATCH` tiles (fewer for a run of under 4 such batches); outputs go
+    to ``out_dir``.
 
     Returns ``bench.json``'s ``cases.host_bound``: ``patches``, ``seconds`` (the whole ``trainer.predict``),
     ``patches_per_s`` (steady state: first to last batch), ``host_cpu_us_per_tile`` (``main``: the main thread,
@@ -98,8 +99,10 @@ def host_bound_case(
     ``finalise_s`` (per slide), ``blocked_s`` (the main loop waiting to hand a batch to the writer) and
     ``blocked_fraction`` (of the whole run).
     """
-    # a GPU host's batches: the loop's per-batch cost is shared by as many tiles as on a GPU (CPU runs batch 2)
-    datamodule = datamodule.with_batch_size(max(datamodule.batch_size or 1, GPU_DEFAULT_BATCH))
+    # a GPU host's batches: the loop's per-batch cost is shared by as many tiles as on a GPU (CPU runs batch 2); at
+    # least 4 batches, so there is a steady state to time after the first
+    gpu_batch = min(GPU_DEFAULT_BATCH, max(1, datamodule.plan.tiles // 4))
+    datamodule = datamodule.with_batch_size(max(datamodule.batch_size or 1, gpu_batch))
     stand_in = CachedMaps(maps)
     writer = instantiate(cfg.writer, output_dir=str(out_dir), blend_thread=True, _partial_=True)(plan=datamodule.plan)
     trainer = build_trainer(cfg.trainer, callbacks=[writer])

@@ -285,6 +285,16 @@ def discard_unused_run_dir(run_dir: Path) -> None:
         parent = parent.parent
 
 
+def _close_file_logs_in(folder: Path) -> None:
+    """Close and detach the root logger's file handlers that write under ``folder`` (Hydra's ``<job>.log``), so the
+    folder can go and a caller that goes on in this process (the Python API, tests) logs nowhere missing."""
+    root, where = logging.getLogger(), folder.resolve()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and where in Path(handler.baseFilename).resolve().parents:
+            root.removeHandler(handler)
+            handler.close()
+
+
 def _dead_worker(exc: BaseException) -> str | None:
     """PyTorch's message when a DataLoader worker process died (killed by a signal, e.g. the kernel's OOM killer)."""
     for seen in exception_chain(exc):
@@ -342,7 +352,7 @@ def user_errors(command: str, run_dir: Path | None = None) -> Iterator[None]:
         if user_error is None or debug:
             raise
         if run_dir is not None:
-            logging.shutdown()  # closes Hydra's log file before its folder goes
+            _close_file_logs_in(run_dir)  # Hydra's log file goes with its folder: nothing may write to it after
             discard_unused_run_dir(run_dir)
         print(f"{command}: error: {user_error}", file=sys.stderr)
         sys.exit(2)
