@@ -126,8 +126,8 @@ def usable_cores(limit: int = 8) -> int:
 
 
 def _spare_cores() -> int:
-    """Cores but one, 1 to 8: GPU reader workers, and patch-writer threads (PNG encoding + heatmap rendering, which
-    overlaps the network on any machine)."""
+    """Cores but one, 1 to 8: patch-writer threads (PNG encoding + heatmap rendering, which overlaps the network on
+    any machine)."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
