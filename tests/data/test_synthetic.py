@@ -28,8 +28,14 @@ def test_bad_arguments_are_one_line(
     assert not (tmp_path / "s.tif").exists()
 
 
-def test_a_folder_or_a_missing_folder_as_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for path, expected in ((tmp_path, "is a folder"), (tmp_path / "no" / "s.tif", "does not exist")):
+def test_a_folder_or_a_file_in_the_way_as_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a_file").write_text("x")
+    for path, expected in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "s.tif", "cannot write")):
         with pytest.raises(SystemExit) as stopped:
             main([str(path), "--width", "128", "--height", "128"])
         assert stopped.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_the_folder_is_made(tmp_path: Path) -> None:
+    main([str(tmp_path / "new" / "deeper" / "s.tif"), "--width", "128", "--height", "128"])
+    assert (tmp_path / "new" / "deeper" / "s.tif").is_file()

@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"wsiseg-synth: error: {problem}\n")
     spec = SyntheticSlide(args.width, args.height, args.seed, args.tissue_blobs, args.tumour_blobs, args.tissue_scale)
     try:
+        args.path.parent.mkdir(parents=True, exist_ok=True)  # the folder is made as for any output (make demo)
         write_synthetic_slide(args.path, spec)
     except OSError as exc:
         parser.exit(2, f"wsiseg-synth: error: cannot write '{args.path}': {exc.strerror or exc}\n")
@@ -242,8 +243,6 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         return f"--tissue-scale must be in (0, 1] (island radius / shorter side), got {args.tissue_scale}"
     if args.path.is_dir():
         return f"'{args.path}' is a folder: give a file name, e.g. {args.path / 'slide.tif'}"
-    if not args.path.parent.is_dir():
-        return f"the folder of '{args.path}' does not exist: create it first"
     return None
 
 
