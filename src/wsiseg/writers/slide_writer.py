@@ -4,7 +4,11 @@ which rank blends which tile and writes which slide. It holds no geometry, rende
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,19 @@ from wsiseg.writers.stitcher import Stitcher
 from wsiseg.writers.worker import OrderedWorker
 
 __all__ = ["SlideWriter"]
+
+
+@contextmanager
+def _sigchld_held() -> Iterator[None]:
+    """Hold SIGCHLD back on the main thread for the block (a no-op elsewhere and where the platform cannot)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -242,7 +259,15 @@ class SlideWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Stop blending, drop this rank's partial stores of unfinished slides (finished ones stay; ``resume=true``
-        redoes the rest) and, on rank 0, write ``summary.json`` with the unfinished slides as ``interrupted``."""
+        redoes the rest) and, on rank 0, write ``summary.json`` with the unfinished slides as ``interrupted``.
+
+        SIGCHLD is held back meanwhile: after a DataLoader worker died, PyTorch's SIGCHLD handler raises again at each
+        further child's exit, which would cut this clean-up short (the summary left saying ``pending``); held back, it
+        is raised once the clean-up is done."""
+        with _sigchld_held():
+            self._clean_up_after(exception)
+
+    def _clean_up_after(self, exception: BaseException) -> None:
         for worker in (self._worker, self._finaliser):
             if worker is not None:
                 worker.close(timeout=60, error=exception)
