@@ -89,8 +89,8 @@ class PatchOutputs:
         for image in images:
             for suffix in (HEATMAP_SUFFIX, MASK_SUFFIX):
                 path = self.output_dir / f"{image.key}{suffix}"
-                ours = suffix == HEATMAP_SUFFIX or self.mask
-                if (ours and not _foreign(path)) or _written_by_wsiseg(path):
+                written_by_us = _written_by_wsiseg(path)  # one header read per path
+                if written_by_us or ((suffix == HEATMAP_SUFFIX or self.mask) and not os.path.lexists(path)):
                     paths.add(path.resolve())
         return paths
 
