@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import resource
 import shutil
@@ -165,7 +166,9 @@ def one_slide(
     stitcher_module: Any, store_module: Any, slide: Any, downsample: int, options: Any, pool: np.ndarray, out: Path
 ) -> dict[str, Any]:
     """Stitch ``slide`` (batches cut from ``pool``) and read it back as ``render_slide`` does; the figures."""
-    stitcher = stitcher_module.Stitcher([slide], out, output_downsample=downsample, options=options)
+    # one process in raster order, as SlideWriter runs it: passed chunks kept as their final uint8 (where supported)
+    in_order = {"in_order": True} if "in_order" in inspect.signature(stitcher_module.Stitcher).parameters else {}
+    stitcher = stitcher_module.Stitcher([slide], out, output_downsample=downsample, options=options, **in_order)
     counted = count_cache_events(store_module)
     baseline_mib = psutil.Process().memory_info().rss / 2**20
     n = slide.tiles_tissue
@@ -191,14 +194,15 @@ def one_slide(
     is_mosaic = isinstance(store, store_module.TileMosaic)
     chunks, read, to_u8 = 0, 0.0, 0.0
     per_row = []  # thread µs per chunk of each row of chunks
+    final = hasattr(store, "final_blocks")  # its rows are the uint8 blocks render_slide writes
     t0 = time.thread_time()
-    for _, _, row in store.band_chunks():
+    for _, _, row in store.final_blocks() if final else store.band_chunks():
         read += time.thread_time() - t0
         if row:
             per_row.append(1e6 * (time.thread_time() - t0) / len(row))
         t1 = time.thread_time()
-        for _, value, _ in row:
-            if not is_mosaic:  # as render_slide does with a blended chunk
+        for _, value, *_ in row:
+            if not is_mosaic and not final:  # as render_slide did with a blended chunk
                 store_module.probabilities_to_u8(value[0])
         to_u8 += time.thread_time() - t1
         chunks += len(row)

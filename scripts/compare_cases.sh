@@ -7,7 +7,7 @@
 #               "env PYTHONPATH=<old checkout>/src .venv/bin/python -m wsiseg.predict"   (old code, e.g. a git worktree)
 #               ".venv/bin/python -m wsiseg.predict"                                     (new code)
 #     OUT_ROOT  one run dir per case is written to OUT_ROOT/<case> (must not exist yet: fresh runs only)
-#     CASE      optional subset of a b c d e f g h (default: all)
+#     CASE      optional subset of a b c d e f g h i (default: all)
 #
 # Inputs: the shared slides (WSISEG_SHARED_SLIDES, default ../shared/slides), plus INPUTS (default
 # outputs/compare-inputs) holding gen.tif and patches_in/, which are
@@ -27,7 +27,7 @@ read -r -a PREFIX <<< "$1"
 OUT=$2
 shift 2
 CASES=("$@")
-[ ${#CASES[@]} -eq 0 ] && CASES=(a b c d e f g h)
+[ ${#CASES[@]} -eq 0 ] && CASES=(a b c d e f g h i)
 INPUTS=${INPUTS:-outputs/compare-inputs}
 PY=${PY:-.venv/bin/python}
 SLIDES=${WSISEG_SHARED_SLIDES:-../shared/slides}
@@ -98,6 +98,10 @@ case_g() { run_case g data=patches "data.input_dir=$PATCHES" writer=patches "wri
 # extra (not in the brief): patch mode with <key>_mask.png written and overlapping tiles on the 700x500 image
 case_h() { run_case h data=patches "data.input_dir=$PATCHES" writer=patches "writer.output_dir=$OUT/h" model=demo \
     "${COMMON[@]}" data.patch_size=256 data.overlap=32 writer.mask=true; }
+
+# extra: overlapping tiles with a 1 MiB chunk cache, so chunks are evicted (made final) while tiles still arrive
+case_i() { run_case i model=demo "${COMMON[@]}" "$CONTOURS" "data.slides=$GEN" \
+    data.patch_size=256 data.overlap=128 writer.blend=gaussian writer.cache_mb=1; }
 
 make_inputs
 mkdir -p "$OUT"

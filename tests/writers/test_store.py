@@ -231,3 +231,60 @@ def test_raster_order_and_its_subsets_never_reload_a_chunk_whatever_the_geometry
                 acc.add(x0, y0, np.ones((1, tile, tile), np.float16), window)
         stats = acc.stats()
         assert stats["reloads"] == 0 and stats["cache_chunks"] <= spans * acc.chunk_grid[1], (share, stats)
+
+
+@pytest.mark.parametrize(
+    ("mosaic", "channels"), [(False, 1), (False, 3), (True, 1)], ids=["blend1", "blend3", "mosaic"]
+)
+def test_final_on_pass_gives_the_masks_of_the_float_store_bit_for_bit(
+    tmp_path: Path, channels: int, mosaic: bool
+) -> None:
+    """``final_on_pass``: chunks the raster order passed are kept as their final uint8 blocks (held within the budget,
+    the rest spilled) instead of float32 planes, and weights are summed per chunk from the tile pieces it recorded
+    (two windows alternating) instead of in a weight plane; every block equals the float store's read-back rounded
+    as the mask is (round(255·p), or the label of the largest mean), chunk and image edges included."""
+    rng = np.random.default_rng(7 + channels)
+    size, tile, step = (157, 101), 48, 48 if mosaic else 20
+    budget = 4 * 32 * 32  # four uint8 blocks; the float cache grows to the chunks the tiles keep open
+    make = (
+        (lambda path, final: TileMosaic(path, size, 32, budget, step, final))
+        if mosaic
+        else (lambda path, final: BlendingAccumulator(path, channels, size, 32, budget, step, final))
+    )
+    final, floats = make(tmp_path / "final", True), make(tmp_path / "floats", False)
+    windows = [blend_window(tile, "gaussian"), rng.random((tile, tile), dtype=np.float32) + 0.01]
+    for i, (x0, y0) in enumerate(_raster_tiles(size, tile, step)):
+        values = rng.uniform(-0.1, 1.1, (channels, tile, tile)).astype(np.float16)
+        final.add(x0, y0, values, windows[i % 2])
+        floats.add(x0, y0, values, windows[i % 2])
+    assert final.stats()["evictions"] > 3 and final.stats()["reloads"] == 0
+    assert any(p.name.endswith(".final.npy") for p in (tmp_path / "final").iterdir()), "finals spilled past the budget"
+    got = {(y0, x0): b.copy() for y0, _, blocks in final.final_blocks() for x0, b in blocks}
+    expected = {(y0, x0): b.copy() for y0, _, blocks in floats.final_blocks() for x0, b in blocks}
+    assert got.keys() == expected.keys() and len(got) == 4 * 5
+    for key, block in expected.items():
+        assert got[key].dtype == np.uint8 and np.array_equal(got[key], block), key
+    if not mosaic:  # the float store's read-back, rounded as render_slide did before final_blocks
+        again = make(tmp_path / "again", False)
+        rng = np.random.default_rng(7 + channels)
+        windows = [blend_window(tile, "gaussian"), rng.random((tile, tile), dtype=np.float32) + 0.01]
+        for i, (x0, y0) in enumerate(_raster_tiles(size, tile, step)):
+            values = rng.uniform(-0.1, 1.1, (channels, tile, tile)).astype(np.float16)
+            again.add(x0, y0, values, windows[i % 2])
+        for y0, _, chunks in again.band_chunks():
+            for x0, mean, covered in chunks:
+                u8 = probabilities_to_u8(mean[0]) if channels == 1 else np.where(covered, mean.argmax(0), 0)
+                assert np.array_equal(got[(y0, x0)], u8.astype(np.uint8))
+
+
+def test_final_on_pass_refuses_a_tile_out_of_raster_order_and_a_merge(tmp_path: Path) -> None:
+    """A tile that reaches a chunk already made final cannot be blended any more: an error, not a wrong mask."""
+    acc = BlendingAccumulator(tmp_path / "acc", 1, (96, 96), chunk=32, cache_bytes=1, row_step=32, final_on_pass=True)
+    tile, window = np.ones((1, 32, 32), np.float32), np.ones((32, 32), np.float32)
+    for y0 in (0, 32, 64):
+        for x0 in (0, 32, 64):
+            acc.add(x0, y0, tile, window)
+    with pytest.raises(RuntimeError, match="raster order"):
+        acc.add(0, 0, tile, window)
+    with pytest.raises(RuntimeError, match="cannot be merged"):
+        acc.flush()

@@ -19,7 +19,7 @@ from wsiseg.contours import write_contours
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.errors import UserInputError
 from wsiseg.writers.heatmap import png_bytes, render_heatmap
-from wsiseg.writers.store import BlendingAccumulator, TileMosaic, probabilities_to_u8
+from wsiseg.writers.store import BlendingAccumulator
 from wsiseg.writers.tiff import ENCODERS, LAYOUTS, pyramid_sizes, write_pyramid_tiff
 
 __all__ = ["RenderOptions", "render_slide", "OUTPUT_FILES"]
@@ -115,16 +115,10 @@ def render_slide(
     width = slide.grid.output_size[0]
 
     def bands() -> Any:
-        for _, rows, chunks in store.band_chunks():
+        for _, rows, blocks in store.final_blocks():  # round(255·p), or labels
             band = np.zeros((rows, width), np.uint8)
-            for x0, mean, covered in chunks:
-                if labels:
-                    assert covered is not None
-                    block = np.where(covered, mean.argmax(axis=0), 0).astype(np.uint8)
-                    positive[0] += int(np.count_nonzero(block))
-                else:  # a TileMosaic already holds round(255·p)
-                    block = mean[0] if isinstance(store, TileMosaic) else probabilities_to_u8(mean[0])
-                    positive[0] += int(np.count_nonzero(block >= threshold_u8))
+            for x0, block in blocks:
+                positive[0] += int(np.count_nonzero(block if labels else block >= threshold_u8))
                 band[:, x0 : x0 + block.shape[1]] = block
             yield band
 

@@ -101,7 +101,7 @@ class SlideWriter(BasePredictionWriter):
         self.record = RunRecord(self.output_dir, run_config, provenance)
         self.results = self.record.rows
         self._distribution: Distribution = SingleProcess(len(plan.slides))
-        self._stitcher = Stitcher(list(plan.slides), self.output_dir, output_downsample, self.store)
+        self._stitcher = Stitcher(list(plan.slides), self.output_dir, output_downsample, self.store, in_order=True)
         self._owned: set[int] | None = None
         self._finished: set[int] = set()
         self._seen_reports: set[int] = set()  # slides other ranks are known to have written (a report stays)
@@ -116,7 +116,12 @@ class SlideWriter(BasePredictionWriter):
     def _begin(self, distribution: Distribution) -> None:
         self._distribution = distribution
         self._stitcher = Stitcher(
-            list(self.plan.slides), self.output_dir, self.output_downsample, self.store, distribution.rank
+            list(self.plan.slides),
+            self.output_dir,
+            self.output_downsample,
+            self.store,
+            distribution.rank,
+            in_order=distribution.in_slide_order,
         )
         self.record.start(self.plan)
         self._finished, self._seen_reports, self._batch_clock = set(), set(), time.perf_counter()

@@ -76,6 +76,8 @@ class Stitcher:
         output_downsample: read-level px per output px (tile origins are divided by it).
         options: blending and store options.
         rank: this process's rank (names its partial store).
+        in_order: tiles arrive in raster order within each slide and no other rank's store is merged into this
+            one: chunks the order has passed are then kept as their final uint8 values (``final_on_pass``).
     """
 
     def __init__(
@@ -85,8 +87,9 @@ class Stitcher:
         output_downsample: int = 1,
         options: StoreOptions | None = None,
         rank: int = 0,
+        in_order: bool = False,
     ) -> None:
-        self.slides, self.output_dir, self.rank = slides, output_dir, rank
+        self.slides, self.output_dir, self.rank, self.in_order = slides, output_dir, rank, in_order
         self.output_downsample, self.options = output_downsample, options or StoreOptions()
         self.states: dict[int, SlideState] = {}
         self.channels = 1
@@ -110,9 +113,9 @@ class Stitcher:
             store: BlendingAccumulator
             if slide.grid.overlap == 0 and self.channels == 1:
                 # no two tiles share a pixel: nothing to blend, keep the final uint8 values
-                store = TileMosaic(partial, size, chunk, cache_bytes, row_step)
+                store = TileMosaic(partial, size, chunk, cache_bytes, row_step, self.in_order)
             else:
-                store = BlendingAccumulator(partial, self.channels, size, chunk, cache_bytes, row_step)
+                store = BlendingAccumulator(partial, self.channels, size, chunk, cache_bytes, row_step, self.in_order)
             state = SlideState(store=store, started=time.perf_counter() if started is None else started)
             self.states[index] = state
         return state

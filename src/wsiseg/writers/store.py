@@ -11,6 +11,12 @@ tile order keeps open (:class:`BlendingAccumulator`), and spill to disk as one r
 sums + the weight plane, float32); chunks no tile touched are never created, so background costs nothing. Partial
 accumulators (one per DDP rank) merge by adding sums and weights.
 
+When tiles come in raster order and no merge is to come (one process, or whole slides per DDP rank:
+``final_on_pass``), a chunk the order has passed is reduced to the uint8 block the mask holds when the cache evicts
+it, and those blocks (a quarter of a float32 plane) are held in memory up to the cache budget, then spilled; the
+weights are then not a plane of the chunks but summed per chunk, when it is made final, from the tile pieces it
+recorded (grid-interior chunks share one sum). Same uint8 values, a fraction of the memory traffic, no float spills.
+
 The per-tile arithmetic runs in OpenCV, one pass per operation on views of the chunk arrays, in the calling thread:
 numpy's float16 → float32 cast alone cost more than the whole blend, and torch kernels on a blending thread would give
 that thread an OpenMP team of its own beside the network's. Where the installed OpenCV cannot compute on float16
@@ -30,6 +36,7 @@ import shutil
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -95,6 +102,11 @@ class BlendingAccumulator:
             tiles still add to, see below.
         row_step: output px between the origins of successive tile rows (the tile grid's step), when tiles arrive in
             raster order; None when unknown (the cache then keeps up to the whole chunk rows a tile row spans).
+        final_on_pass: when the cache evicts a chunk the raster order has passed, keep only its final uint8 block
+            (:meth:`_final_u8`: 8 bytes a pixel fewer with one channel) instead of spilling its float32 planes; these
+            blocks are held in memory up to ``cache_bytes`` and spilled past it. For tiles in raster order with no
+            merge to come (one process, or whole slides per rank): a tile that reaches a chunk made final raises
+            RuntimeError, :meth:`flush` (merging) refuses, and the store is read with :meth:`final_blocks`.
 
     The chunk cache. Tiles arrive in raster order (rows top to bottom, each left to right), so a chunk the order has
     passed is final: one above the top chunk row of the latest tile, or, given ``row_step``, one left of the latest
@@ -126,9 +138,18 @@ class BlendingAccumulator:
         chunk: int = 512,
         cache_bytes: int = 128 << 20,
         row_step: int | None = None,
+        final_on_pass: bool = False,
     ) -> None:
         self.path = None if path is None else Path(path)
         self.channels, self.size, self.chunk, self.row_step = channels, tuple(size), chunk, row_step
+        self.final_on_pass = final_on_pass and self.path is not None
+        # with final_on_pass the weights are not a plane of the chunk: each chunk records the tile pieces it got, and
+        # their weights are summed (in the same order, so to the same float32 values) when it is made final
+        self._tile_weights = self.final_on_pass and self._weighted
+        self._records: dict[tuple[int, int], list[tuple[int, ...]]] = {}
+        self._weight_arrays: dict[int, tuple[int, np.ndarray]] = {}  # id(weights) -> (index, the array, kept alive)
+        self._weight_list: list[np.ndarray] = []
+        self._weight_memo: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()  # interior chunks repeat
         width, height = self.size
         self.chunk_grid = (math.ceil(height / chunk), math.ceil(width / chunk))
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
@@ -146,15 +167,19 @@ class BlendingAccumulator:
         self._scratches: dict[np.dtype, np.ndarray] = {}
         self._warned = False
         self._buffer: np.ndarray | None = None  # a spilled chunk read back only to be merged or finalised
+        self._finals: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # final_on_pass: uint8 blocks held
+        self._finals_bytes, self._finals_limit = 0, cache_bytes
+        self._finals_on_disk: set[tuple[int, int]] = set()
         self.evictions = 0
         self.reloads = 0
 
     # -- what a chunk holds (TileMosaic overrides these) ---------------------------------------------------------
     @property
     def _planes(self) -> int:
-        return self.channels + 1  # channel sums, then the weight plane
+        return self.channels + (0 if self._tile_weights else 1)  # channel sums, then the weight plane
 
     _dtype: type = np.float32
+    _weighted = True  # whether tiles' weights count (see final_on_pass)
     _final_is_planes = False  # whether :meth:`_final` returns the planes themselves
 
     def _put(self, planes: np.ndarray, values: np.ndarray, weights: np.ndarray) -> None:
@@ -165,7 +190,8 @@ class BlendingAccumulator:
         for c in range(self.channels):
             cv2.multiply(values[c], weights, dst=product, dtype=cv2.CV_32F)
             cv2.add(planes[c], product, dst=planes[c])
-        cv2.add(planes[self.channels], weights, dst=planes[self.channels])
+        if not self._tile_weights:
+            cv2.add(planes[self.channels], weights, dst=planes[self.channels])
 
     def _merge(self, planes: np.ndarray, other: np.ndarray) -> None:
         planes += other
@@ -182,12 +208,56 @@ class BlendingAccumulator:
 
     def _final(self, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """A chunk's read-back: (C, h, w) float32 weighted mean (0 where no weight) and (h, w) covered."""
-        sums, weights = planes[: self.channels], planes[self.channels]
+        return self._mean(planes[: self.channels], planes[self.channels])
+
+    @staticmethod
+    def _mean(sums: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         covered = weights > 0
         with np.errstate(divide="ignore", invalid="ignore"):  # the uncovered pixels are zeroed next
             mean = np.divide(sums, weights[None])
         np.copyto(mean, 0.0, where=~covered[None])
         return mean, covered
+
+    def _final_u8(self, key: tuple[int, int], planes: np.ndarray) -> np.ndarray:
+        """Chunk ``key``'s final (rows, w) uint8 block, what the mask holds: ``round(255·mean)`` saturated to 0-255
+        with one channel (:func:`probabilities_to_u8`), the index of the largest mean with several (0 where no tile
+        reached)."""
+        sums = planes[: self.channels]
+        weights = self._weights_of(key, planes.shape[1:]) if self._tile_weights else planes[self.channels]
+        if self.channels == 1:  # 0/0 (no tile reached) is NaN, which probabilities_to_u8 makes 0
+            mean = self._scratch(np.float32, weights.shape)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.divide(sums[0], weights, out=mean)
+            return probabilities_to_u8(mean, scratch=mean)
+        mean, covered = self._mean(sums, weights)
+        return np.where(covered, mean.argmax(axis=0), 0).astype(np.uint8)
+
+    def _weights_of(self, key: tuple[int, int], shape: tuple[int, ...]) -> np.ndarray:
+        """``final_on_pass``: chunk ``key``'s (rows, w) weight sums, from the tile pieces it recorded, added in their
+        order (what the weight plane would hold); chunks that got the same pieces (a grid's interior) share one."""
+        records = tuple(self._records.pop(key, ()))
+        signature = (tuple(shape), records)
+        weights = self._weight_memo.get(signature)
+        if weights is not None:
+            self._weight_memo.move_to_end(signature)
+            return weights
+        weights = np.zeros(shape, np.float32)
+        for index, dy0, dy1, dx0, dx1, wy0, wx0 in records:
+            piece = np.asarray(self._weight_list[index][wy0 : wy0 + dy1 - dy0, wx0 : wx0 + dx1 - dx0], np.float32)
+            cv2.add(weights[dy0:dy1, dx0:dx1], piece, dst=weights[dy0:dy1, dx0:dx1])
+        self._weight_memo[signature] = weights
+        if len(self._weight_memo) > 16:
+            self._weight_memo.popitem(last=False)
+        return weights
+
+    def _weights_index(self, weights: np.ndarray) -> int:
+        """An index for the array ``weights`` (by identity; the array is kept, so tiles should share one)."""
+        known = self._weight_arrays.get(id(weights))
+        if known is None:
+            known = (len(self._weight_list), weights)
+            self._weight_arrays[id(weights)] = known
+            self._weight_list.append(weights)
+        return known[0]
 
     # -- chunk cache ---------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -208,9 +278,15 @@ class BlendingAccumulator:
             self._cache.move_to_end(key)
             self._passed.pop(key, None)  # added to again: the tiles were not in raster order
             return hit
+        if key in self._finals or key in self._finals_on_disk:
+            raise RuntimeError(
+                f"store {self.path}: a tile reached chunk {key} after the raster order had passed it and it was made "
+                "final (final_on_pass needs tiles in raster order)"
+            )
         spare = None
         if len(self._cache) >= self._cache_limit:
-            if self._passed:
+            passed = bool(self._passed)
+            if passed:
                 evicted: tuple[int, int] | None = next(iter(self._passed))
                 del self._passed[evicted]
             else:
@@ -218,7 +294,12 @@ class BlendingAccumulator:
                 evicted = None if adding and self._grow() else next(iter(self._cache))  # least recently used
             if evicted is not None:
                 spare = self._cache.pop(evicted)
-                self._spill(evicted, spare)
+                if passed and self.final_on_pass:
+                    self._keep_final(evicted, self._final_u8(evicted, spare))
+                    if self._final_is_planes:  # the block held is a view of the chunk's memory
+                        spare = None
+                else:
+                    self._spill(evicted, spare)
                 self.evictions += 1
         y0, y1, x0, x1 = self._chunk_bounds(cy, cx)
         shape = (self._planes, y1 - y0, x1 - x0)
@@ -293,8 +374,26 @@ class BlendingAccumulator:
         np.save(self._chunk_file(self.path, *key), planes, allow_pickle=False)
         self._on_disk.add(key)
 
+    def _keep_final(self, key: tuple[int, int], block: np.ndarray) -> None:
+        """Hold a passed chunk's final uint8 block (``final_on_pass``) in memory, spilling the oldest held blocks to
+        disk past ``cache_bytes`` of them."""
+        self._finals[key] = block
+        self._finals_bytes += block.nbytes
+        while self._finals_bytes > self._finals_limit:
+            old, held = self._finals.popitem(last=False)
+            self._finals_bytes -= held.nbytes
+            np.save(self._final_file(old), held, allow_pickle=False)
+            self._finals_on_disk.add(old)
+
+    def _final_file(self, key: tuple[int, int]) -> Path:
+        assert self.path is not None
+        return self.path / f"{key[0]}_{key[1]}.final.npy"
+
     def flush(self) -> None:
-        """Write every cached chunk to disk and record which chunks exist (for merging)."""
+        """Write every cached chunk to disk and record which chunks exist (for merging; not with ``final_on_pass``,
+        whose passed chunks hold only their final values)."""
+        if self._finals or self._finals_on_disk:
+            raise RuntimeError(f"store {self.path}: final_on_pass made chunks final; it cannot be merged")
         while self._cache:
             self._spill(*self._cache.popitem(last=False))
         self._passed.clear()
@@ -316,6 +415,7 @@ class BlendingAccumulator:
         chunk = self.chunk
         top, bottom = y0 // chunk, (y_end - 1) // chunk
         self._pass(x0, y0, top)
+        index = self._weights_index(weights) if self._tile_weights else -1
         values = _operand(values[:, : y_end - y0, : x_end - x0])
         weights = np.asarray(weights[: y_end - y0, : x_end - x0], np.float32)
         for cy in range(top, bottom + 1):
@@ -329,6 +429,9 @@ class BlendingAccumulator:
                     values[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0],
                     weights[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0],
                 )
+                if self._tile_weights:
+                    piece = (index, sy0 - cy0, sy1 - cy0, sx0 - cx0, sx1 - cx0, sy0 - y0, sx0 - x0)
+                    self._records.setdefault((cy, cx), []).append(piece)
 
     def merge_from(self, other_path: str | Path) -> None:
         """Add a flushed store (same geometry, e.g. another DDP rank's) into this one, chunk by chunk."""
@@ -347,24 +450,44 @@ class BlendingAccumulator:
         and ``covered`` None. Untouched chunks are left out (they are background).
 
         Chunks still in the memory cache are used (and released) directly; only evicted ones are read from disk.
-        Consumes the store: it cannot be added to afterwards.
+        Consumes the store: it cannot be added to afterwards. Not with ``final_on_pass`` (use :meth:`final_blocks`).
         """
+        if self.final_on_pass:
+            raise RuntimeError(f"store {self.path}: final_on_pass keeps final values only; read it with final_blocks")
+        yield from self._band_chunks(final=False)
+
+    def _band_chunks(self, final: bool) -> Iterator[tuple[int, int, list[Any]]]:
         height = self.size[1]
         for cy in range(self.chunk_grid[0]):
             y0, y1 = cy * self.chunk, min((cy + 1) * self.chunk, height)
-            chunks = []
+            chunks: list[Any] = []
             for cx in range(self.chunk_grid[1]):
-                if (cy, cx) not in self.touched:
+                key = (cy, cx)
+                if key not in self.touched:
                     continue
                 _, _, x0, _ = self._chunk_bounds(cy, cx)
-                planes = self._cache.pop((cy, cx), None)
-                self._passed.pop((cy, cx), None)
+                block = self._finals.pop(key, None)
+                if block is not None:
+                    self._finals_bytes -= block.nbytes
+                elif key in self._finals_on_disk:
+                    block = np.load(self._final_file(key))
+                if block is not None:
+                    chunks.append((x0, block))
+                    continue
+                planes = self._cache.pop(key, None)
+                self._passed.pop(key, None)
                 if planes is None and self._final_is_planes:  # the value yielded is the array loaded
                     planes = self._load(self.path, cy, cx)
                 elif planes is None:
                     planes = self._buffer = self._load(self.path, cy, cx, out=self._buffer)
-                chunks.append((x0, *self._final(planes)))
+                chunks.append((x0, self._final_u8(key, planes)) if final else (x0, *self._final(planes)))
             yield y0, y1 - y0, chunks
+
+    def final_blocks(self) -> Iterator[tuple[int, int, list[tuple[int, np.ndarray]]]]:
+        """Yield one entry per row of chunks: ``(y0, rows, blocks)`` where ``blocks`` lists ``(x0, block)`` for the
+        chunks some tile touched, ``block`` the (rows, w) uint8 values of the mask (see :meth:`_final_u8`; a
+        ``TileMosaic``'s values as stored). Consumes the store, as :meth:`band_chunks` does."""
+        yield from self._band_chunks(final=True)
 
     def read_all(self) -> np.ndarray:
         """The whole image's (C, H, W) float32 weighted mean, 0 where no tile reached (consumes the store; for
@@ -380,6 +503,8 @@ class BlendingAccumulator:
         """Remove the on-disk store (and drop the chunks held in memory)."""
         self._cache.clear()
         self._passed.clear()
+        self._finals.clear()
+        self._records.clear()
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
 
@@ -403,8 +528,9 @@ class TileMosaic(BlendingAccumulator):
         chunk: int = 512,
         cache_bytes: int = 128 << 20,
         row_step: int | None = None,
+        final_on_pass: bool = False,
     ) -> None:
-        super().__init__(path, 1, size, chunk, cache_bytes, row_step)
+        super().__init__(path, 1, size, chunk, cache_bytes, row_step, final_on_pass)
 
     @property
     def _planes(self) -> int:
@@ -412,6 +538,7 @@ class TileMosaic(BlendingAccumulator):
 
     _dtype = np.uint8
     _final_is_planes = True
+    _weighted = False
 
     def _put(self, planes: np.ndarray, values: np.ndarray, weights: np.ndarray) -> None:
         probabilities_to_u8(values[0], out=planes[0], scratch=self._scratch(values.dtype, values.shape[1:]))
@@ -421,3 +548,6 @@ class TileMosaic(BlendingAccumulator):
 
     def _final(self, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return planes, None
+
+    def _final_u8(self, key: tuple[int, int], planes: np.ndarray) -> np.ndarray:
+        return planes[0]
