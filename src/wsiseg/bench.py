@@ -55,6 +55,7 @@ from wsiseg.errors import UserInputError
 from wsiseg.model import has_fixed_weights, holds_weights
 from wsiseg.module import SegmentationModule
 from wsiseg.options import check_option_types
+from wsiseg.pipeline.assemble import assemble
 from wsiseg.quantize import dice
 
 __all__ = ["CaseResult", "PeakMemory", "main", "run_bench"]
@@ -559,15 +560,10 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     naive_first = _timed("naive (1st half)", device, halves[0], lambda: naive(halves[0], 0))
 
-    # 2. optimised: the real trainer.predict with the writer
-    writer = instantiate(cfg.writer, output_dir=str(out_dir / "predict"), _partial_=True)(plan=datamodule.plan)
-    predict_trainer = build_trainer(cfg.trainer, callbacks=[writer])
-    results["optimised"] = _timed(
-        "optimised",
-        device,
-        tiles,
-        lambda: predict_trainer.predict(module, datamodule=datamodule, return_predictions=False),
-    )
+    # 2. optimised: the product's run (wsiseg.pipeline.assemble: plan, data module, writer, trainer) on the same tiles,
+    # with the module prepared (and compiled) above
+    assembly = assemble(_run_config(cfg, out_dir / "predict", [str(slide_path)]), module=module, first_tiles=tiles)
+    results["optimised"] = _timed("optimised", device, assembly.tiles, assembly.execute)
 
     naive_second = _timed("naive (2nd half)", device, halves[1], lambda: naive(halves[1], halves[0]))
     results["naive"] = CaseResult(
@@ -682,15 +678,8 @@ def run_patch_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             Image.fromarray(heatmap).save(naive_dir / f"{index}_heatmap.png")
 
     results = {"naive": _timed("naive", device, len(images), naive)}
-    plan = datamodule.plan_run(module.stride)
-    writer = instantiate(cfg.writer, _partial_=True)(output_dir=str(out_dir / "predict"), plan=plan)
-    predict_trainer = build_trainer(cfg.trainer, callbacks=[writer])
-    results["optimised"] = _timed(
-        "optimised",
-        device,
-        len(images),
-        lambda: predict_trainer.predict(module, datamodule=datamodule, return_predictions=False),
-    )
+    assembly = assemble(_run_config(cfg, out_dir / "predict"))  # the product's run: wsiseg.pipeline.assemble
+    results["optimised"] = _timed("optimised", device, len(images), assembly.execute)
     report = {
         "mode": "patches",
         "cases": {k: {**v.as_dict(), "images_per_s": round(v.patches_per_s, 2)} for k, v in results.items()},
@@ -713,6 +702,16 @@ def run_patch_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     lines.append(f"speedup batched/naive: {report['summary']['speedup_optimised_vs_naive']:.2f}x")
     print("\n".join(lines))
     return report
+
+
+def _run_config(cfg: DictConfig, output_dir: Path, slides: list[str] | None = None) -> DictConfig:
+    """The bench's config as a prediction run's (``predict.yaml``'s keys): outputs in ``output_dir``, and in slide mode
+    ``data.slides`` the bench slide."""
+    run = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.update(run, "writer.output_dir", str(output_dir))
+    if slides is not None:
+        OmegaConf.update(run, "data.slides", slides)
+    return run
 
 
 def format_table(report: dict[str, Any]) -> str:

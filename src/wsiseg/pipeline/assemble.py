@@ -1,14 +1,16 @@
 """The one assembler of a prediction run: a composed config in, a :class:`~wsiseg.pipeline.result.RunResult` out.
 
-``wsiseg-predict``, the Python engine (:class:`wsiseg.Segmenter`) and the benchmark's whole-run timings are doors onto
-:func:`run`: it checks the options, plans the run once (slides, levels, grids, tissue, what resume keeps), builds the
-data module, module, writer and trainer from the plan, and runs ``trainer.predict``.
+``wsiseg-predict`` and the Python engine (:class:`wsiseg.Segmenter`) are doors onto :func:`run`: it checks the
+options, plans the run once (slides, levels, grids, tissue, what resume keeps), builds the data module, module, writer
+and trainer from the plan (:func:`assemble`), and runs ``trainer.predict`` (:meth:`Assembly.execute`). The benchmark
+times :meth:`Assembly.execute` of the same assembly, with its own prepared module and a tile limit.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from wsiseg.writers.slide_writer import SlideWriter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_shard", "resume_check", "run", "run_provenance"]
+__all__ = ["Assembly", "assemble", "check_shard", "resume_check", "run", "run_provenance"]
 
 
 def run(cfg: DictConfig) -> RunResult:
@@ -44,26 +46,73 @@ def run(cfg: DictConfig) -> RunResult:
         UserInputError: a bad option, path or checkpoint, before any slide is read (one line naming it).
     """
     check_required(cfg)
-    check_bool(cfg, "resume")
-    check_option_types(cfg, ("data", "writer", "model", "model.net", "trainer"))
     check_writable(str(cfg.writer.output_dir))  # before the lock: an empty path is not the working folder
     output_dir = Path(cfg.writer.output_dir)
     with run_folder_lock(output_dir):
-        rows = predict_in_folder(cfg)
+        rows = assemble(cfg).execute()
     return RunResult(output_dir, tuple(rows))
 
 
-def predict_in_folder(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Instantiate datamodule, module, writer and trainer from ``cfg``, run ``trainer.predict``.
+@dataclass(frozen=True)
+class Assembly:
+    """A run's parts, built from one plan by :func:`assemble`; :meth:`execute` runs them.
 
-    Cheap checks come first (required keys and the writable output folder in :func:`run`; the device, patch
-    size vs the network's stride and writer options here), then the model is built and the checkpoint loaded, then
-    slides are opened and tiled.
-
-    Returns:
-        the run's result rows (one per slide or image: ``status`` ``complete``, ``skipped`` or ``failed``; the reasons
-        are in ``summary.json``).
+    Attributes:
+        datamodule: the slide or patch-folder data module, its plan made.
+        module: the prepared :class:`~wsiseg.module.SegmentationModule` (on the trainer's device type).
+        writer: the slide or patch writer (a Lightning callback of ``trainer``).
+        trainer: the Lightning trainer.
+        slide_mode: True for slides, False for a patch folder.
     """
+
+    datamodule: Any
+    module: Any
+    writer: Any
+    trainer: Any
+    slide_mode: bool
+
+    @property
+    def tiles(self) -> int:
+        """Tiles (slide mode) or images (patch mode) this run predicts."""
+        plan = self.datamodule.plan
+        return int(plan.tiles) if self.slide_mode else len(plan.todo)
+
+    def execute(self) -> list[dict[str, Any]]:
+        """Run ``trainer.predict`` (once per assembly); returns the result rows (one per slide or image: ``status``
+        ``complete``, ``skipped`` or ``failed``; the reasons are in ``summary.json``)."""
+        if self.slide_mode and self.datamodule.plan.tiles == 0:
+            # No tissue anywhere, or everything resumed: Lightning would run no hooks, so write the outputs directly.
+            if self.trainer.global_rank == 0:
+                self.writer.write_without_tiles()
+        else:
+            try:
+                self.trainer.predict(self.module, datamodule=self.datamodule, return_predictions=False)
+            except SystemExit:
+                if self.trainer.interrupted:  # Lightning: Ctrl-C -> sys.exit(1) after its callbacks' on_exception
+                    raise KeyboardInterrupt from None
+                raise
+        return list(self.writer.results)
+
+
+def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = None) -> Assembly:
+    """Check ``cfg`` (the composed ``predict.yaml``), plan the run and build its parts from the plan.
+
+    Cheap checks come first (required keys, option types, the device, patch size vs the network's stride, writer
+    options), then the model is built and the checkpoint loaded, then slides are opened and tiled.
+
+    Args:
+        cfg: the run's config.
+        module: a module already built and prepared for this trainer's device (the benchmark's, compiled once and
+            timed on its own): used as it is instead of ``cfg.model``.
+        first_tiles: slide mode: keep only the first N tissue tiles of the run (slide order, then raster order).
+
+    Raises:
+        UserInputError: a bad option, path or checkpoint (one line naming it).
+    """
+    check_required(cfg)
+    check_bool(cfg, "resume")
+    check_option_types(cfg, ("data", "writer", "model", "model.net", "trainer"))
+    check_writable(str(cfg.writer.output_dir))
     check_trainer_device(cfg)
     slide_mode = _check_mode_pairing(cfg)
     net_class = get_class(cfg.model.net._target_)
@@ -81,7 +130,8 @@ def predict_in_folder(cfg: DictConfig) -> list[dict[str, Any]]:
         outputs = PatchWriter.outputs_for(run_config=run_config, **_without(writer_options, "_target_"))
         keep = outputs.is_complete if cfg.get("resume") else None
         datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep, outputs_of=outputs.written)
-    module = instantiate(cfg.model)
+    prepared = module is not None
+    module = module if prepared else instantiate(cfg.model)
     _check_patch_size(cfg, module.stride)
     # Opens and tiles the slides, or reads the images' headers: the plan every part gets through its constructor.
     try:
@@ -94,6 +144,9 @@ def predict_in_folder(cfg: DictConfig) -> list[dict[str, Any]]:
         record.write_summary()
         reasons = output_dir / "summary.json"
         raise NoProcessableSlideError(f"{exc}; every slide's reason: {reasons}", exc.failed) from None
+    if slide_mode and first_tiles is not None:
+        datamodule.keep_first_tiles(first_tiles)
+        plan = datamodule.plan
     if not slide_mode:
         _refuse_foreign_outputs(outputs.foreign([plan.images[i] for i in plan.todo]), output_dir)
     writer = instantiate(cfg.writer, _partial_=True)(plan=plan, run_config=run_config, provenance=provenance)
@@ -117,19 +170,9 @@ def predict_in_folder(cfg: DictConfig) -> list[dict[str, Any]]:
     # uninterrupted run did: compiled and eager outputs may differ by a grey level); patch pieces come in several
     # shapes, each a recompilation, so patch mode is not weighed.
     whole_run = plan.tiles + reported_tiles(output_dir, [name for _, name in plan.resumed]) if slide_mode else None
-    module.prepare(trainer.strategy.root_device.type, planned_tiles=whole_run, precision=str(trainer.precision))
-    if slide_mode and plan.tiles == 0:
-        # No tissue anywhere, or everything resumed: Lightning would run no hooks, so write the outputs directly.
-        if trainer.global_rank == 0:
-            writer.write_without_tiles()
-    else:
-        try:
-            trainer.predict(module, datamodule=datamodule, return_predictions=False)
-        except SystemExit:
-            if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) after its callbacks' on_exception
-                raise KeyboardInterrupt from None
-            raise
-    return list(writer.results)
+    if not prepared:
+        module.prepare(trainer.strategy.root_device.type, planned_tiles=whole_run, precision=str(trainer.precision))
+    return Assembly(datamodule, module, writer, trainer, slide_mode)
 
 
 def _refuse_foreign_outputs(foreign: list[Path], output_dir: Path) -> None:
