@@ -35,7 +35,7 @@ Patch-folder runs (``writer=patches``, a top-level ``report.json`` with ``result
 
 Excluded fields (wall-clock measurements, different on every run):
 
-- slide ``report.json``: ``wall_time_s``, ``patches_per_s``;
+- slide ``report.json``: ``wall_time_s``, ``patches_per_s``, ``contour_seconds``;
 - patch ``report.json``: ``wall_time_s``, ``images_per_s``, ``results[*].seconds``;
 - ``summary.json``: ``slides[*].seconds``.
 
@@ -66,7 +66,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-EXCLUDED_REPORT = ("wall_time_s", "patches_per_s")
+EXCLUDED_REPORT = ("wall_time_s", "patches_per_s", "contour_seconds")
 EXCLUDED_PATCH_REPORT = ("wall_time_s", "images_per_s", "results[*].seconds")
 EXCLUDED_SUMMARY = ("slides[*].seconds",)
 TIFF_LAYOUT_TAGS = frozenset({"TileOffsets", "TileByteCounts", "StripOffsets", "StripByteCounts"})

@@ -20,7 +20,7 @@ from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 FP32 = {"model.output_dtype": "float32", "model.runtime": "torch", "model.compile": False}
 SMALL = {"data.patch_size": 256, "writer.output_downsample": 4, "data.num_workers": 0}
 # report fields that are measurements of one run, or the config as typed (its output folder differs)
-TIMED = {"wall_time_s", "patches_per_s", "finished_at", "config"}
+TIMED = {"wall_time_s", "patches_per_s", "finished_at", "config", "contour_seconds"}
 
 
 @pytest.fixture(scope="module")

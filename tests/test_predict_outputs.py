@@ -221,7 +221,13 @@ def test_real_slide_outputs_for_the_viewers(tmp_path: Path) -> None:
     from tests.writers.test_tiff import asap_refusals
 
     slide = shared_slide("CMU-1-Small-Region.svs")
-    common = ["model=demo", "data.patch_size=256", "writer.output_downsample=2", "writer.contours=[geojson,asap_xml]"]
+    common = [
+        "model=demo",
+        "data.patch_size=256",
+        "writer.output_downsample=2",
+        "writer.contours=[geojson,asap_xml]",
+        "writer.min_area_um2=0",  # every region and hole: the polygons against the mask's pixels
+    ]
     assert predict(slide, tmp_path / "plain", [*common, "writer.simplify_um=0"]) == 0
     assert predict(slide, tmp_path / "run", common) == 0
     out = tmp_path / "run" / "CMU-1-Small-Region"
@@ -255,7 +261,8 @@ def test_real_slide_outputs_for_the_viewers(tmp_path: Path) -> None:
     assert shapely.get_num_coordinates(shapely.GeometryCollection(geoms)) == report["contour_vertices"]
 
     csv_text = (tmp_path / "run" / "summary.csv").read_text().splitlines()
-    assert csv_text[0].startswith("slide,status,tissue_mm2") and "CMU-1-Small-Region.svs,complete" in csv_text[1]
+    assert csv_text[0].startswith("slide,status,slide_score,tissue_mm2")
+    assert "CMU-1-Small-Region.svs,complete" in csv_text[1]
     assert "data:image/jpeg;base64," in (tmp_path / "run" / "index.html").read_text()
 
     assert predict(slide, tmp_path / "ome", [*common, "writer.layout=ome"]) == 0

@@ -27,6 +27,11 @@ def _slide_folder(run: Path, name: str) -> None:
         "tumour_area_mm2": 0.0123,
         "largest_region_mm2": 0.01,
         "output_mpp": 2.0,
+        "mpp_read_level": 0.5,
+        "slide_score": 0.875,
+        "tumour_pct_of_tissue": 9.84,
+        "threshold": 0.4,
+        "figures_note": "",
     }
     (folder / "report.json").write_text(json.dumps(report))
     heatmap = np.zeros((500, 1000, 3), np.uint8)
@@ -54,7 +59,9 @@ def test_summary_csv_has_a_row_per_slide_with_its_figures(run: tuple[Path, list[
     assert a["slide"] == "/data/a.svs" and a["status"] == "complete"
     assert float(a["tissue_mm2"]) == pytest.approx(0.25 * 2000 * 1000 * 0.5**2 * 1e-6)  # 0.125 mm²
     assert float(a["tumour_mm2"]) == 0.0123 and float(a["largest_region_mm2"]) == 0.01
-    assert float(a["mpp_used"]) == 2.0 and float(a["seconds"]) == 3.5 and a["output_folder"] == str(folder / "a")
+    assert float(a["mpp_mask"]) == 2.0 and float(a["mpp_read"]) == 0.5  # the mask's µm/px and the slide's as read
+    assert float(a["slide_score"]) == 0.875 and float(a["tumour_pct_of_tissue"]) == 9.84 and a["threshold"] == "0.4"
+    assert float(a["seconds"]) == 3.5 and a["output_folder"] == str(folder / "a") and a["note"] == ""
     assert b["status"] == "skipped" and b["tissue_mm2"] == "" and b["output_folder"] == ""
 
 

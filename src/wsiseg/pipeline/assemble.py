@@ -29,6 +29,7 @@ from wsiseg.pipeline.result import RunResult
 from wsiseg.run_lock import run_folder_lock
 from wsiseg.writers.options import slide_writer_options
 from wsiseg.writers.patch_writer import PatchWriter
+from wsiseg.writers.postprocess import refresh
 from wsiseg.writers.progress import SlideProgress
 from wsiseg.writers.run_record import RunRecord, check_writable, config_hash, read_complete_report, reported_tiles
 from wsiseg.writers.slide_writer import SlideWriter
@@ -122,8 +123,8 @@ def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = N
     provenance = run_provenance(cfg)
     writer_options = OmegaConf.to_container(cfg.writer, resolve=True)
     output_dir = Path(cfg.writer.output_dir)
-    if slide_mode:
-        slide_writer_options(**_without(writer_options, "_target_", "output_dir", "output_downsample"))  # checked early
+    if slide_mode:  # checked early
+        render = slide_writer_options(**_without(writer_options, "_target_", "output_dir", "output_downsample")).render
         keep = resume_check(output_dir, run_config) if cfg.get("resume") else None
         datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep)  # a callable: not through OmegaConf
     else:
@@ -172,6 +173,9 @@ def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = N
     whole_run = plan.tiles + reported_tiles(output_dir, [name for _, name in plan.resumed]) if slide_mode else None
     if not prepared:
         module.prepare(trainer.strategy.root_device.type, planned_tiles=whole_run, precision=str(trainer.precision))
+    if slide_mode and trainer.global_rank == 0:
+        for _, name in plan.resumed:  # kept masks: other post-processing options are applied to them, no network
+            refresh(output_dir / name, render, run_config)
     return Assembly(datamodule, module, writer, trainer, slide_mode)
 
 

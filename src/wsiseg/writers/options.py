@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from wsiseg.contours import contour_formats
+from wsiseg.contours import DEFAULT_MIN_AREA_UM2, contour_formats
 from wsiseg.errors import UserInputError
 from wsiseg.writers.render import RenderOptions
 from wsiseg.writers.stitcher import StoreOptions
@@ -32,7 +32,7 @@ def slide_writer_options(
     compression: str = "deflate",
     heatmap_max_side: int = 2048,
     contours: str | list[str] | None = None,
-    min_area_um2: float = 0.0,
+    min_area_um2: float = DEFAULT_MIN_AREA_UM2,
     layout: str = "generic",
     simplify_um: float | None = None,
     blend_thread: bool | Literal["auto"] = "auto",

@@ -15,14 +15,15 @@ import numpy as np
 from PIL import Image
 
 from wsiseg.atomic import atomic_path
-from wsiseg.contours import write_contours
+from wsiseg.contours import CONTOUR_FILES, DEFAULT_MIN_AREA_UM2, write_contours
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.errors import UserInputError
+from wsiseg.writers.figures import largest_region, slide_score, tumour_share_of_tissue
 from wsiseg.writers.heatmap import png_bytes, render_heatmap
 from wsiseg.writers.store import BlendingAccumulator
 from wsiseg.writers.tiff import ENCODERS, LAYOUTS, pyramid_sizes, write_pyramid_tiff
 
-__all__ = ["RenderOptions", "render_slide", "OUTPUT_FILES"]
+__all__ = ["OUTPUT_FILES", "POST_PROCESSING", "RenderOptions", "post_process", "render_slide", "threshold_u8"]
 
 # What render_slide writes into a slide folder (removed again when the slide fails).
 OUTPUT_FILES = ("mask.tif", "heatmap.png", "tumour.geojson", "tumour.xml")
@@ -49,7 +50,7 @@ class RenderOptions:
     compression: str = "deflate"
     heatmap_max_side: int = 2048
     contours: tuple[str, ...] = ()
-    min_area_um2: float = 0.0
+    min_area_um2: float = DEFAULT_MIN_AREA_UM2
     layout: str = "generic"
     simplify_um: float | None = None
 
@@ -110,7 +111,7 @@ def render_slide(
         fields :func:`wsiseg.contours.write_contours` returns.
     """
     labels = store.channels > 1
-    threshold_u8 = int(np.ceil(options.threshold * 255 - 1e-9))
+    cut = threshold_u8(options.threshold)
     positive = [0]
     width = slide.grid.output_size[0]
 
@@ -118,7 +119,7 @@ def render_slide(
         for _, rows, blocks in store.final_blocks():  # round(255·p), or labels
             band = np.zeros((rows, width), np.uint8)
             for x0, block in blocks:
-                positive[0] += int(np.count_nonzero(block if labels else block >= threshold_u8))
+                positive[0] += int(np.count_nonzero(block if labels else block >= cut))
                 band[:, x0 : x0 + block.shape[1]] = block
             yield band
 
@@ -143,12 +144,73 @@ def render_slide(
     heatmap = render_heatmap(thumbnail, preview, labels=labels)
     with atomic_path(out_dir / "heatmap.png") as tmp:
         Path(tmp).write_bytes(png_bytes(heatmap))
+    fields: dict[str, Any] = {"mask_levels": len(pyramid_sizes(slide.grid.output_size, options.tiff_tile))}
+    fields.update(
+        post_process(
+            out_dir,
+            positive[0],
+            options,
+            labels=labels,
+            output_mpp=output_mpp,
+            level0_per_mask_px=level0_per_mask_px,
+            mpp_level0=mpp_level0,
+            level0_size=tuple(slide.level0_size),
+            tile_mask_px=slide.grid.output_patch_size,
+            tissue_level0_px2=slide.tissue_fraction * slide.level0_size[0] * slide.level0_size[1],
+        )
+    )
+    return fields
+
+
+POST_PROCESSING = ("threshold", "contours", "min_area_um2", "simplify_um")
+"""The ``writer.*`` options applied to a finished ``mask.tif`` (:func:`post_process`): a resumed run or
+``wsiseg-render`` changes them without running the network again."""
+
+
+def post_process(
+    out_dir: Path,
+    positive: int,
+    options: RenderOptions,
+    *,
+    labels: bool,
+    output_mpp: float | None,
+    level0_per_mask_px: float,
+    mpp_level0: float | None,
+    level0_size: tuple[int, int],
+    tile_mask_px: float,
+    tissue_level0_px2: float,
+) -> dict[str, Any]:
+    """The report fields of the :data:`POST_PROCESSING` options on the slide's ``out_dir/mask.tif``: the slide's
+    figures from ``positive`` (mask px at or above the threshold, or with a non-zero label) and the mask's pyramid
+    (:mod:`wsiseg.writers.figures`), and the contour files asked for (written; those not asked for are removed).
+
+    Args:
+        tile_mask_px: a tile's side in mask px (the slide score's window).
+        tissue_level0_px2: the slide's tissue area, level-0 px² (the tumour share's denominator).
+
+    Returns:
+        ``mask_kind``, ``tumour_pixels``, ``threshold``, ``tumour_area_mm2``, ``tumour_pct_of_tissue``,
+        ``slide_score`` (and the pyramid level it was read at), ``largest_region_mm2`` and
+        ``largest_region_level0_px2`` (from the contours when they are written, else from the mask:
+        ``largest_region_source``), ``figures_note`` (why a figure is missing, or empty) and, with contours, the
+        fields :func:`wsiseg.contours.write_contours` returns.
+    """
+    mask = out_dir / "mask.tif"
+    to_level0 = level0_per_mask_px**2
+    score, score_level = slide_score(mask, tile_mask_px, labels)
     fields: dict[str, Any] = {
-        "mask_levels": len(pyramid_sizes(slide.grid.output_size, options.tiff_tile)),
-        "tumour_pixels": positive[0],
+        "mask_kind": "labels" if labels else "probability",
+        "tumour_pixels": positive,
         "threshold": options.threshold,
-        "tumour_area_mm2": None if output_mpp is None else positive[0] * (output_mpp * 1e-3) ** 2,
+        "tumour_area_mm2": None if output_mpp is None else positive * (output_mpp * 1e-3) ** 2,
+        "tumour_pct_of_tissue": tumour_share_of_tissue(positive * to_level0, tissue_level0_px2),
+        "slide_score": score,
+        "slide_score_level": score_level,
+        "figures_note": "" if mpp_level0 else "the slide records no mpp: areas in mm² unknown (level-0 px² given)",
     }
+    for fmt, name in CONTOUR_FILES.items():
+        if fmt not in options.contours:
+            (out_dir / name).unlink(missing_ok=True)
     if options.contours:
         fields.update(
             write_contours(
@@ -159,9 +221,20 @@ def render_slide(
                 min_area_um2=options.min_area_um2,
                 level0_per_mask_px=level0_per_mask_px,
                 mpp=mpp_level0,
-                level0_size=tuple(slide.level0_size),
+                level0_size=level0_size,
                 labels=labels,
                 simplify_um=options.simplify_um,
             )
         )
+        fields["largest_region_source"] = "contours"
+    else:
+        area, level = largest_region(mask, threshold_u8(options.threshold), labels)
+        fields["largest_region_level0_px2"] = area * to_level0
+        fields["largest_region_mm2"] = None if not mpp_level0 else area * to_level0 * (mpp_level0 * 1e-3) ** 2
+        fields["largest_region_source"] = f"mask level {level}"
     return fields
+
+
+def threshold_u8(threshold: float) -> int:
+    """The uint8 mask value at and above which a pixel counts as tumour: ``ceil(255·threshold)``."""
+    return int(np.ceil(threshold * 255 - 1e-9))

@@ -23,12 +23,29 @@ __all__ = ["CSV_COLUMNS", "slide_figures", "write_run_index"]
 CSV_COLUMNS = (
     "slide",
     "status",
+    "slide_score",
     "tissue_mm2",
     "tumour_mm2",
+    "tumour_pct_of_tissue",
     "largest_region_mm2",
-    "mpp_used",
+    "threshold",
+    "mpp_read",
+    "mpp_mask",
     "seconds",
     "output_folder",
+    "note",
+)
+# index.html's figure columns: (key, header)
+_HTML_FIGURES = (
+    ("slide_score", "slide score"),
+    ("tissue_mm2", "tissue mm²"),
+    ("tumour_mm2", "tumour mm²"),
+    ("tumour_pct_of_tissue", "tumour % of tissue"),
+    ("largest_region_mm2", "largest region mm²"),
+    ("threshold", "threshold"),
+    ("mpp_read", "µm/px read"),
+    ("mpp_mask", "µm/px mask"),
+    ("seconds", "seconds"),
 )
 THUMBNAIL_SIDE = 320  # px, longer side of the embedded heatmap thumbnails
 
@@ -38,9 +55,11 @@ def _mm2(value: Any) -> float | None:
 
 
 def slide_figures(row: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    """One slide's ``summary.csv`` fields from its summary row and, when it has one, its ``report.json``: tissue area
-    (the tissue fraction of the level-0 area), tumour area (thresholded mask px), largest contoured region (with
-    ``writer.contours``), the mask's µm per px, seconds. Areas in mm², None where the slide has no mpp."""
+    """One slide's ``summary.csv`` fields from its summary row and, when it has one, its ``report.json``: the slide
+    score (:func:`wsiseg.writers.figures.slide_score`), tissue area (the tissue fraction of the level-0 area), tumour
+    area (thresholded mask px) and its % of the tissue, the largest region, the threshold, the µm per px the slide
+    was read at and of the mask, seconds, and a note where a figure is missing (no mpp). Areas in mm², None where
+    the slide has no mpp."""
     folder = output_dir / row["name"] if row.get("name") else None
     report: dict[str, Any] = {}
     if folder is not None and (folder / "report.json").is_file():
@@ -59,9 +78,14 @@ def slide_figures(row: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         "tissue_mm2": _mm2(tissue),
         "tumour_mm2": _mm2(report.get("tumour_area_mm2")),
         "largest_region_mm2": _mm2(report.get("largest_region_mm2")),
-        "mpp_used": report.get("output_mpp"),
+        "slide_score": report.get("slide_score"),
+        "tumour_pct_of_tissue": report.get("tumour_pct_of_tissue"),
+        "threshold": report.get("threshold"),
+        "mpp_read": report.get("mpp_read_level"),
+        "mpp_mask": report.get("output_mpp"),
         "seconds": row.get("seconds"),
         "output_folder": str(folder) if folder is not None and folder.is_dir() else "",
+        "note": report.get("figures_note", ""),
         "reason": row.get("reason", ""),
     }
 
@@ -113,17 +137,17 @@ def write_run_index(output_dir: Path, rows: Sequence[dict[str, Any]]) -> tuple[P
         body.append(
             f'<tr class="{html.escape(fig["status"])}"><td>{image}</td>'
             f"<td>{html.escape(Path(fig['slide']).name)}<br><small>{html.escape(fig['slide'])}</small></td>"
-            f"<td>{html.escape(fig['status'])}<br><small>{html.escape(fig['reason'])}</small></td>"
-            + "".join(
-                f"<td>{_cell(fig[key])}</td>"
-                for key in ("tissue_mm2", "tumour_mm2", "largest_region_mm2", "mpp_used", "seconds")
-            )
+            f"<td>{html.escape(fig['status'])}<br><small>{html.escape(fig['reason'])}</small>"
+            + (f"<br><small>{html.escape(fig['note'])}</small>" if fig["note"] else "")
+            + "</td>"
+            + "".join(f"<td>{_cell(fig[key])}</td>" for key, _ in _HTML_FIGURES)
             + f"<td>{link}</td></tr>"
         )
     counts: dict[str, int] = {}
     for fig in figures:
         counts[fig["status"]] = counts.get(fig["status"], 0) + 1
     overview = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    headers = "".join(f"<th>{html.escape(header)}</th>" for _, header in _HTML_FIGURES)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>wsiseg run: {html.escape(output_dir.name)}</title>
 <style>
@@ -139,8 +163,9 @@ tr.failed, tr.skipped, tr.interrupted {{ background: #fde8e8; }}
 <code>report.json</code>.</p>
 <p class="legend">Heatmap colour: tumour probability 0 <img src="{_legend_uri()}" alt="colour map"> 1, blended over the
 slide thumbnail with an opacity that grows with the probability.</p>
-<table><thead><tr><th>heatmap</th><th>slide</th><th>status</th><th>tissue mm²</th><th>tumour mm²</th>
-<th>largest region mm²</th><th>µm per mask px</th><th>seconds</th><th>outputs</th></tr></thead>
+<p>Slide score: the largest mean tumour probability in a window one tile wide. Tumour: mask px at or above each
+slide's threshold (column). Areas need the slide's µm per px; where it has none, the note says so.</p>
+<table><thead><tr><th>heatmap</th><th>slide</th><th>status</th>{headers}<th>outputs</th></tr></thead>
 <tbody>
 {chr(10).join(body)}
 </tbody></table></body></html>

@@ -20,11 +20,12 @@ from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.plan import RunPlan
 from wsiseg.errors import UserInputError, full_disk
 from wsiseg.safe_paths import display_name, inside, remove_inside
-from wsiseg.writers.render import OUTPUT_FILES
+from wsiseg.writers.render import OUTPUT_FILES, POST_PROCESSING
 
 __all__ = [
     "RunRecord",
     "config_hash",
+    "post_hash",
     "read_complete_report",
     "remove_leftovers",
     "remove_stale",
@@ -55,21 +56,45 @@ _RUN_ONLY = {
 }
 
 
+def _slide_writer(config: dict[str, Any]) -> bool:
+    writer = config.get("writer")
+    return isinstance(writer, dict) and str(writer.get("_target_", "")).endswith(".SlideWriter")
+
+
 def config_hash(config: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> str:
     """Stable short hash of what changes a run's outputs: the ``model``, ``data`` and ``writer`` sections less the
     options that only change where or how fast it runs (:data:`_RUN_ONLY`), the trainer's precision, and ``extra``
-    (options a writer was given directly). ``resume=true`` keeps only outputs written under the same hash."""
+    (options a writer was given directly). ``resume=true`` keeps only outputs written under the same hash.
+
+    In slide mode the post-processing options (:data:`wsiseg.writers.render.POST_PROCESSING`: threshold, contours)
+    are left out too: they change what is derived from ``mask.tif``, not the mask, and have a hash of their own
+    (:func:`post_hash`)."""
     config = config or {}
     relevant: dict[str, Any] = {}
+    post = set(POST_PROCESSING) if _slide_writer(config) else set()
     for section in ("model", "data", "writer"):
         value = config.get(section)
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in _RUN_ONLY[section]}
+            value = {
+                k: v
+                for k, v in value.items()
+                if k not in _RUN_ONLY[section] and not (section == "writer" and k in post)
+            }
         relevant[section] = value
     trainer = config.get("trainer")
     relevant["precision"] = trainer.get("precision") if isinstance(trainer, dict) else None
     if extra:
         relevant["extra"] = extra
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def post_hash(config: dict[str, Any] | None) -> str:
+    """Stable short hash of a slide run's post-processing options (``writer.threshold``, ``contours``,
+    ``min_area_um2``, ``simplify_um``): a complete slide whose report holds another is post-processed again from its
+    ``mask.tif`` (:func:`wsiseg.writers.postprocess.refresh`), without the network."""
+    writer = (config or {}).get("writer")
+    writer = writer if isinstance(writer, dict) else {}
+    relevant = {key: writer.get(key) for key in POST_PROCESSING}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -274,7 +299,13 @@ class RunRecord:
 
     def write_report(self, slide_dir: Path, report: dict[str, Any]) -> None:
         """Write a finished slide's ``report.json`` (with the config hash, provenance and config) and add its row."""
-        report = {**report, "config_hash": self.hash, "provenance": self.provenance, "config": self.run_config}
+        report = {
+            **report,
+            "config_hash": self.hash,
+            "post_hash": post_hash(self.run_config),
+            "provenance": self.provenance,
+            "config": self.run_config,
+        }
         write_json_atomic(slide_dir / "report.json", report)
         self.add_row(
             Path(report["slide"]),
