@@ -23,6 +23,7 @@ demo: setup
 	@echo "demo outputs: $(DEMO_DIR)/run/demo_slide/{mask.tif,heatmap.png,report.json}"
 
 test: setup
+	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest -q
 
 lint: setup

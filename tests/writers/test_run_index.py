@@ -75,25 +75,33 @@ def test_index_html_is_self_contained_with_every_row_and_a_legend(run: tuple[Pat
     assert "http://" not in text and "https://" not in text  # nothing from the network
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt install chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="needs Debian's chromium: make test installs it where it can (root and apt-get; scripts/ensure_chromium.sh)",
+)
 def test_index_html_renders_every_row_and_image_in_headless_chromium(run: tuple[Path, list[dict]]) -> None:
+    """The page in a real browser: the screenshot shows the embedded thumbnail, the rendered table holds every
+    slide's figures, and the browser logs no console error."""
     folder, rows = run
     _, page = write_run_index(folder, rows)
     shot = folder / "shot.png"
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--screenshot={shot}",
-            "--window-size=1200,800",
-            page.as_uri(),
-        ],
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
+    shown = subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1600,900", page.as_uri()],
         check=True,
         capture_output=True,
+        text=True,
         timeout=120,
     )
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
     assert red.sum() > 1000  # the embedded heatmap thumbnail (half of it pure red) was drawn
+    dom = subprocess.run(
+        [*browser, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True, timeout=120
+    )
+    table = dom.stdout
+    assert table.count("<tr class=") == 2 and "cannot be opened" in table
+    for figure in ("0.875", "0.125", "9.840", "0.400", "0.500", "2.000", "3.500"):  # score, areas, %, mpps, seconds
+        assert f"<td>{figure}</td>" in table, figure
+    console = [line for line in (shown.stderr + dom.stderr).splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
