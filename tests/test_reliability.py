@@ -261,7 +261,8 @@ def test_ctrl_c_keeps_finished_slides_and_leaves_no_partial_outputs(tmp_path: Pa
     assert list((run_dir / "second").iterdir()) == []
     rows = summary(run_dir)  # summary.json describes the interrupted run
     assert rows["good.tif"]["status"] == "complete"
-    assert rows["second.tif"]["status"] == "interrupted" and "interrupted" in rows["second.tif"]["reason"]
+    assert rows["second.tif"]["status"] == "interrupted"
+    assert rows["second.tif"]["reason"] == "interrupted (Ctrl-C) before this slide was written"
 
 
 def test_resume_with_one_complete_and_one_unreadable_slide(tmp_path: Path, good_slide: Path) -> None:
@@ -274,6 +275,9 @@ def test_resume_with_one_complete_and_one_unreadable_slide(tmp_path: Path, good_
     assert predict([good_slide, gone], out, [*FAST, "resume=true"]) == 1
     rows = summary(out)
     assert rows["good.tif"]["status"] == "complete" and rows["good.tif"]["reason"].startswith("resumed")
+    made = json.loads((out / "good" / "report.json").read_text())  # the time and tiles of the run that made it
+    assert rows["good.tif"]["seconds"] == made["wall_time_s"] > 0
+    assert rows["good.tif"]["tiles"] == made["tiles_processed"] > 0
     assert rows["gone.svs"]["status"] == "skipped" and "does not exist" in rows["gone.svs"]["reason"]
 
 
@@ -310,6 +314,8 @@ def test_sigterm_stops_like_ctrl_c(tmp_path: Path, good_slide: Path) -> None:
     run_dir = tmp_path / "run"
     args = two_slide_args(good_slide, second, workers=1)
     process = start_and_wait_for_first_slide(args, run_dir)
+    time.sleep(3.0)  # well into the second slide (384 tiles): some of its tiles are done
+    assert process.poll() is None, "the run finished before it could be terminated"
     stopped_at = time.time()
     os.kill(process.pid, signal.SIGTERM)  # the process only, as a container runtime does
     output, _ = process.communicate(timeout=120)
@@ -318,7 +324,9 @@ def test_sigterm_stops_like_ctrl_c(tmp_path: Path, good_slide: Path) -> None:
     assert "terminated (SIGTERM); completed slides are kept, re-run the same command with resume=true" in output
     assert json.loads((run_dir / "good" / "report.json").read_text())["status"] == "complete"
     assert list((run_dir / "second").iterdir()) == []
-    assert summary(run_dir)["second.tif"]["status"] == "interrupted"
+    row = summary(run_dir)["second.tif"]  # what it had done, and why it stopped
+    assert row["status"] == "interrupted" and row["reason"] == "interrupted (SIGTERM) before this slide was written"
+    assert 0 < row["tiles"] < 384 and row["seconds"] > 0
 
 
 def test_a_second_run_into_a_busy_folder_is_refused(tmp_path: Path, good_slide: Path) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from wsiseg.errors import UserInputError, exception_chain, first_line, full_disk
+from wsiseg.errors import Terminated, UserInputError, exception_chain, first_line, full_disk
 
 __all__ = [
     "user_errors",
@@ -317,7 +317,7 @@ def user_errors(command: str, run_dir: Path | None = None) -> Iterator[None]:
     def stop(signum: int, frame: object) -> None:
         # SIGTERM (docker stop, Kubernetes, systemd, SLURM time limits) stops the run as cleanly as Ctrl-C
         terminated.append(signum)
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     try:

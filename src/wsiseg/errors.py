@@ -10,6 +10,18 @@ class UserInputError(ValueError):
     """Bad input the user can fix: a path, an option, a checkpoint. The message names it and says what to do."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, Kubernetes, systemd, SLURM time limits), raised where Ctrl-C raises
+    KeyboardInterrupt, so the run stops as gracefully and its records can say which it was."""
+
+
+def interruption(exc: BaseException) -> str:
+    """How a run was stopped, for its records: ``SIGTERM``, ``Ctrl-C`` or the exception's type."""
+    if isinstance(exc, Terminated):
+        return "SIGTERM"
+    return "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+
+
 class SlideReadError(RuntimeError):
     """A slide could not be read mid-run (corrupt tile); fails that slide only."""
 

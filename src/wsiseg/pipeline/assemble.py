@@ -30,7 +30,7 @@ from wsiseg.run_lock import run_folder_lock
 from wsiseg.writers.options import slide_writer_options
 from wsiseg.writers.patch_writer import PatchWriter
 from wsiseg.writers.postprocess import refresh
-from wsiseg.writers.progress import SlideProgress
+from wsiseg.writers.progress import SlideProgress, TileProgressBar
 from wsiseg.writers.run_record import RunRecord, check_writable, config_hash, read_complete_report, reported_tiles
 from wsiseg.writers.slide_writer import SlideWriter
 
@@ -155,6 +155,8 @@ def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = N
     callbacks: list[Any] = [writer]
     if slide_mode:  # under DDP, rank 0's bar also counts the slides every rank has written
         callbacks.append(SlideProgress([output_dir / slide.name for slide in plan.slides]))
+        if cfg.trainer.get("enable_progress_bar", True):  # the bar in tiles, with rate and ETA
+            callbacks.append(TileProgressBar([slide.name for slide in plan.slides]))
     no_sampler = {"use_distributed_sampler": False} if slide_mode else {}
     trainer = build_trainer(cfg.trainer, callbacks=callbacks, **no_sampler)
     if slide_mode and trainer.world_size > 1:

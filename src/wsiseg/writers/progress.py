@@ -1,4 +1,5 @@
-"""``SlideProgress``: under DDP, the cohort's progress on rank 0's progress bar (slides written by every rank)."""
+"""Progress of a slide run on Lightning's bar: :class:`TileProgressBar` counts tiles (rate and ETA in tiles, the
+slide being read in its description); :class:`SlideProgress` adds, under DDP, the slides every rank has written."""
 
 from __future__ import annotations
 
@@ -8,9 +9,63 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
-__all__ = ["SlideProgress"]
+__all__ = ["SlideProgress", "TileProgressBar"]
+
+
+class TileProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, counting this rank's tiles instead of batches: ``slide 3/12 name: 45%|... 1234/2741
+    [00:31<00:38, 39.61tile/s]``. A batch is a few seconds on a CPU; counted in batches the rate read ``0.00it/s`` and
+    there was no ETA.
+
+    Args:
+        slide_names: the run's slides' output names (the batches' ``slide_index`` indexes them).
+    """
+
+    def __init__(self, slide_names: Sequence[str]) -> None:
+        super().__init__()
+        self.slide_names = list(slide_names)
+        self._tiles = 0
+
+    def init_predict_tqdm(self) -> Any:
+        bar = super().init_predict_tqdm()
+        bar.unit = "tile"
+        return bar
+
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        loader: Any = trainer.predict_dataloaders
+        loader = loader[dataloader_idx] if isinstance(loader, (list, tuple)) else loader
+        self.predict_progress_bar.reset()
+        self.predict_progress_bar.total = len(loader.dataset)  # this rank's tiles (the data module shards slides)
+        self.predict_progress_bar.initial = 0
+        self._tiles = 0
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        indices = batch.get("slide_index") if isinstance(batch, dict) else None
+        if indices is None or self.predict_progress_bar is None:
+            return super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        indices = indices.tolist() if hasattr(indices, "tolist") else list(indices)
+        self._tiles += len(indices)
+        bar = self.predict_progress_bar
+        if self._should_update(self._tiles, bar.total):
+            slide = int(indices[-1])
+            bar.set_description(f"slide {slide + 1}/{len(self.slide_names)} {self.slide_names[slide]}", refresh=False)
+            bar.n = self._tiles
+            bar.refresh()
+        return None
 
 
 class SlideProgress(Callback):

@@ -18,7 +18,7 @@ from typing import Any
 from wsiseg.atomic import write_json_atomic
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.plan import RunPlan
-from wsiseg.errors import UserInputError, full_disk
+from wsiseg.errors import UserInputError, full_disk, interruption
 from wsiseg.safe_paths import display_name, inside, remove_inside
 from wsiseg.writers.render import OUTPUT_FILES, POST_PROCESSING
 
@@ -240,6 +240,15 @@ def base_report(
     }
 
 
+def _reported_work(slide_dir: Path) -> tuple[int, float]:
+    """(tiles processed, wall seconds) a slide's ``report.json`` records; (0, 0.0) when it cannot be read."""
+    try:
+        report = json.loads((slide_dir / "report.json").read_text())
+        return int(report.get("tiles_processed", 0)), float(report.get("wall_time_s", 0.0))
+    except (OSError, ValueError, TypeError):
+        return 0, 0.0
+
+
 class RunRecord:
     """Result rows of one run and the files that hold them.
 
@@ -276,8 +285,11 @@ class RunRecord:
         self.rows.clear()
         for path, reason in plan.failed:
             self.add_row(path, "skipped", reason=reason)
-        for path, name in plan.resumed:
-            self.add_row(path, "complete", name=name, reason="resumed: complete outputs kept")
+        for path, name in plan.resumed:  # the tiles and time of the run that made their outputs
+            tiles, seconds = _reported_work(self.output_dir / name)
+            self.add_row(
+                path, "complete", name=name, tiles=tiles, seconds=seconds, reason="resumed: complete outputs kept"
+            )
 
     def add_row(
         self,
@@ -331,10 +343,16 @@ class RunRecord:
         write_json_atomic(path, self.run_report)
         return path
 
-    def write_interrupted(self, unfinished: Sequence[SlideTiles], started: set[str], exception: BaseException) -> None:
-        """The run stopped on ``exception``: list the ``unfinished`` slides as ``interrupted`` (log the ``started``
-        ones by name: they are left without outputs) and write ``summary.json``."""
-        kind = type(exception).__name__
+    def write_interrupted(
+        self,
+        unfinished: Sequence[SlideTiles],
+        started: dict[str, tuple[int, float]],
+        exception: BaseException,
+    ) -> None:
+        """The run stopped on ``exception`` (SIGTERM, Ctrl-C or an error): list the ``unfinished`` slides as
+        ``interrupted``, the ``started`` ones (name -> tiles predicted, seconds since their first batch) with what
+        they had done (they are left without outputs: ``resume=true`` redoes them), and write ``summary.json``."""
+        kind = interruption(exception)
         reason = f"interrupted ({kind}) before this slide was written"
         if full_disk(exception) is not None:
             reason = "no space left on the output device before this slide was written: free space, then resume=true"
@@ -342,7 +360,10 @@ class RunRecord:
             names = ", ".join(s.name for s in unfinished if s.name in started)
             log.error("interrupted (%s): unfinished slide(s) %s left without outputs", kind, names)
         for slide in unfinished:
-            self.add_row(slide.path, "interrupted", name=slide.name, reason=reason)
+            tiles, seconds = started.get(slide.name, (0, 0.0))
+            self.add_row(
+                slide.path, "interrupted", name=slide.name, tiles=tiles, seconds=round(seconds, 3), reason=reason
+            )
         try:
             self.write_summary()
         except OSError as exc:  # a full disk cannot take the summary either: the reports of finished slides stay

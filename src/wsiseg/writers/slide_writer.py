@@ -298,7 +298,12 @@ class SlideWriter(BasePredictionWriter):
                         rank=report.get("rank"),
                     )
             unfinished = [i for i in unfinished if not self._reported(i)]
-            started = {self.plan.slides[i].name for i in unfinished if i in self._stitcher.states}
+            now = time.perf_counter()
+            started = {  # what this rank had predicted of them (tiles blended, seconds since their first batch)
+                self.plan.slides[i].name: (len(state.tiles_seen), now - state.started)
+                for i in unfinished
+                if (state := self._stitcher.states.get(i)) is not None
+            }
             self.record.write_interrupted([self.plan.slides[i] for i in unfinished], started, exception)
 
     def write_without_tiles(self) -> None:
