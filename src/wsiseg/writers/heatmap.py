@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["render_heatmap", "colour_map", "png_bytes", "LABEL_COLOURS"]
+__all__ = ["HIDDEN_BELOW", "LABEL_COLOURS", "colour_map", "png_bytes", "render_heatmap"]
 
 LABEL_COLOURS = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]],
@@ -13,12 +13,18 @@ LABEL_COLOURS = np.array(
 )
 
 
+HIDDEN_BELOW = 0.1
+"""Probabilities under this are not drawn: background inside predicted tiles (glass, fat) comes out at a few
+percent, and drawn faintly it outlined every tile at the tissue's edge."""
+
+
 def colour_map(mask: np.ndarray, labels: bool = False) -> np.ndarray:
-    """(H, W) uint8 mask → (H, W, 3) uint8 RGB: the JET colour map of the probability 0-255, or a fixed colour per
-    class label (0 = background, black)."""
+    """(H, W) uint8 mask → (H, W, 3) uint8 RGB: the viridis colour map of the probability 0-255 (perceptually uniform
+    and colour-blind safe; its green to yellow upper half stands apart from H&E's pinks and purples), or a fixed
+    colour per class label (0 = background, black)."""
     if labels:
         return LABEL_COLOURS[mask % len(LABEL_COLOURS)]
-    return np.ascontiguousarray(cv2.applyColorMap(mask, cv2.COLORMAP_JET)[..., ::-1])
+    return np.ascontiguousarray(cv2.applyColorMap(mask, cv2.COLORMAP_VIRIDIS)[..., ::-1])
 
 
 def render_heatmap(thumbnail: np.ndarray, mask: np.ndarray, labels: bool = False, opacity: float = 0.6) -> np.ndarray:
@@ -28,7 +34,8 @@ def render_heatmap(thumbnail: np.ndarray, mask: np.ndarray, labels: bool = False
         thumbnail: (h, w, 3) uint8 RGB of the whole slide.
         mask: (mh, mw) uint8 covering the same slide extent at any resolution (probability 0-255, or class labels).
         labels: ``mask`` holds class labels (0 = background) rather than probabilities.
-        opacity: opacity of the overlay where the probability is 1 (scaled by probability; labels use it as is).
+        opacity: opacity of the overlay where the probability is 1, falling linearly to 0 at :data:`HIDDEN_BELOW`
+            (labels use it as is).
 
     Returns:
         (h, w, 3) uint8 RGB of the thumbnail's size.
@@ -41,7 +48,8 @@ def render_heatmap(thumbnail: np.ndarray, mask: np.ndarray, labels: bool = False
     else:
         resized = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA)
         colours = colour_map(resized)
-        alpha = resized.astype(np.float32) * np.float32(opacity / 255.0)
+        floor = 255.0 * HIDDEN_BELOW
+        alpha = np.clip((resized.astype(np.float32) - floor) * np.float32(opacity / (255.0 - floor)), 0.0, opacity)
     # per-pixel (1 - alpha)·thumbnail + alpha·colour, rounded (OpenCV, multi-threaded: much faster than numpy float32)
     return cv2.blendLinear(np.ascontiguousarray(thumbnail), colours, np.float32(1.0) - alpha, alpha)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -26,7 +27,7 @@ from wsiseg.writers.tiff import ENCODERS, LAYOUTS, pyramid_sizes, write_pyramid_
 __all__ = ["OUTPUT_FILES", "POST_PROCESSING", "RenderOptions", "post_process", "render_slide", "threshold_u8"]
 
 # What render_slide writes into a slide folder (removed again when the slide fails).
-OUTPUT_FILES = ("mask.tif", "heatmap.png", "tumour.geojson", "tumour.xml")
+OUTPUT_FILES = ("mask.tif", "heatmap.png", "thumbnail.jpg", "tumour.geojson", "tumour.xml")
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def render_slide(
     mpp_level0: float | None,
     options: RenderOptions,
 ) -> dict[str, Any]:
-    """Write ``mask.tif``, ``heatmap.png`` and the asked-for contours of ``slide`` from its finished ``store``.
+    """Write ``mask.tif``, ``heatmap.png``, ``thumbnail.jpg`` (the slide under the heatmap) and the asked-for contours
+    of ``slide`` from its finished ``store``.
 
     Args:
         slide: the slide's plan (output size, thumbnail, level-0 size).
@@ -144,6 +146,11 @@ def render_slide(
     heatmap = render_heatmap(thumbnail, preview, labels=labels)
     with atomic_path(out_dir / "heatmap.png") as tmp:
         Path(tmp).write_bytes(png_bytes(heatmap))
+    with atomic_path(out_dir / "thumbnail.jpg") as tmp:  # the slide as the heatmap shows it, for side by side views
+        ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(thumbnail[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not ok:
+            raise RuntimeError("JPEG encoding of the slide thumbnail failed")
+        Path(tmp).write_bytes(encoded.tobytes())
     fields: dict[str, Any] = {"mask_levels": len(pyramid_sizes(slide.grid.output_size, options.tiff_tile))}
     fields.update(
         post_process(

@@ -129,9 +129,15 @@ def write_run_index(output_dir: Path, rows: Sequence[dict[str, Any]]) -> tuple[P
 
     body = []
     for row, fig in zip(rows, figures):
-        heatmap = output_dir / row["name"] / "heatmap.png" if row.get("name") else None
-        uri = _thumbnail_uri(heatmap) if heatmap is not None and heatmap.is_file() else None
-        image = f'<img src="{uri}" alt="heatmap of {html.escape(Path(row["slide"]).name)}">' if uri else "no heatmap"
+        name = html.escape(Path(row["slide"]).name)
+        pictures = []
+        for file, what in (("thumbnail.jpg", "slide"), ("heatmap.png", "heatmap")):
+            path = output_dir / row["name"] / file if row.get("name") else None
+            uri = _thumbnail_uri(path) if path is not None and path.is_file() else None
+            if uri:  # the embedded thumbnail links to the full-size file beside the page
+                href = html.escape(f"{row['name']}/{file}")
+                pictures.append(f'<a href="{href}"><img src="{uri}" alt="{what} of {name}"></a>')
+        image = " ".join(pictures) if pictures else "no heatmap"
         folder = fig["output_folder"]
         link = f'<a href="{html.escape(Path(folder).name)}/">{html.escape(Path(folder).name)}</a>' if folder else "–"
         body.append(
@@ -154,18 +160,20 @@ def write_run_index(output_dir: Path, rows: Sequence[dict[str, Any]]) -> tuple[P
 body {{ font-family: sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }}
-img {{ max-width: {THUMBNAIL_SIDE}px; }}
+img {{ max-width: {THUMBNAIL_SIDE * 3 // 4}px; }}
+td:first-child {{ white-space: nowrap; }}
 tr.failed, tr.skipped, tr.interrupted {{ background: #fde8e8; }}
 .legend img {{ width: 256px; height: 16px; vertical-align: middle; }}
 </style></head><body>
 <h1>wsiseg run {html.escape(str(output_dir))}</h1>
 <p>{len(figures)} slide(s): {html.escape(overview)}. Every slide's figures are in <code>summary.csv</code> and its
 <code>report.json</code>.</p>
-<p class="legend">Heatmap colour: tumour probability 0 <img src="{_legend_uri()}" alt="colour map"> 1, blended over the
-slide thumbnail with an opacity that grows with the probability.</p>
+<p class="legend">Heatmap colour: tumour probability 0 <img src="{_legend_uri()}" alt="colour map"> 1 (viridis),
+blended over the slide thumbnail with an opacity that grows with the probability; under 0.1 it is not drawn. Click a
+picture for the full-size image.</p>
 <p>Slide score: the largest mean tumour probability in a window one tile wide. Tumour: mask px at or above each
 slide's threshold (column). Areas need the slide's µm per px; where it has none, the note says so.</p>
-<table><thead><tr><th>heatmap</th><th>slide</th><th>status</th>{headers}<th>outputs</th></tr></thead>
+<table><thead><tr><th>slide | heatmap</th><th>slide</th><th>status</th>{headers}<th>outputs</th></tr></thead>
 <tbody>
 {chr(10).join(body)}
 </tbody></table></body></html>
