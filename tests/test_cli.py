@@ -54,6 +54,11 @@ USER_ERRORS = {
         ["model=demo", "data.slides={slide}", "hydra.run.dir=/proc/wsiseg-no/run"],
         "wsiseg-predict: error: hydra.run.dir '/proc/wsiseg-no/run' cannot be created",
     ),
+    "a _target_ given arguments it does not take": (
+        ["model.checkpoint=random", "data.slides={slide}", "model.net._target_=torch.nn.Conv2d"],
+        "wsiseg-predict: error: model.net._target_=torch.nn.modules.conv.Conv2d: Conv2d.__init__() got an unexpected "
+        "keyword argument 'in_ch'; it accepts in_channels, out_channels, kernel_size",
+    ),
     "gpu trainer without a gpu": (
         ["model=demo", "data.slides={slide}", "trainer=gpu"],
         "wsiseg-predict: error: trainer.accelerator=gpu but no CUDA GPU is visible",
@@ -258,3 +263,39 @@ def test_lightning_options_can_be_added_to_the_trainer(tmp_path: Path) -> None:
     from wsiseg.cli import override_error
 
     assert override_error("predict", ["model=demo", "+trainer.limit_predict_batches=2"]) is None
+
+
+def test_a_network_of_the_users_own_through_hydra_searchpath(tmp_path: Path, small_slide: Path) -> None:
+    """README "Your own architecture": a module on PYTHONPATH, a two-line model/net YAML in a folder of the user's,
+    ``hydra.searchpath`` pointing at it: the run completes; a misspelt option of that network is one line."""
+    (tmp_path / "mynet.py").write_text(
+        "import torch\n\n\nclass TinySeg(torch.nn.Module):\n    stride = 1\n\n"
+        "    def __init__(self, channels: int = 8) -> None:\n        super().__init__()\n"
+        "        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3, padding=1), torch.nn.ReLU(),\n"
+        "                                        torch.nn.Conv2d(channels, 1, 1))\n\n"
+        "    def forward(self, x):\n        return self.body(x)\n"
+    )
+    (tmp_path / "mynets" / "model" / "net").mkdir(parents=True)
+    (tmp_path / "mynets" / "model" / "net" / "tinyseg.yaml").write_text("_target_: mynet.TinySeg\nchannels: 4\n")
+    args = [
+        str(SCRIPT),
+        f"hydra.searchpath=[file://{tmp_path / 'mynets'}]",
+        "model=unet_milesial",
+        "model/net=tinyseg",
+        "model.checkpoint=random",
+        "model.activation=sigmoid",
+        "model.channel_index=0",
+        f"data.slides={small_slide}",
+        *QUICK,
+    ]
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "small" / "report.json").read_text())["status"] == "complete"
+    typo = subprocess.run(
+        [*args, "model.net.chanels=2", f"hydra.run.dir={tmp_path / 'typo'}"], capture_output=True, text=True, env=env
+    )
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == [
+        "wsiseg-predict: error: unknown option 'model.net.chanels'; did you mean model.net.channels?"
+    ], typo.stderr
+    assert not (tmp_path / "typo").exists()

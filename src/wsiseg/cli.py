@@ -152,7 +152,11 @@ def override_error(config_name: str, overrides: list[str]) -> str | None:
     from wsiseg.config import config_dir
 
     group_names = {d.name for d in config_dir().iterdir() if d.is_dir()}
-    groups = [o for o in overrides if o.split("=", 1)[0] in group_names]  # model=demo: the keys it brings
+    groups = [  # model=demo, model/net=unet, a search path of the user's: the keys they bring
+        o
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("+~").split("/")[0] in group_names or o.startswith("hydra.searchpath=")
+    ]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         try:
             compose(config_name=config_name, overrides=overrides)
@@ -200,7 +204,11 @@ def exit_if_overrides_bad(command: str, config_name: str) -> None:
     argv = sys.argv[1:]
     if any(a in ("-m", "--multirun") or a.startswith(("--help", "-h", "--hydra-help", "--info")) for a in argv):
         return
-    overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra.")]
+    overrides = [  # hydra.searchpath brings config groups of the user's own (a model/net of theirs): composed too
+        a
+        for a in argv
+        if not a.startswith("-") and (not a.lstrip("+~").startswith("hydra.") or a.startswith("hydra.searchpath="))
+    ]
     try:
         problem = override_error(config_name, overrides)
     except Exception as exc:  # composing needs what Hydra needs anyway: let Hydra report it
@@ -257,6 +265,7 @@ def find_user_error(exc: BaseException) -> UserInputError | None:
     Lightning's ``MisconfigurationException`` (a trainer option this machine cannot honour, e.g. more devices than it
     has) counts as one too: its first line is kept, prefixed with ``trainer:``.
     """
+    from hydra.errors import InstantiationException
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     for seen in exception_chain(exc):
@@ -264,7 +273,41 @@ def find_user_error(exc: BaseException) -> UserInputError | None:
             return seen
         if isinstance(seen, MisconfigurationException):
             return UserInputError(f"trainer: {first_line(seen)}")
+        if isinstance(seen, InstantiationException):
+            wrong = _wrong_target_arguments(seen)
+            if wrong is not None:
+                return wrong
     return None
+
+
+def _wrong_target_arguments(exc: BaseException) -> UserInputError | None:
+    """A ``_target_`` called with arguments it does not take (Hydra's InstantiationException over a TypeError): one
+    line naming the config key, the target, its complaint and the arguments it accepts; None for other errors."""
+    import inspect
+    import re
+
+    from hydra.utils import get_object
+
+    text = str(exc)
+    target = re.search(r"Error in call to target '([^']+)'", text)
+    key = re.search(r"full_key: (\S+)", text)
+    cause = next((e for e in exception_chain(exc) if isinstance(e, TypeError)), None)
+    if target is None or cause is None or "argument" not in str(cause):
+        return None
+    where = key.group(1) if key else "the config"
+    try:
+        accepted = [
+            name
+            for name, parameter in inspect.signature(get_object(target.group(1))).parameters.items()
+            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) and name != "self"
+        ]
+        accepts = f"it accepts {', '.join(accepted) or 'no arguments'}"
+    except (ValueError, TypeError, ImportError, AttributeError):
+        accepts = "see its signature"
+    return UserInputError(
+        f"{where}._target_={target.group(1)}: {first_line(cause)}; {accepts}: set the options under {where} to "
+        "those, or choose another _target_"
+    )
 
 
 def discard_unused_run_dir(run_dir: Path) -> None:
