@@ -88,11 +88,22 @@ class Assembly:
         else:
             try:
                 self.trainer.predict(self.module, datamodule=self.datamodule, return_predictions=False)
-            except SystemExit:
+            except SystemExit as exc:
+                self._after_failure(exc)
                 if self.trainer.interrupted:  # Lightning: Ctrl-C -> sys.exit(1) after its callbacks' on_exception
                     raise KeyboardInterrupt from None
                 raise
+            except BaseException as exc:
+                self._after_failure(exc)
+                raise
         return list(self.writer.results)
+
+    def _after_failure(self, exc: BaseException) -> None:
+        """Let the writer record the stop if Lightning's exception handling did not reach it (see
+        :meth:`wsiseg.writers.slide_writer.SlideWriter.after_failure`)."""
+        after = getattr(self.writer, "after_failure", None)
+        if after is not None:
+            after(exc)
 
 
 def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = None) -> Assembly:

@@ -126,6 +126,7 @@ class SlideWriter(BasePredictionWriter):
         self.record.start(self.plan)
         self._finished, self._seen_reports, self._batch_clock = set(), set(), time.perf_counter()
         self._clock, self._tiles_seen, self._host = {"start_at": time.time()}, 0, _HostFigures()
+        self._cleaned_up = False  # set once on_exception (or after_failure) has recorded an interrupted run
         self._in_order = 0  # position in distribution.mine of the next slide to write (tiles arrive in slide order)
         if distribution.rank == 0:  # before any rank writes (under DDP the claiming all-gather is the barrier)
             for index in range(len(self.plan.slides)):  # redone: an earlier run's outputs must not look complete
@@ -271,6 +272,18 @@ class SlideWriter(BasePredictionWriter):
         is raised once the clean-up is done."""
         with _sigchld_held():
             self._clean_up_after(exception)
+        self._cleaned_up = True
+
+    def after_failure(self, exception: BaseException) -> None:
+        """What :meth:`on_exception` does, when Lightning did not get it done: a second signal from a dead DataLoader
+        worker can interrupt Lightning's exception handling before (or while) it reaches this callback, which left
+        ``summary.json`` saying ``pending``. The pipeline calls this after ``trainer.predict`` raised; once the clean-up
+        is done it does nothing."""
+        if getattr(self, "_cleaned_up", True) or not self._clock:
+            return
+        with _sigchld_held():
+            self._clean_up_after(exception)
+        self._cleaned_up = True
 
     def _clean_up_after(self, exception: BaseException) -> None:
         for worker in (self._worker, self._finaliser):
