@@ -7,6 +7,7 @@ The Python door is :class:`Segmenter`::
     seg = wsiseg.Segmenter("demo")                       # or Segmenter(checkpoint="UNet_17.pth", device="cuda")
     maps = seg.predict_tiles(pil_images)                 # (N, 1, H, W) float32 probabilities
     result = seg.predict_slides("slides/", "out/")       # one row per slide; result.mask(...), result.heatmap(...)
+    wsiseg.render_run("out/", threshold=0.3, contours=["geojson"])   # post-process again, no network
 
 Names are imported on first use: ``import wsiseg`` loads no deep-learning library.
 """
@@ -29,6 +30,7 @@ _LAZY = {
     "Unet": "wsiseg.model",
     "MilesialUNet": "wsiseg.model",
     "load_checkpoint": "wsiseg.model",
+    "render_run": "wsiseg.render_run",
 }
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "UserInputError",
     "__version__",
     "load_checkpoint",
+    "render_run",
 ]
 
 

@@ -104,6 +104,12 @@ def test_wsiseg_render_post_processes_a_finished_run_again(first_run: Path, fres
     _same_outputs(run, fresh_second)
     rows = [_csv_row(folder / "summary.csv") for folder in (run, fresh_second)]
     assert rows[0] == rows[1] and rows[0]["largest_region_mm2"]  # the new figures, as a fresh run lists them
+    import wsiseg  # the same from Python, back to the first run's options
+
+    assert wsiseg.render_run(run, threshold=0.5, contours="none", min_area_um2=200.0) == ["synth"]
+    assert {k: v for k, v in _report(run).items() if k not in TIMED} == {
+        k: v for k, v in _report(first_run).items() if k not in TIMED
+    }
     bad = subprocess.run([str(script), str(run), "writer.treshold=0.3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "did you mean writer.threshold?" in bad.stderr
