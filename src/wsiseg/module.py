@@ -120,6 +120,8 @@ class SegmentationModule(pl.LightningModule):
         checkpoint: weights to load into ``net``: a file path, or ``"random"`` for the initial weights (see above).
         trust_checkpoint: allow a checkpoint that needs full unpickling (a whole pickled model), which can run code
             while loading; off, only ``torch.load(weights_only=True)`` reads it (:func:`wsiseg.model.read_state_dict`).
+        mpp: the microns per pixel the network was trained at (None: unknown). The data module reads slides at it
+            when ``data.mpp`` is not given (``data.model_mpp`` is bound to it in the configs).
         mean: per-channel mean on the /255 scale (0.5 for the users' network). None: an ONNX network's sidecar's,
             else 0.5.
         std: per-channel std on the /255 scale (0.5 for the users' network). None: as for ``mean``.
@@ -171,8 +173,12 @@ class SegmentationModule(pl.LightningModule):
         max_chunk: int | None = None,
         output_dtype: str = "float16",
         trust_checkpoint: bool = False,
+        mpp: float | None = None,
     ) -> None:
         super().__init__()
+        if mpp is not None and not mpp > 0:
+            raise UserInputError(f"model.mpp must be a positive number of microns per pixel or null, got {mpp}")
+        self.mpp = mpp
         if output_dtype not in ("float16", "float32"):
             raise UserInputError(f"model.output_dtype must be float16 or float32, got '{output_dtype}'")
         self.output_dtype = getattr(torch, output_dtype)

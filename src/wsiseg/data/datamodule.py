@@ -19,8 +19,9 @@ from wsiseg.data.datasets import SlideTileDataset, SlideTiles
 from wsiseg.data.grid import TileGrid, check_patch_size
 from wsiseg.data.plan import RunPlan, output_names, slide_identity
 from wsiseg.data.readers import READERS, TileReader, choose_reader
+from wsiseg.data.resolution import declared_mpps
 from wsiseg.data.sharding import SHARD_MODES
-from wsiseg.data.slide import choose_level, open_slide
+from wsiseg.data.slide import choose_level, open_slide, slide_mpp
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
 from wsiseg.errors import NoProcessableSlideError, UserInputError
 
@@ -160,6 +161,8 @@ class SlideTileDataModule(pl.LightningDataModule):
         read_threads: int | None = None,
         keep_complete: Callable[[str, Path], bool] | None = None,
         shard: str = "auto",
+        model_mpp: float | None = None,
+        slide_mpp: float | str | None = None,
     ) -> None:
         super().__init__()
         if shard not in SHARD_MODES:
@@ -187,6 +190,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         if not 0 <= mpp_tolerance < 1:
             raise UserInputError(f"data.mpp_tolerance must be in [0, 1) (0.05 = 5 %), got {mpp_tolerance}")
         self.level, self.mpp, self.mpp_tolerance = level, mpp, mpp_tolerance
+        self.model_mpp, self.declared_mpp = model_mpp, declared_mpps(slide_mpp)
         self.patch_size, self.overlap, self.output_downsample = patch_size, overlap, output_downsample
         self.tissue = tissue if isinstance(tissue, TissueOptions) else TissueOptions(**dict(tissue or {}))
         self.batch_size = batch_size
@@ -210,12 +214,26 @@ class SlideTileDataModule(pl.LightningDataModule):
         """Open one slide and plan its tiles (level, grid, tissue). Raises UserInputError for unusable slides."""
         slide = open_slide(path)
         try:
-            level = choose_level(slide, self.level, self.mpp, str(path), self.mpp_tolerance)
+            declared = self.declared_mpp(path, name)
+            recorded = slide_mpp(slide)
+            target, option = (self.mpp, "data.mpp") if self.mpp is not None else (self.model_mpp, "model.mpp")
+            if option == "model.mpp" and target is not None and declared is None and recorded is None:
+                log.warning(
+                    "slide '%s' records no microns-per-pixel, so model.mpp=%g cannot be honoured: level 0 is read "
+                    "(declare it with data.slide_mpp)",
+                    path,
+                    target,
+                )
+                target = None
+            level = choose_level(
+                slide, self.level, target, str(path), self.mpp_tolerance, base_mpp=declared, mpp_option=option
+            )
             if level.resampled:
                 log.info(
-                    "slide '%s': data.mpp=%g reads level %d (%.4g um/px) area-resampled by %.6g to %dx%d px",
+                    "slide '%s': %s=%g reads level %d (%.4g um/px) area-resampled by %.6g to %dx%d px",
                     path,
-                    self.mpp,
+                    option,
+                    target,
                     level.level,
                     level.mpp / level.scale,
                     level.scale,
@@ -239,6 +257,8 @@ class SlideTileDataModule(pl.LightningDataModule):
                 path=path,
                 name=name,
                 level=level,
+                mpp_source="override" if declared is not None else ("slide" if recorded is not None else None),
+                mpp_target=option if self.level is None and target is not None else None,
                 level0_size=tuple(slide.dimensions),  # type: ignore[arg-type]
                 grid=grid,
                 origins=origins,

@@ -37,6 +37,9 @@ class SlideTiles:
         thumbnail: thumbnail used for tissue detection and the heatmap.
         properties: the slide's ``openslide.*`` properties.
         identity: path, size and mtime of the file when planned (resume compares them).
+        mpp_source: where the level-0 µm/px came from: ``slide`` (its metadata), ``override`` (``data.slide_mpp``) or
+            None (unknown).
+        mpp_target: the option whose µm/px chose the read level (``data.mpp``, ``model.mpp``) or None.
     """
 
     path: Path
@@ -50,6 +53,8 @@ class SlideTiles:
     thumbnail: Thumbnail
     properties: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)  # wsiseg.data.plan.slide_identity of the file
+    mpp_source: str | None = None  # where the level-0 mpp came from: "slide" (metadata), "override" (data.slide_mpp)
+    mpp_target: str | None = None  # the option that chose the read level's mpp: "data.mpp", "model.mpp", or None
 
     @property
     def tiles_tissue(self) -> int:

@@ -135,6 +135,8 @@ def choose_level(
     mpp: float | None,
     name: str,
     mpp_tolerance: float = 0.05,
+    base_mpp: float | None = None,
+    mpp_option: str = "data.mpp",
 ) -> SlideLevel:
     """Plan the read level from an explicit ``level`` or a target ``mpp`` (microns per px).
 
@@ -151,24 +153,28 @@ def choose_level(
         name: the slide's name for error messages.
         mpp_tolerance: ``data.mpp_tolerance``: relative difference between a level's mpp and ``mpp`` within which the
             level is used without resampling (0.05 = 5 %).
+        base_mpp: the slide's level-0 µm/px declared by the user (``data.slide_mpp``), used instead of its metadata;
+            None: the metadata's (:func:`slide_mpp`).
+        mpp_option: the option ``mpp`` came from, for messages (``data.mpp`` or ``model.mpp``).
 
     Raises:
         UserInputError: the level does not exist, ``mpp`` is not positive, was asked for on a slide that records none,
             or is finer than level 0 by more than the tolerance (that would need upsampling).
     """
-    base_mpp = slide_mpp(slide)
+    base_mpp = slide_mpp(slide) if base_mpp is None else base_mpp
     if level is None and mpp is not None:
         if base_mpp is None:
             raise UserInputError(
-                f"slide '{name}' records no microns-per-pixel, so data.mpp={mpp} cannot be honoured: use data.level"
+                f"slide '{name}' records no microns-per-pixel, so {mpp_option}={mpp} cannot be honoured: declare it "
+                "(data.slide_mpp=0.25, or a CSV of slide,mpp) or use data.level"
             )
         if mpp <= 0:
-            raise UserInputError(f"data.mpp must be positive, got {mpp}")
+            raise UserInputError(f"{mpp_option} must be positive, got {mpp}")
         level_mpps = [base_mpp * ds for ds in slide.level_downsamples]
         finer = [i for i in range(slide.level_count) if level_mpps[i] <= mpp * (1 + mpp_tolerance)]
         if not finer:
             raise UserInputError(
-                f"slide '{name}' has {base_mpp:.4g} um/px at level 0, so data.mpp={mpp} would need upsampling: "
+                f"slide '{name}' has {base_mpp:.4g} um/px at level 0, so {mpp_option}={mpp} would need upsampling: "
                 f"set data.mpp >= {base_mpp / (1 + mpp_tolerance):.4g} or raise data.mpp_tolerance"
             )
         source = max(finer, key=lambda i: (level_mpps[i], -i))

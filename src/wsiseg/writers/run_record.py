@@ -219,6 +219,8 @@ def base_report(
         "level_size": list(level.size),
         "mpp_level0": None if level.mpp is None else level.mpp / level.downsample,
         "mpp_read_level": level.mpp,
+        "mpp_source": slide.mpp_source,
+        "mpp_target_source": slide.mpp_target,
         "resampled": level.resampled,
         "read_scale": level.scale,
         "source_downsample": level.source_downsample,
