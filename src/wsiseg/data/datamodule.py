@@ -65,7 +65,8 @@ def expand_slide_paths(slides: str | Sequence[str]) -> list[Path]:
     """Turn ``data.slides`` (one path, a folder, a glob, or a list of them) into a sorted-per-pattern list of paths.
 
     A folder stands for every regular file under it (sub-folders included, hidden ones not) that OpenSlide can open,
-    sorted; a folder without any is kept as given, so validation says so. An existing file is taken literally even when
+    sorted; a folder without any is kept as given, so validation says so. The files of one DICOM WSI series are one
+    slide (:func:`one_file_per_dicom_series`). An existing file is taken literally even when
     its name holds glob characters (``slide[1].tif``); a glob that matches nothing is kept as given so validation
     reports it by name.
     """
@@ -79,7 +80,38 @@ def expand_slide_paths(slides: str | Sequence[str]) -> list[Path]:
         literal = Path(pattern).exists()
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) and not literal else [pattern]
         paths.extend(Path(m) for m in (matches or [pattern]))
-    return paths
+    return one_file_per_dicom_series(paths)
+
+
+def dicom_series(path: Path) -> str | None:
+    """The DICOM series (``SeriesInstanceUID``) a file OpenSlide opens as a DICOM slide belongs to; None for any other
+    file (or one OpenSlide cannot open: validation reports it)."""
+    import openslide
+
+    try:
+        if not path.is_file() or openslide.OpenSlide.detect_format(str(path)) != "dicom":
+            return None
+        with openslide.OpenSlide(str(path)) as slide:
+            return slide.properties.get("dicom.SeriesInstanceUID")
+    except (openslide.OpenSlideError, OSError):
+        return None
+
+
+def one_file_per_dicom_series(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` with each DICOM WSI series kept once: OpenSlide reads a series (its levels and associated images, one
+    file each, in one folder) from any of its files, so the first file of a series stands for the slide and the
+    others are dropped (logged)."""
+    seen: dict[str, Path] = {}
+    kept = []
+    for path in paths:
+        series = dicom_series(path) if path.suffix.lower() == ".dcm" else None
+        if series is not None and series in seen:
+            log.info("'%s' is part of the DICOM series of '%s': one slide", path, seen[series])
+            continue
+        if series is not None:
+            seen[series] = path
+        kept.append(path)
+    return kept
 
 
 def slides_in_folder(folder: Path) -> list[Path]:
