@@ -239,3 +239,44 @@ def test_compiled_graph_is_reused_across_batch_layouts_and_sizes() -> None:
         for batch in batches:
             np.testing.assert_allclose(module(batch).numpy(), eager(batch).numpy(), atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 1, "a batch layout or size recompiled the network"
+
+
+@pytest.mark.parametrize("tta", ["flips", "dihedral"])
+def test_tta_with_a_flip_equivariant_network_gives_the_plain_output_exactly(tta: str) -> None:
+    """The probe (red / 255, per pixel) commutes with flips and transposes: every pass equals the plain map, and their
+    average is the plain map bit for bit."""
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    plain = SegmentationModule(ProbeNet(), output_dtype="float32").predict_step({"image": images})["probs"]
+    augmented = SegmentationModule(ProbeNet(), output_dtype="float32", tta=tta).predict_step({"image": images})
+    assert torch.equal(augmented["probs"], plain)
+
+
+@pytest.mark.parametrize(("tta", "transforms"), [("flips", 4), ("dihedral", 8)])
+def test_tta_averages_the_transformed_back_predictions_of_an_asymmetric_network(tta: str, transforms: int) -> None:
+    """A random U-Net with softmax over 3 channels and the max reduction: the TTA map is the channel max of the mean of
+    the 4 (8) passes' probabilities, each computed here with the plain module on the flipped (transposed) tiles and
+    turned back; the reduction comes after the average (the max of the mean, not the mean of the maxes)."""
+    torch.manual_seed(0)
+    net = Unet(3, 3, base_width=4).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    common = {"checkpoint": "random", "activation": "softmax", "output_dtype": "float32", "channels_last": False}
+    plain = SegmentationModule(net, reduction="none", **common)
+    expected = []
+    for swap in (False, True)[: transforms // 4]:
+        for dims in ((), (3,), (2,), (2, 3)):
+            x = torch.flip(images, dims) if dims else images
+            y = plain.predict_step({"image": x.transpose(2, 3) if swap else x})["probs"]
+            y = y.transpose(2, 3) if swap else y
+            expected.append(torch.flip(y, dims) if dims else y)
+    mean = torch.stack(expected).mean(0).amax(dim=1, keepdim=True)
+    got = SegmentationModule(net, reduction="max", tta=tta, **common).predict_step({"image": images})["probs"]
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # the network is not flip-equivariant
+    torch.testing.assert_close(got, mean, rtol=0, atol=1e-6)
+
+
+def test_tta_options_are_checked() -> None:
+    with pytest.raises(UserInputError, match="model.tta must be one of none, flips, dihedral; got 'rot90'"):
+        SegmentationModule(ProbeNet(), tta="rot90")
+    module = SegmentationModule(ProbeNet(), tta="dihedral")
+    with pytest.raises(UserInputError, match="dihedral transposes tiles, which needs square ones; got 32x48"):
+        module(torch.zeros((1, 3, 32, 48), dtype=torch.uint8))

@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 REDUCTIONS = ("max", "channel", "none")
+# model.tta -> the transforms applied to a tile: (dims flipped, then H and W swapped)
+TTA_TRANSFORMS: dict[str, tuple[tuple[tuple[int, ...], bool], ...]] = {
+    "none": (((), False),),
+    "flips": (((), False), ((3,), False), ((2,), False), ((2, 3), False)),
+    "dihedral": tuple((dims, swap) for swap in (False, True) for dims in ((), (3,), (2,), (2, 3))),
+}
 FIXED_WEIGHTS = "fixed"  # SegmentationModule.weights of a network that sets its own weights (ProbeNet)
 _NO_CHECKPOINT = (
     "model.checkpoint is required: pass model.checkpoint=/path/to/weights.pth, or model.checkpoint=random to run "
@@ -120,6 +126,9 @@ class SegmentationModule(pl.LightningModule):
         checkpoint: weights to load into ``net``: a file path, or ``"random"`` for the initial weights (see above).
         trust_checkpoint: allow a checkpoint that needs full unpickling (a whole pickled model), which can run code
             while loading; off, only ``torch.load(weights_only=True)`` reads it (:func:`wsiseg.model.read_state_dict`).
+        tta: test-time augmentation: ``none``, ``flips`` (identity, horizontal, vertical, both: 4 network passes a
+            tile) or ``dihedral`` (the 8 flips and transposes of a square tile); the probabilities of the passes,
+            each transformed back, are averaged after the activation and before the channel reduction.
         mpp: the microns per pixel the network was trained at (None: unknown). The data module reads slides at it
             when ``data.mpp`` is not given (``data.model_mpp`` is bound to it in the configs).
         mean: per-channel mean on the /255 scale (0.5 for the users' network). None: an ONNX network's sidecar's,
@@ -174,8 +183,12 @@ class SegmentationModule(pl.LightningModule):
         output_dtype: str = "float16",
         trust_checkpoint: bool = False,
         mpp: float | None = None,
+        tta: str = "none",
     ) -> None:
         super().__init__()
+        if tta not in TTA_TRANSFORMS:
+            raise UserInputError(f"model.tta must be one of {', '.join(TTA_TRANSFORMS)}; got '{tta}'")
+        self.tta = tta
         if mpp is not None and not mpp > 0:
             raise UserInputError(f"model.mpp must be a positive number of microns per pixel or null, got {mpp}")
         self.mpp = mpp
@@ -296,6 +309,8 @@ class SegmentationModule(pl.LightningModule):
         if getattr(self, "_prepared_for", None) == device_type:
             return
         self._prepared_for = device_type
+        if self.tta != "none":
+            log.info("model.tta=%s: %d network passes a tile", self.tta, len(TTA_TRANSFORMS[self.tta]))
         if device_type == "cpu":
             keep_freed_memory()  # activations are re-allocated every call: keep them out of fresh mmap pages
         self._set_forward(self.infer_tiles)
@@ -364,17 +379,29 @@ class SegmentationModule(pl.LightningModule):
         x = self.normalise(images)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = (self.net if self._openvino is None else self._openvino)(x).float()
-        if self.activation == "sigmoid":
-            y = torch.sigmoid(y)
-        elif self.activation == "softmax":
-            y = torch.softmax(y, dim=1)
+        net = self.net if self._openvino is None else self._openvino
+        passes = []
+        for dims, swap in TTA_TRANSFORMS[self.tta]:  # each pass's probabilities transformed back onto the tile
+            t = torch.flip(x, dims) if dims else x
+            y = self._activate(net(t.transpose(2, 3) if swap else t).float())
+            y = y.transpose(2, 3) if swap else y
+            passes.append(torch.flip(y, dims) if dims else y)
+        while len(passes) > 1:  # a pairwise sum: equal passes average to themselves exactly (2, 4, 8 terms)
+            passes = [passes[i] + passes[i + 1] for i in range(0, len(passes), 2)]
+        y = passes[0] if self.tta == "none" else passes[0] * (1.0 / len(TTA_TRANSFORMS[self.tta]))
         if self.reduction == "max":
             y = y.amax(dim=1, keepdim=True)
         elif self.reduction == "channel":
             y = y[:, self.channel_index : self.channel_index + 1]
         if self.output_downsample > 1:
             y = F.avg_pool2d(y, self.output_downsample)
+        return y
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation == "sigmoid":
+            return torch.sigmoid(y)
+        if self.activation == "softmax":
+            return torch.softmax(y, dim=1)
         return y
 
     def _call_network(self, images: torch.Tensor) -> torch.Tensor:
@@ -450,6 +477,10 @@ class SegmentationModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 tiles → (N, C', H/d, W/d) float32 probabilities on the same device."""
         h, w = images.shape[-2:]
+        if self.tta == "dihedral" and h != w:
+            raise UserInputError(
+                f"model.tta=dihedral transposes tiles, which needs square ones; got {h}x{w}: use model.tta=flips"
+            )
         if h % self.stride or w % self.stride:
             raise UserInputError(
                 f"tile size {h}x{w} is not a multiple of the network's stride {self.stride}: set data.patch_size "
