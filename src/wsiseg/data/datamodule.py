@@ -222,6 +222,10 @@ class SlideTileDataModule(pl.LightningDataModule):
         if not 0 <= mpp_tolerance < 1:
             raise UserInputError(f"data.mpp_tolerance must be in [0, 1) (0.05 = 5 %), got {mpp_tolerance}")
         self.level, self.mpp, self.mpp_tolerance = level, mpp, mpp_tolerance
+        if model_mpp is not None and (isinstance(model_mpp, (bool, str)) or not model_mpp > 0):
+            raise UserInputError(
+                f"model.mpp (data.model_mpp) must be a positive number of microns per pixel or null, got {model_mpp}"
+            )
         self.model_mpp, self.declared_mpp = model_mpp, declared_mpps(slide_mpp)
         self.patch_size, self.overlap, self.output_downsample = patch_size, overlap, output_downsample
         self.tissue = tissue if isinstance(tissue, TissueOptions) else TissueOptions(**dict(tissue or {}))
