@@ -61,10 +61,10 @@ def render_run(run_dir: str | Path, **overrides: Any) -> list[str]:
     Raises:
         UserInputError: ``run_dir`` is not a finished slide run, or an option is out of range (one line).
     """
-    from wsiseg.contours import contour_formats
     from wsiseg.run_lock import run_folder_lock
+    from wsiseg.writers.options import writer_section_options
     from wsiseg.writers.postprocess import refresh
-    from wsiseg.writers.render import POST_PROCESSING, RenderOptions
+    from wsiseg.writers.render import POST_PROCESSING
     from wsiseg.writers.run_index import write_run_index
 
     run_dir = Path(run_dir)
@@ -84,12 +84,7 @@ def render_run(run_dir: str | Path, **overrides: Any) -> list[str]:
             report = json.loads((slide_dir / "report.json").read_text())
             config = report.get("config") or {}
             writer = {**(config.get("writer") or {}), **overrides}
-            options = RenderOptions(
-                threshold=float(writer.get("threshold", 0.5)),
-                contours=contour_formats(writer.get("contours")),
-                min_area_um2=float(writer.get("min_area_um2", 0.0)),
-                simplify_um=None if writer.get("simplify_um") is None else float(writer["simplify_um"]),
-            )
+            options = writer_section_options(writer).render  # checked as wsiseg-predict checks them
             if refresh(slide_dir, options, {**config, "writer": writer}):
                 changed.append(slide_dir.name)
         write_run_index(run_dir, rows)

@@ -27,7 +27,7 @@ from wsiseg.model import holds_weights
 from wsiseg.options import check_bool, check_option_types, check_required, check_trainer_device
 from wsiseg.pipeline.result import RunResult
 from wsiseg.run_lock import run_folder_lock
-from wsiseg.writers.options import slide_writer_options
+from wsiseg.writers.options import writer_section_options
 from wsiseg.writers.patch_writer import PatchWriter
 from wsiseg.writers.postprocess import refresh
 from wsiseg.writers.progress import SlideProgress, TileProgressBar
@@ -135,7 +135,7 @@ def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = N
     writer_options = OmegaConf.to_container(cfg.writer, resolve=True)
     output_dir = Path(cfg.writer.output_dir)
     if slide_mode:  # checked early
-        render = slide_writer_options(**_without(writer_options, "_target_", "output_dir", "output_downsample")).render
+        render = writer_section_options(writer_options).render
         keep = resume_check(output_dir, run_config) if cfg.get("resume") else None
         datamodule = instantiate(cfg.data, _partial_=True)(keep_complete=keep)  # a callable: not through OmegaConf
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ from wsiseg.errors import UserInputError
 from wsiseg.writers.render import RenderOptions
 from wsiseg.writers.stitcher import StoreOptions
 
-__all__ = ["SlideWriterOptions", "slide_writer_options"]
+__all__ = ["SlideWriterOptions", "slide_writer_options", "writer_section_options"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,10 @@ def slide_writer_options(
             f"{2 * tiff_tile * max(1, round(chunk / (2 * tiff_tile)))}"
         )
     return SlideWriterOptions(StoreOptions(blend, sigma_scale, chunk, cache_mb << 20), render, blend_thread)
+
+
+def writer_section_options(writer: Mapping[str, Any]) -> SlideWriterOptions:
+    """:func:`slide_writer_options` over a composed ``writer`` config section (a run's, or the one a report records),
+    less the keys that are the writer's own arguments (``_target_``, ``output_dir``, ``output_downsample``)."""
+    own = ("_target_", "output_dir", "output_downsample")
+    return slide_writer_options(**{key: value for key, value in writer.items() if key not in own})
