@@ -270,17 +270,17 @@ class SlideWriter(BasePredictionWriter):
         SIGCHLD is held back meanwhile: after a DataLoader worker died, PyTorch's SIGCHLD handler raises again at each
         further child's exit, which would cut this clean-up short (the summary left saying ``pending``); held back, it
         is raised once the clean-up is done."""
-        with _sigchld_held():
-            self._clean_up_after(exception)
-        self._cleaned_up = True
+        self._record_stop(exception)
 
     def after_failure(self, exception: BaseException) -> None:
         """What :meth:`on_exception` does, when Lightning did not get it done: a second signal from a dead DataLoader
         worker can interrupt Lightning's exception handling before (or while) it reaches this callback, which left
         ``summary.json`` saying ``pending``. The pipeline calls this after ``trainer.predict`` raised; once the clean-up
         is done it does nothing."""
-        if getattr(self, "_cleaned_up", True) or not self._clock:
-            return
+        if not getattr(self, "_cleaned_up", True):
+            self._record_stop(exception)
+
+    def _record_stop(self, exception: BaseException) -> None:
         with _sigchld_held():
             self._clean_up_after(exception)
         self._cleaned_up = True
