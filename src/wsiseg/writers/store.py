@@ -147,8 +147,8 @@ class BlendingAccumulator:
         # their weights are summed (in the same order, so to the same float32 values) when it is made final
         self._tile_weights = self.final_on_pass and self._weighted
         self._records: dict[tuple[int, int], list[tuple[int, ...]]] = {}
-        self._weight_arrays: dict[int, tuple[int, np.ndarray]] = {}  # id(weights) -> (index, the array, kept alive)
-        self._weight_list: list[np.ndarray] = []
+        self._weight_list: list[np.ndarray] = []  # the weight arrays tiles came with (kept: their ids stay theirs)
+        self._weight_index: dict[int, int] = {}  # id(array) -> its index in _weight_list
         self._weight_memo: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()  # interior chunks repeat
         width, height = self.size
         self.chunk_grid = (math.ceil(height / chunk), math.ceil(width / chunk))
@@ -252,12 +252,11 @@ class BlendingAccumulator:
 
     def _weights_index(self, weights: np.ndarray) -> int:
         """An index for the array ``weights`` (by identity; the array is kept, so tiles should share one)."""
-        known = self._weight_arrays.get(id(weights))
-        if known is None:
-            known = (len(self._weight_list), weights)
-            self._weight_arrays[id(weights)] = known
+        index = self._weight_index.get(id(weights))
+        if index is None:
+            index = self._weight_index[id(weights)] = len(self._weight_list)
             self._weight_list.append(weights)
-        return known[0]
+        return index
 
     # -- chunk cache ---------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
