@@ -119,13 +119,7 @@ def read_complete_report(
 def reported_tiles(output_dir: Path, names: Sequence[str]) -> int:
     """Tiles the complete reports of ``output_dir/<name>`` processed (0 for a report that cannot be read): a resumed
     run counts them with its own, so ``model.compile=auto`` decides as the uninterrupted run did."""
-    total = 0
-    for name in names:
-        try:
-            total += int(json.loads((output_dir / name / "report.json").read_text()).get("tiles_processed", 0))
-        except (OSError, ValueError, TypeError):
-            continue
-    return total
+    return sum(_reported_work(output_dir / name)[0] for name in names)
 
 
 def remove_stale(slide_dir: Path, *, root: Path) -> None:
