@@ -277,7 +277,8 @@ def test_cohort_rank_killed_keeps_finished_slides_and_resume_finishes_the_rest(
     for name, mtime in kept.items():  # kept, not redone
         assert (run_dir / name / "mask.tif").stat().st_mtime_ns == mtime
     assert_same_masks(run_dir, reference, [s.stem for s in slides])
-    leftovers = [p for p in run_dir.glob("*/.*")]  # no store, scratch pyramid or temporary file of the killed run
+    # no store, scratch pyramid, temporary file or staging folder of the killed run
+    leftovers = [*run_dir.glob("*/.*"), *run_dir.glob(".*.staging")]
     assert not leftovers, leftovers
     rows = json.loads((run_dir / "summary.json").read_text())["slides"]
     assert sorted(r["name"] for r in rows) == sorted(s.stem for s in slides)

@@ -14,8 +14,11 @@ from wsiseg.writers.run_record import (
     base_report,
     check_writable,
     config_hash,
+    publish_slide,
     read_complete_report,
+    remove_leftovers,
     remove_stale,
+    staging_dir,
 )
 
 
@@ -108,3 +111,95 @@ def test_reported_tiles_count_what_resumed_slides_processed(tmp_path: Path) -> N
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "report.json").write_text("{not json")
     assert reported_tiles(tmp_path, ["a", "b", "c", "missing"]) == 550
+
+
+def _stage(slide_dir: Path, files: dict[str, bytes]) -> Path:
+    staging = staging_dir(slide_dir)
+    staging.mkdir()
+    for name, data in files.items():
+        (staging / name).write_bytes(data)
+    return staging
+
+
+def test_publish_replaces_a_missing_or_scratch_only_folder_in_one_rename(tmp_path: Path) -> None:
+    files = {"mask.tif": b"m", "heatmap.png": b"h", "report.json": b"{}"}
+    fresh = tmp_path / "fresh"
+    publish_slide(_stage(fresh, {**files, ".scratch": b""}), fresh, root=tmp_path)
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(files)
+    used = tmp_path / "used"  # what a store and a killed run's temporary file leave
+    (used / ".partial-rank0").mkdir(parents=True)
+    (used / ".mask.tif.123.tmp").write_bytes(b"x")
+    publish_slide(_stage(used, files), used, root=tmp_path)
+    assert sorted(p.name for p in used.iterdir()) == sorted(files)
+    assert not list(tmp_path.glob(".*")), "a staging folder stayed"
+
+
+def test_publish_keeps_files_of_someone_else_and_writes_the_report_last(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    publish_slide(_stage(folder, {"report.json": b"{}", "mask.tif": b"m"}), folder, root=tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["mask.tif", "notes.txt", "report.json"]
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert not staging_dir(folder).exists()
+
+
+def test_publish_and_leftover_removal_stay_inside_the_run_folder(tmp_path: Path) -> None:
+    from wsiseg.safe_paths import UnsafePathError
+
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("x")
+    run.mkdir()
+    with pytest.raises(UnsafePathError):
+        publish_slide(_stage(tmp_path / "elsewhere", {"mask.tif": b"m"}), outside, root=run)
+    assert (outside / "keep.txt").exists()
+    staging = _stage(run / "s", {"mask.tif": b"m"})  # a killed run's staging folder goes with the leftovers
+    remove_leftovers(run / "s", root=run)
+    assert not staging.exists()
+
+
+_PUBLISHER = """
+import sys
+from pathlib import Path
+from wsiseg.writers.run_record import publish_slide, staging_dir
+
+run = Path(sys.argv[1])
+print("ready", flush=True)
+for i in range(100000):
+    slide_dir = run / f"s{i}"
+    staging = staging_dir(slide_dir)
+    staging.mkdir()
+    for name in ("mask.tif", "heatmap.png", "report.json"):  # the order the writer renders them in
+        (staging / name).write_bytes(b"x" * 400_000)
+    publish_slide(staging, slide_dir, root=run)
+"""
+
+
+def test_a_process_killed_at_any_moment_leaves_each_slide_with_all_of_its_files_or_none(tmp_path: Path) -> None:
+    """SIGKILL (no handler runs) a real process publishing slide after slide, at several moments: every slide folder
+    holds all three files or none (the old way, files written into the folder one by one, left masks without
+    reports)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng, published, cut = random.Random(0), 0, 0
+    for attempt in range(4):
+        run = tmp_path / f"run{attempt}"
+        run.mkdir()
+        process = subprocess.Popen([sys.executable, "-c", _PUBLISHER, str(run)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"  # imported, into the loop
+        time.sleep(rng.uniform(0.05, 0.3))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        for folder in run.iterdir():
+            if folder.name.startswith("."):
+                cut += 1  # a staging folder the kill cut short
+                continue
+            names = sorted(p.name for p in folder.iterdir())
+            assert names == ["heatmap.png", "mask.tif", "report.json"], (folder, names)
+            published += 1
+    assert published > 0 and cut > 0, (published, cut)

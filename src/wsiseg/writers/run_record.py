@@ -32,6 +32,8 @@ __all__ = [
     "reported_tiles",
     "discard_unreported",
     "clear_outputs",
+    "staging_dir",
+    "publish_slide",
     "check_writable",
     "base_report",
 ]
@@ -140,12 +142,49 @@ def remove_stale(slide_dir: Path, *, root: Path) -> None:
 
 
 def remove_leftovers(slide_dir: Path, *, root: Path) -> None:
-    """Remove the hidden entries of a slide folder (partial stores, scratch pyramids, temporary files): what a killed
-    run left next to outputs that are complete and kept (``resume=true``). ``root`` as in :func:`remove_stale`."""
+    """Remove the hidden entries of a slide folder (partial stores, scratch pyramids, temporary files) and its staging
+    folder (:func:`staging_dir`): what a killed run left next to outputs that are complete and kept
+    (``resume=true``). ``root`` as in :func:`remove_stale`."""
+    inside(root, slide_dir)
+    remove_inside(root, staging_dir(slide_dir))
+    if slide_dir.is_dir():
+        for leftover in slide_dir.glob(".*"):
+            remove_inside(slide_dir, leftover)
+
+
+def staging_dir(slide_dir: Path) -> Path:
+    """Where a slide's outputs and report are written before :func:`publish_slide` makes them the slide folder's:
+    ``.<slide name>.staging`` beside it, in the run folder."""
+    return slide_dir.parent / f".{slide_dir.name}.staging"
+
+
+def publish_slide(staging: Path, slide_dir: Path, *, root: Path) -> None:
+    """Make the files in ``staging`` (outputs and ``report.json``) the slide folder's, all at once: a process killed at
+    any moment leaves either all of them in ``slide_dir`` or none (``staging`` is a leftover then, removed by the next
+    run). The slide's store must be released first.
+
+    ``slide_dir``'s hidden entries (scratch a killed run left) are removed, then ``staging`` replaces it in one rename
+    when it is missing or holds nothing else. A folder that also holds files of someone else's (anything not
+    hidden) keeps them: the files are moved in one by one, ``report.json`` last, so the report still appears only
+    with its outputs. ``root`` as in :func:`remove_stale`.
+
+    Raises:
+        UnsafePathError: ``staging`` or ``slide_dir`` is not inside ``root``.
+    """
+    inside(root, staging)
+    for leftover in staging.glob(".*"):
+        remove_inside(staging, leftover)
     inside(root, slide_dir)
     if slide_dir.is_dir():
         for leftover in slide_dir.glob(".*"):
             remove_inside(slide_dir, leftover)
+    if not slide_dir.is_dir() or not any(slide_dir.iterdir()):
+        os.replace(staging, slide_dir)  # rename(2) over a missing or empty folder is atomic
+        return
+    files = sorted(staging.iterdir(), key=lambda path: path.name == "report.json")
+    for path in files:
+        os.replace(path, slide_dir / path.name)
+    staging.rmdir()
 
 
 def clear_outputs(slide_dir: Path, *, root: Path) -> None:

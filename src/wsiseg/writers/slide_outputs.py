@@ -1,5 +1,6 @@
 """One finished slide, from its store to its files: the report's geometry and counts, the rendered outputs, then
-``report.json`` and the summary row; a slide that fails leaves only its report (``status: failed``).
+``report.json`` and the summary row; a slide that fails leaves only its report (``status: failed``). The files are
+written into a staging folder and appear in the slide folder together (:func:`wsiseg.writers.run_record.publish_slide`).
 
 Plain code, no Lightning: the slide writer calls :func:`write_slide` once per slide, on the rank that writes it.
 """
@@ -9,12 +10,14 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.errors import first_line
+from wsiseg.safe_paths import remove_inside
 from wsiseg.writers.render import OUTPUT_FILES, RenderOptions, render_slide
-from wsiseg.writers.run_record import RunRecord, base_report
+from wsiseg.writers.run_record import RunRecord, base_report, publish_slide, staging_dir
 from wsiseg.writers.stitcher import SlideState
 
 __all__ = ["incomplete_reason", "write_slide"]
@@ -33,6 +36,8 @@ def write_slide(
     blend: str,
     world_size: int,
     batch_size: int | None,
+    root: Path,
+    release: Callable[[], None],
     position: str = "",
     rank: int = 0,
 ) -> str:
@@ -40,8 +45,16 @@ def write_slide(
     (``complete`` or ``failed``). A slide is complete only when every planned tile was predicted with a finite map: a
     tile error recorded in ``state`` (unreadable, NaN/inf out of the network) or a planned tile that never arrived
     fails the slide without rendering (the reason gives the count); a failure while
-    rendering removes whatever was written. The store itself is left to the caller. ``position`` (``2/5``) prefixes
-    the log line of a completed slide; ``rank`` (the DDP rank writing it) goes into the report."""
+    rendering removes whatever was written.
+
+    Everything is written into :func:`~wsiseg.writers.run_record.staging_dir` first; then ``release`` (which frees
+    the slide's store and scratch, inside ``out_dir``) is called and the staged files are published into ``out_dir``
+    at once, so a process killed at any moment leaves a slide folder with all of its files or none. ``root`` is the
+    run folder (every path touched lies inside it). ``position`` (``2/5``) prefixes the log line of a completed
+    slide; ``rank`` (the DDP rank writing it) goes into the report."""
+    staging = staging_dir(out_dir)
+    remove_inside(root, staging)
+    staging.mkdir(parents=True)
     report = base_report(
         slide,
         output_downsample=output_downsample,
@@ -62,7 +75,7 @@ def write_slide(
         fields = render_slide(
             slide,
             state.store,
-            out_dir,
+            staging,
             output_mpp=report["output_mpp"],
             level0_per_mask_px=report["level_downsample"] * output_downsample,
             mpp_level0=report["mpp_level0"],
@@ -72,7 +85,7 @@ def write_slide(
     except Exception as exc:
         report.update(status="failed", error=_reason(exc))
         for name in OUTPUT_FILES:
-            (out_dir / name).unlink(missing_ok=True)
+            (staging / name).unlink(missing_ok=True)
         log.error("slide '%s' failed: %s", slide.path, exc)
     seconds = max(time.perf_counter() - state.started, 1e-9)
     report.update(
@@ -80,7 +93,9 @@ def write_slide(
         patches_per_s=round(len(state.tiles_seen) / seconds, 2),
         finished_at=round(time.time(), 3),  # unix seconds: when this slide's outputs were complete
     )
-    record.write_report(out_dir, report)
+    record.write_report(staging, report)
+    release()
+    publish_slide(staging, out_dir, root=root)
     if report["status"] == "complete":
         log.info(
             "slide %s%s: %d tiles in %.1f s (%.1f patches/s) -> %s",

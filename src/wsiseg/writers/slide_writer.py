@@ -61,7 +61,8 @@ class _HostFigures:
 class SlideWriter(BasePredictionWriter):
     """Stitches tile predictions of ``plan``'s slides into ``output_dir/<slide name>/`` outputs.
 
-    A slide is written (``mask.tif``, ``heatmap.png``, contours, then ``report.json``, each atomically) as soon as all
+    A slide is written (``mask.tif``, ``heatmap.png``, contours and ``report.json``, staged, then published at once:
+    :func:`wsiseg.writers.slide_outputs.write_slide`) as soon as all
     its tiles have arrived (one process) or after the ranks' partial stores are merged (DDP); ``summary.json`` follows
     at the end, and also when the run is interrupted.
 
@@ -345,6 +346,8 @@ class SlideWriter(BasePredictionWriter):
                 batch_size=self._batch_size or None,
                 position=self._position(index),
                 rank=self._distribution.rank,
+                root=self.output_dir,
+                release=lambda: self._stitcher.release(index),
             )
         finally:
             self._stitcher.release(index)
