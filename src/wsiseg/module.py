@@ -131,6 +131,9 @@ class SegmentationModule(pl.LightningModule):
             each transformed back, are averaged after the activation and before the channel reduction.
         mpp: the microns per pixel the network was trained at (None: unknown). The data module reads slides at it
             when ``data.mpp`` is not given (``data.model_mpp`` is bound to it in the configs).
+        stain_reference: the stain the network was trained on (the training set's Macenko stain matrix and maximum
+            concentrations, or Reinhard lαβ mean and std): the data module normalises slides to it with ``data.stain``
+            (``data.stain_reference`` is bound to it in the configs; :mod:`wsiseg.data.stain`).
         mean: per-channel mean on the /255 scale (0.5 for the users' network). None: an ONNX network's sidecar's,
             else 0.5.
         std: per-channel std on the /255 scale (0.5 for the users' network). None: as for ``mean``.
@@ -184,6 +187,7 @@ class SegmentationModule(pl.LightningModule):
         trust_checkpoint: bool = False,
         mpp: float | None = None,
         tta: str = "none",
+        stain_reference: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if tta not in TTA_TRANSFORMS:
@@ -192,6 +196,7 @@ class SegmentationModule(pl.LightningModule):
         if mpp is not None and not mpp > 0:
             raise UserInputError(f"model.mpp must be a positive number of microns per pixel or null, got {mpp}")
         self.mpp = mpp
+        self.stain_reference = stain_reference  # checked by the data module, which uses it
         if output_dtype not in ("float16", "float32"):
             raise UserInputError(f"model.output_dtype must be float16 or float32, got '{output_dtype}'")
         self.output_dtype = getattr(torch, output_dtype)

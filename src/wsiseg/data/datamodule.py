@@ -22,6 +22,7 @@ from wsiseg.data.readers import READERS, TileReader, choose_reader
 from wsiseg.data.resolution import declared_mpps
 from wsiseg.data.sharding import SHARD_MODES
 from wsiseg.data.slide import choose_level, open_slide, slide_mpp
+from wsiseg.data.stain import StainPlan, StainTable
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
 from wsiseg.errors import NoProcessableSlideError, UserInputError
 
@@ -167,6 +168,15 @@ class SlideTileDataModule(pl.LightningDataModule):
         shard: how DDP ranks share the slides: ``slides`` (whole slides per rank, each written by its rank as soon as
             it is done), ``tiles`` (every slide's tiles over all ranks, merged by rank 0 at the end) or ``auto``
             (:mod:`wsiseg.data.sharding`).
+        model_mpp: the model's µm/px (``model.mpp``): the read target when ``mpp`` is None.
+        slide_mpp: level-0 µm/px of the slides, for those without (or with wrong) metadata: a number, or a CSV of
+            slide name -> mpp (:func:`wsiseg.data.resolution.declared_mpps`).
+        stain: stain normalisation, ``none``, ``macenko`` or ``reinhard`` (:mod:`wsiseg.data.stain`): estimated once
+            per slide from its thumbnail's tissue, applied to every tile on the model's device as the batch arrives.
+        stain_reference: the reference in the model config (``model.stain_reference``), None: ``macenko``'s default.
+        stain_reference_image: an image of stained tissue to take the reference from instead.
+        stain_on_failure: a slide whose stain cannot be estimated (too little tissue) runs ``unnormalised`` (with a
+            warning, recorded in its report) or is ``skip``-ped.
 
     Example::
 
@@ -195,6 +205,10 @@ class SlideTileDataModule(pl.LightningDataModule):
         shard: str = "auto",
         model_mpp: float | None = None,
         slide_mpp: float | str | None = None,
+        stain: str = "none",
+        stain_reference: dict[str, Any] | None = None,
+        stain_reference_image: str | None = None,
+        stain_on_failure: str = "unnormalised",
     ) -> None:
         super().__init__()
         if shard not in SHARD_MODES:
@@ -238,6 +252,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         if read_threads is not None and read_threads < 1:
             raise UserInputError(f"data.read_threads must be >= 1 or null (automatic), got {read_threads}")
         self.read_threads = read_threads
+        self.stain = StainPlan.from_options(stain, stain_reference, stain_reference_image, stain_on_failure)
         if reader not in READERS:
             raise UserInputError(f"data.reader must be one of {', '.join(READERS)}; got '{reader}'")
         self.reader = reader
@@ -245,6 +260,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         self._plan: RunPlan | None = None
         self._reader: TileReader | None = None  # chosen once per plan
         self._dataset: SlideTileDataset | None = None
+        self._stain_table: StainTable | None = None  # data.stain's per-slide transforms, by slide index
 
     def plan_slide(self, path: Path, name: str) -> SlideTiles:
         """Open one slide and plan its tiles (level, grid, tissue). Raises UserInputError for unusable slides."""
@@ -281,9 +297,10 @@ class SlideTileDataModule(pl.LightningDataModule):
                 thumbnail = read_thumbnail(slide, self.tissue.thumbnail_max_side)
             except Exception as exc:  # OpenSlide raises its own error for corrupt tiles
                 raise UserInputError(f"slide '{path}' cannot be read (thumbnail failed): {exc}") from None
-            tissue_fraction = 1.0
-            if self.tissue.enabled:
+            tissue_fraction, mask = 1.0, None
+            if self.tissue.enabled or self.stain.enabled:
                 mask = tissue_mask(thumbnail.rgb, self.tissue.min_saturation)
+            if self.tissue.enabled:
                 tissue_fraction = float(mask.mean())
                 fractions = tile_tissue_fractions(
                     mask, thumbnail.downsample, origins, self.patch_size, level.downsample
@@ -303,6 +320,7 @@ class SlideTileDataModule(pl.LightningDataModule):
                 thumbnail=thumbnail,
                 properties={k: v for k, v in slide.properties.items() if k.startswith("openslide.")},
                 identity=slide_identity(path),
+                stain=self.stain.for_slide(path, thumbnail.rgb, mask) if self.stain.enabled else None,
             )
         finally:
             slide.close()
@@ -356,6 +374,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         self._plan = plan
         self._reader = None
         self._dataset = SlideTileDataset(list(plan.slides), self._read_threads())
+        self._stain_table = self.stain.table(plan.slides) if self.stain.enabled else None
 
     @property
     def plan(self) -> RunPlan:
@@ -404,14 +423,18 @@ class SlideTileDataModule(pl.LightningDataModule):
         return self._reader
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Only the pixels go to the device (the reader decodes compressed tiles there); tile indices and errors stay
+        """Only the pixels go to the device (the reader decodes compressed tiles there, then ``data.stain`` normalises
+        them there); tile indices and errors stay
         on the host, so the writer reads them without waiting for the device (a ``.tolist()`` of a CUDA tensor would
         synchronise with the running batch). To CUDA the pixels leave from pinned memory, without blocking: pinned by
         the DataLoader's pin thread (``data.pin_memory``), else here."""
         if isinstance(batch, dict) and ("image" in batch or "jpeg_tiles" in batch):
             if device.type == "cuda":
                 batch = _pinned_pixels(batch)
-            return self.tile_reader.to_device(batch, device)
+            batch = self.tile_reader.to_device(batch, device)
+            if self._stain_table is not None:  # each tile through its slide's transform, on the device
+                batch = {**batch, "image": self._stain_table.apply(batch["image"], batch["slide_index"])}
+            return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _loader_batch_size(self) -> int:

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from wsiseg.data.grid import TileGrid
 from wsiseg.data.slide import SlideLevel, read_rgb
+from wsiseg.data.stain import SlideStain
 from wsiseg.data.tissue import Thumbnail
 
 __all__ = ["SlideTiles", "SlideTileDataset"]
@@ -40,6 +41,7 @@ class SlideTiles:
         mpp_source: where the level-0 µm/px came from: ``slide`` (its metadata), ``override`` (``data.slide_mpp``) or
             None (unknown).
         mpp_target: the option whose µm/px chose the read level (``data.mpp``, ``model.mpp``) or None.
+        stain: the slide's stain transform (``data.stain``; :class:`wsiseg.data.stain.SlideStain`), None without.
     """
 
     path: Path
@@ -55,6 +57,7 @@ class SlideTiles:
     identity: dict[str, Any] = field(default_factory=dict)  # wsiseg.data.plan.slide_identity of the file
     mpp_source: str | None = None  # where the level-0 mpp came from: "slide" (metadata), "override" (data.slide_mpp)
     mpp_target: str | None = None  # the option that chose the read level's mpp: "data.mpp", "model.mpp", or None
+    stain: SlideStain | None = None  # data.stain's transform of this slide's tiles
 
     @property
     def tiles_tissue(self) -> int:

@@ -254,6 +254,7 @@ def base_report(
         "mpp_read_level": level.mpp,
         "mpp_source": slide.mpp_source,
         "mpp_target_source": slide.mpp_target,
+        **({} if slide.stain is None else {"stain": slide.stain.report}),
         "resampled": level.resampled,
         "read_scale": level.scale,
         "source_downsample": level.source_downsample,
