@@ -508,6 +508,12 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             "data.tissue.enabled=false"
         )
     reference = naive_reference(module).to(device)
+    int8 = None
+    if module.runtime == "openvino_int8":  # calibrated on the bench's tiles as a run would; its seconds are reported
+        from wsiseg.int8_runtime import prepare_int8
+
+        threshold = float(OmegaConf.select(cfg, "writer.threshold", default=0.5))
+        int8 = prepare_int8(module, datamodule, module.int8, out_dir, threshold).as_report()
     module.prepare(device.type, planned_tiles=tiles, precision=str(trainer.precision))
     module.to(device).eval()
     batch_size = datamodule.batch_size
@@ -598,6 +604,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     serial_bound = 1 / (1 / read_rate + 1 / model_rate)
     summary = {
         "speedup_optimised_vs_naive": round(optimised / results["naive"].patches_per_s, 3),
+        **_int8_figures(int8, results["optimised"], results["naive"].patches_per_s),
         "pipeline_efficiency": round(optimised / bound, 3),
         "serial_bound_patches_per_s": round(serial_bound, 2),
         "efficiency_vs_serial_bound": round(optimised / serial_bound, 3),
@@ -702,6 +709,18 @@ def run_patch_bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     lines.append(f"speedup batched/naive: {report['summary']['speedup_optimised_vs_naive']:.2f}x")
     print("\n".join(lines))
     return report
+
+
+def _int8_figures(int8: dict[str, Any] | None, optimised: CaseResult, naive_rate: float) -> dict[str, Any]:
+    """``model.runtime=openvino_int8``: the outcome of its calibration and check, and the optimised run's speed-up
+    over the naive loop with the calibration's seconds counted in (what a run of this many tiles costs end to end)."""
+    if int8 is None:
+        return {}
+    with_calibration = optimised.patches / (optimised.seconds + int8["seconds"])
+    return {
+        "int8": int8,
+        "speedup_optimised_with_int8_calibration_vs_naive": round(with_calibration / naive_rate, 3),
+    }
 
 
 def _run_config(cfg: DictConfig, output_dir: Path, slides: list[str] | None = None) -> DictConfig:

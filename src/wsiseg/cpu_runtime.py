@@ -25,7 +25,7 @@ from wsiseg.errors import UserInputError
 
 __all__ = ["RUNTIMES", "TorchOnOpenVino", "choose_runtime"]
 
-RUNTIMES = ("auto", "torch", "openvino")
+RUNTIMES = ("auto", "torch", "openvino", "openvino_int8")
 
 
 def choose_runtime(
@@ -51,12 +51,12 @@ def choose_runtime(
     """
     if requested not in RUNTIMES:
         raise UserInputError(f"model.runtime must be one of {', '.join(RUNTIMES)}; got '{requested}'")
-    if requested == "openvino":
+    if requested in ("openvino", "openvino_int8"):
         if device_type != "cpu":
-            raise UserInputError(f"model.runtime=openvino runs on the CPU; the trainer runs on {device_type}")
+            raise UserInputError(f"model.runtime={requested} runs on the CPU; the trainer runs on {device_type}")
         if not openvino_installed:
-            raise UserInputError("model.runtime=openvino needs OpenVINO: pip install 'openvino>=2026.4.1,<2026.5'")
-        return "openvino", "asked for"
+            raise UserInputError(f"model.runtime={requested} needs OpenVINO: pip install 'openvino>=2026.4.1,<2026.5'")
+        return requested, "asked for"
     if requested == "torch":
         return "torch", "asked for"
     if device_type != "cpu":
@@ -83,11 +83,13 @@ class TorchOnOpenVino(nn.Module):
     Args:
         net: the torch network (weights loaded).
         threads: OpenVINO inference threads; None: torch's thread count.
+        ir: an OpenVINO IR file (``.xml``) of ``net`` to compile instead of exporting it (the INT8 model
+            :mod:`wsiseg.int8_runtime` made of it).
     """
 
-    def __init__(self, net: nn.Module, threads: int | None = None) -> None:
+    def __init__(self, net: nn.Module, threads: int | None = None, ir: Path | None = None) -> None:
         super().__init__()
-        self.net, self.threads = net, threads
+        self.net, self.threads, self.ir = net, threads, ir
         self._compiled: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -96,6 +98,10 @@ class TorchOnOpenVino(nn.Module):
     @property
     def compiled(self) -> Any:
         """The OpenVINO ``CompiledModel`` (exported and compiled on first access)."""
+        if self._compiled is None and self.ir is not None:
+            from wsiseg.openvino_net import compile_for_cpu
+
+            self._compiled = compile_for_cpu(self.ir, threads=self.threads)
         if self._compiled is None:
             from wsiseg.model import network_stride
             from wsiseg.onnx_graph import export_onnx

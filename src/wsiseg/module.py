@@ -14,6 +14,7 @@ from torch import nn
 
 from wsiseg.cpu_runtime import RUNTIMES, TorchOnOpenVino, choose_runtime
 from wsiseg.errors import UserInputError
+from wsiseg.int8_runtime import Int8Options
 from wsiseg.malloc import keep_freed_memory
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
 from wsiseg.openvino_net import openvino_available
@@ -154,6 +155,10 @@ class SegmentationModule(pl.LightningModule):
             :func:`wsiseg.cpu_runtime.choose_runtime` (OpenVINO on float32 CPUs for runs of ``runtime_min_tiles``
             tiles or more, torch elsewhere). Networks that hold their own weights (ONNX files) keep their runtime.
         runtime_min_tiles: tiles a float32-CPU run needs for ``runtime=auto`` to pick OpenVINO.
+            ``runtime=openvino_int8``: INT8 by OpenVINO, quantised by NNCF on the run's own tiles before the first
+            batch by the pipeline (:mod:`wsiseg.int8_runtime`), with ``int8`` (:class:`~wsiseg.int8_runtime.
+            Int8Options`) as its settings.
+        int8: ``model.int8``: calibration and check settings of ``runtime=openvino_int8``.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
             limit of the largest activation); bigger batches are split.
         output_dtype: dtype of the maps sent back to the host (float16 halves the transfer; float32 is exact).
@@ -188,6 +193,7 @@ class SegmentationModule(pl.LightningModule):
         mpp: float | None = None,
         tta: str = "none",
         stain_reference: dict[str, Any] | None = None,
+        int8: Int8Options | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if tta not in TTA_TRANSFORMS:
@@ -197,6 +203,8 @@ class SegmentationModule(pl.LightningModule):
             raise UserInputError(f"model.mpp must be a positive number of microns per pixel or null, got {mpp}")
         self.mpp = mpp
         self.stain_reference = stain_reference  # checked by the data module, which uses it
+        self.int8 = int8 if isinstance(int8, Int8Options) else Int8Options(**dict(int8 or {}))
+        self._given_runtime: str | None = None  # set by use_runtime (model.runtime=openvino_int8)
         if output_dtype not in ("float16", "float32"):
             raise UserInputError(f"model.output_dtype must be float16 or float32, got '{output_dtype}'")
         self.output_dtype = getattr(torch, output_dtype)
@@ -219,10 +227,10 @@ class SegmentationModule(pl.LightningModule):
         if holds_weights(net):  # an ONNX file: its weights and settings are the export's
             from wsiseg.onnx_net import onnx_settings
 
-            if runtime == "openvino":
+            if runtime in ("openvino", "openvino_int8"):
                 raise UserInputError(
-                    "model.runtime=openvino is for torch networks; an ONNX file runs in OpenVINO with "
-                    "model=openvino model.net.path=..."
+                    f"model.runtime={runtime} is for torch networks; an ONNX file runs in OpenVINO with "
+                    "model=openvino model.net.path=... (INT8: wsiseg-export export.quantize=int8)"
                 )
 
             onnx = onnx_settings(
@@ -333,6 +341,14 @@ class SegmentationModule(pl.LightningModule):
                     "README, Deploy) ran 1.3-1.7x the FP32 pipeline on a 2-core AVX2 CPU"
                 )
         self.compiled = False
+        if self._given_runtime is not None:  # use_runtime: already set up (INT8 calibrated on the run's tiles)
+            self.runtime_used = self._given_runtime
+            return
+        if self.runtime_used == "openvino_int8":
+            raise UserInputError(
+                "model.runtime=openvino_int8 calibrates on the run's own tiles: run the module through wsiseg-predict "
+                "or wsiseg.predict (wsiseg.pipeline.assemble), or use model.runtime=openvino"
+            )
         if self.runtime_used == "openvino":
             self._set_openvino(TorchOnOpenVino(self.net))
             self.channels_last = False  # OpenVINO takes a plain NCHW array
@@ -362,6 +378,15 @@ class SegmentationModule(pl.LightningModule):
                 self._set_forward(compiled)
                 self.compiled = True
                 self._inductor_config = compile_options(device_type)
+
+    def use_runtime(self, net: nn.Module, name: str) -> None:
+        """Run the network through ``net`` (an OpenVINO network of :attr:`net`, e.g. the INT8 one
+        :func:`wsiseg.int8_runtime.prepare_int8` made) from now on; ``name`` is what :attr:`runtime_used` reports.
+        :meth:`prepare` keeps it."""
+        self._set_openvino(net)
+        self._given_runtime = self.runtime_used = name
+        self.channels_last, self.compiled = False, False
+        self._set_forward(self.infer_tiles)
 
     def chunk_size(self, batch: torch.Tensor) -> int:
         """Tiles per network call so the largest activation (first block, full resolution) stays under 2**31."""

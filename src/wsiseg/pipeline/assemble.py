@@ -161,6 +161,8 @@ def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = N
         plan = datamodule.plan
     if not slide_mode:
         _refuse_foreign_outputs(outputs.foreign([plan.images[i] for i in plan.todo]), output_dir)
+    if not prepared and str(cfg.model.get("runtime")) == "openvino_int8":
+        provenance = {**provenance, "int8": _quantise_for_run(cfg, module, datamodule, slide_mode, output_dir)}
     writer = instantiate(cfg.writer, _partial_=True)(plan=plan, run_config=run_config, provenance=provenance)
     # slide mode: the data module hands each DDP rank its share itself (data.shard), so Lightning's sampler stays out
     callbacks: list[Any] = [writer]
@@ -190,6 +192,31 @@ def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = N
         for _, name in plan.resumed:  # kept masks: other post-processing options are applied to them, no network
             refresh(output_dir / name, render, run_config)
     return Assembly(datamodule, module, writer, trainer, slide_mode)
+
+
+def _quantise_for_run(
+    cfg: DictConfig, module: Any, datamodule: Any, slide_mode: bool, output_dir: Path
+) -> dict[str, Any] | None:
+    """``model.runtime=openvino_int8``: quantise the network on the planned tiles and hand the module its runtime
+    (:func:`wsiseg.int8_runtime.prepare_int8`); returns the outcome for the reports (None: no tile to predict).
+
+    Raises:
+        UserInputError: patch mode, or a trainer that does not run on the CPU.
+    """
+    if not slide_mode:
+        raise UserInputError(
+            "model.runtime=openvino_int8 calibrates on the run's slide tiles (slide mode); for data=patches export an "
+            "INT8 network (wsiseg-export export.format=openvino export.quantize=int8) and run it with model=openvino"
+        )
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
+    if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
+        raise UserInputError("model.runtime=openvino_int8 runs on the CPU: add trainer=cpu (or trainer=ddp_cpu)")
+    if datamodule.plan.tiles == 0:
+        return None
+    from wsiseg.int8_runtime import prepare_int8
+
+    threshold = float(OmegaConf.select(cfg, "writer.threshold", default=0.5))
+    return prepare_int8(module, datamodule, module.int8, output_dir, threshold).as_report()
 
 
 def _refuse_foreign_outputs(foreign: list[Path], output_dir: Path) -> None:

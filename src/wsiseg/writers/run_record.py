@@ -54,7 +54,7 @@ _RUN_ONLY = {
         "shard",
     },
     "writer": {"output_dir", "write_workers", "blend_thread", "cache_mb", "mask"},
-    "model": {"compile", "compile_min_tiles", "runtime", "runtime_min_tiles"},
+    "model": {"compile", "compile_min_tiles", "runtime", "runtime_min_tiles", "int8"},
 }
 
 
@@ -77,10 +77,13 @@ def config_hash(config: dict[str, Any] | None, extra: dict[str, Any] | None = No
     for section in ("model", "data", "writer"):
         value = config.get(section)
         if isinstance(value, dict):
+            # INT8 changes the maps: model.runtime=openvino_int8 and its settings count then
+            int8 = section == "model" and value.get("runtime") == "openvino_int8"
             value = {
                 k: v
                 for k, v in value.items()
-                if k not in _RUN_ONLY[section] and not (section == "writer" and k in post)
+                if (k not in _RUN_ONLY[section] or (int8 and k in ("runtime", "int8")))
+                and not (section == "writer" and k in post)
             }
         relevant[section] = value
     trainer = config.get("trainer")
