@@ -46,7 +46,7 @@ def test_choose_runtime_rule(
     [
         ("openvino", "cuda", True, "model.runtime=openvino runs on the CPU; the trainer runs on cuda"),
         ("openvino", "cpu", False, "model.runtime=openvino needs OpenVINO"),
-        ("tensorrt", "cpu", True, "model.runtime must be one of auto, torch, openvino; got 'tensorrt'"),
+        ("tensorrt", "cpu", True, "model.runtime must be one of auto, torch, openvino, openvino_int8; got 'tensorrt'"),
     ],
 )
 def test_choose_runtime_refuses(requested: str, device: str, installed: bool, message: str) -> None:
