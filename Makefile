@@ -1,9 +1,11 @@
 # make demo  — set up .venv if missing, then run the main job on a generated demo slide with the demo model
-# make test  — set up, then run the whole test suite
+# make test  — set up, then run the whole test suite (TEST_WORKERS processes, default one per core up to 4)
 # make lint  — ruff
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := outputs/demo
+# test processes (pytest-xdist): one per core, at most 4 (each imports torch; most tests start interpreters)
+TEST_WORKERS ?= $(shell python3 -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 
 .PHONY: setup demo test lint clean
 
@@ -24,7 +26,7 @@ demo: setup
 
 test: setup
 	bash scripts/ensure_chromium.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: setup
 	$(VENV)/bin/ruff check src tests scripts

@@ -11,8 +11,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SLIDES = Path(os.environ.get("WSISEG_SHARED_SLIDES", REPO.parent / "shared" / "slides"))
 
-# Tests run on 2 CPU cores: keep torch from oversubscribing next to DataLoader workers.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests run on 2 CPU cores: keep torch from oversubscribing next to DataLoader workers, and next to the other test
+# processes (pytest-xdist: ``make test`` runs one per core), whose threads share the same cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def shared_slide(name: str) -> Path:
