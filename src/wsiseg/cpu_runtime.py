@@ -15,6 +15,7 @@ The choice and its reason are logged. ``model.runtime=torch`` / ``openvino`` for
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,38 @@ from torch import nn
 
 from wsiseg.errors import UserInputError
 
-__all__ = ["RUNTIMES", "TorchOnOpenVino", "choose_runtime"]
+__all__ = ["RUNTIMES", "Int8Options", "TorchOnOpenVino", "choose_runtime"]
 
 RUNTIMES = ("auto", "torch", "openvino", "openvino_int8")
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """``model.int8.*``.
+
+    Attributes:
+        calibration_tiles: tissue tiles the activation ranges are measured on.
+        check_tiles: other tissue tiles of the run the INT8 network is compared with FP32 on.
+        seed: the sampling seed.
+        dice_floor: INT8 vs FP32 Dice (masks at ``writer.threshold``) under which the run uses FP32.
+        cache_dir: where quantised networks are kept between runs; None: ``<run folder>/.int8`` (a resumed run
+            reuses it; point several runs at one folder to share it).
+    """
+
+    calibration_tiles: int = 64
+    check_tiles: int = 32
+    seed: int = 0
+    dice_floor: float = 0.99
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        """Raises UserInputError naming the ``model.int8.*`` key out of range."""
+        if not isinstance(self.calibration_tiles, int) or self.calibration_tiles < 1:
+            raise UserInputError(f"model.int8.calibration_tiles must be >= 1, got {self.calibration_tiles}")
+        if not isinstance(self.check_tiles, int) or self.check_tiles < 1:
+            raise UserInputError(f"model.int8.check_tiles must be >= 1, got {self.check_tiles}")
+        if isinstance(self.dice_floor, bool) or not 0.0 <= float(self.dice_floor) <= 1.0:
+            raise UserInputError(f"model.int8.dice_floor must be in [0, 1], got {self.dice_floor}")
 
 
 def choose_runtime(

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsiseg.cpu_runtime import RUNTIMES, TorchOnOpenVino, choose_runtime
+from wsiseg.cpu_runtime import RUNTIMES, Int8Options, TorchOnOpenVino, choose_runtime
 from wsiseg.errors import UserInputError
-from wsiseg.int8_runtime import Int8Options
 from wsiseg.malloc import keep_freed_memory
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
 from wsiseg.openvino_net import openvino_available
@@ -156,7 +155,7 @@ class SegmentationModule(pl.LightningModule):
             tiles or more, torch elsewhere). Networks that hold their own weights (ONNX files) keep their runtime.
         runtime_min_tiles: tiles a float32-CPU run needs for ``runtime=auto`` to pick OpenVINO.
             ``runtime=openvino_int8``: INT8 by OpenVINO, quantised by NNCF on the run's own tiles before the first
-            batch by the pipeline (:mod:`wsiseg.int8_runtime`), with ``int8`` (:class:`~wsiseg.int8_runtime.
+            batch by the pipeline (:mod:`wsiseg.int8_runtime`), with ``int8`` (:class:`~wsiseg.cpu_runtime.
             Int8Options`) as its settings.
         int8: ``model.int8``: calibration and check settings of ``runtime=openvino_int8``.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
