@@ -188,9 +188,9 @@ def naive_reference(module: SegmentationModule) -> torch.nn.Module:
     """
     if not holds_weights(module.net):
         return copy.deepcopy(module.net).eval()
-    from wsiseg.export import sha256_file
     from wsiseg.model import load_checkpoint
     from wsiseg.onnx_net import sidecar_path
+    from wsiseg.provenance import sha256_file
 
     sidecar = sidecar_path(Path(str(module.net.path)).expanduser().absolute())
     try:

@@ -24,7 +24,6 @@ The weights must be trained ones: ``model.checkpoint=random`` is refused; a netw
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import tempfile
@@ -58,6 +57,7 @@ from wsiseg.onnx_graph import (
 from wsiseg.onnx_net import OnnxRuntimeNet, sidecar_path
 from wsiseg.openvino_net import ir_weights_path
 from wsiseg.options import check_option_types
+from wsiseg.provenance import sha256_file
 from wsiseg.quantize import NNCF_MISSING, nncf_available
 
 __all__ = [
@@ -109,15 +109,6 @@ def _check_output_path(path: str | Path, option: str = "export.path") -> Path:
             f"{option} '{path}': folder '{folder}' is not writable ({exc.strerror}): choose a writable folder"
         ) from None
     return path
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:

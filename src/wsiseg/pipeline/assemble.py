@@ -299,7 +299,7 @@ def run_provenance(cfg: DictConfig) -> dict[str, Any]:
     import lightning
 
     from wsiseg._version import __version__
-    from wsiseg.export import sha256_file
+    from wsiseg.provenance import sha256_file
 
     model = cfg.model
     weights = model.net.get("path") if holds_weights(get_class(model.net._target_)) else model.get("checkpoint")
