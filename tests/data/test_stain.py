@@ -206,7 +206,7 @@ def test_a_stain_shifted_slide_normalises_onto_the_unshifted_one_without_seams(t
         normalised.append(np.abs(na.astype(int) - nb.astype(int))[tissue])
     raw_d, norm_d = np.concatenate(raw), np.concatenate(normalised)
     # stated tolerance: the normalised slides differ by <= 8 levels on average and <= 20 at the 99th percentile over
-    # tissue, and by less than 40 % of the raw difference (measured: 18.4 -> 5.6 mean, 58 -> 12 p99)
+    # tissue, and by less than 40 % of the raw difference (measured: 18.6 -> 2.6 mean, 58 -> 10 p99, 30 tiles)
     assert norm_d.mean() <= 8 and np.percentile(norm_d, 99) <= 20, (norm_d.mean(), np.percentile(norm_d, 99))
     assert norm_d.mean() < 0.4 * raw_d.mean(), (norm_d.mean(), raw_d.mean())
     # no per-tile estimate: a pixel two tiles share (overlap 64) is normalised to the same value in both
