@@ -53,7 +53,7 @@ from wsiseg.data.slide import read_rgb
 from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 from wsiseg.errors import UserInputError
 from wsiseg.model import has_fixed_weights, holds_weights
-from wsiseg.module import SegmentationModule
+from wsiseg.module import SegmentationModule, apply_activation
 from wsiseg.options import check_option_types
 from wsiseg.pipeline.assemble import assemble
 from wsiseg.quantize import dice
@@ -274,11 +274,7 @@ def precision_agreement(
         with trainer.precision_plugin.forward_context():
             mixed = module(tiles).float()
         x = module.normalise(tiles)
-        fp32 = reference(x).float()
-        if module.activation == "sigmoid":
-            fp32 = torch.sigmoid(fp32)
-        elif module.activation == "softmax":
-            fp32 = torch.softmax(fp32, dim=1)
+        fp32 = apply_activation(reference(x).float(), module.activation)
         fp32 = fp32.amax(dim=1, keepdim=True) if module.reduction == "max" else fp32[:, module.channel_index :][:, :1]
         if module.output_downsample > 1:
             fp32 = torch.nn.functional.avg_pool2d(fp32, module.output_downsample)

@@ -44,6 +44,7 @@ from wsiseg.cli import exit_if_overrides_bad, exit_if_run_dir_unusable, user_err
 from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
+from wsiseg.module import apply_activation
 from wsiseg.onnx_graph import (
     INPUT_NAME,
     MIN_OPSET,
@@ -109,15 +110,6 @@ def _check_output_path(path: str | Path, option: str = "export.path") -> Path:
             f"{option} '{path}': folder '{folder}' is not writable ({exc.strerror}): choose a writable folder"
         ) from None
     return path
-
-
-def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """``none`` | ``sigmoid`` | ``softmax`` (over channels), as ``SegmentationModule`` applies it."""
-    if activation == "sigmoid":
-        return torch.sigmoid(y)
-    if activation == "softmax":
-        return torch.softmax(y, dim=1)
-    return y
 
 
 # -- TorchScript -------------------------------------------------------------------------------------------------

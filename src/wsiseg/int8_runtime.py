@@ -86,16 +86,6 @@ def _network_input(datamodule: Any, module: Any, indices: list[int]) -> np.ndarr
         return module.normalise(batch["image"]).numpy()
 
 
-def _probabilities(compiled: Any, x: np.ndarray, module: Any) -> np.ndarray:
-    """The run's probabilities (activation, then its channel reduction; ``none``: the channel maximum) of the OpenVINO
-    network ``compiled`` on ``x``, one tile at a time."""
-    maps = []
-    for i in range(len(x)):
-        y = module._activate(torch.from_numpy(np.asarray(compiled(x[i : i + 1])[0], np.float32)))
-        maps.append(y[:, module.channel_index] if module.reduction == "channel" else y.amax(dim=1))
-    return torch.cat(maps).numpy()
-
-
 def prepare_int8(module: Any, datamodule: Any, options: Int8Options, run_dir: Path, threshold: float) -> Int8Outcome:
     """Quantise (or load from the cache) ``module``'s torch network for this run, check it, and give ``module`` the
     runtime to use (:meth:`wsiseg.module.SegmentationModule.use_runtime`).
@@ -114,7 +104,7 @@ def prepare_int8(module: Any, datamodule: Any, options: Int8Options, run_dir: Pa
     from wsiseg.model import network_stride
     from wsiseg.onnx_graph import export_onnx
     from wsiseg.openvino_net import compile_for_cpu, move_ir, openvino_core, save_ir
-    from wsiseg.quantize import NNCF_MISSING, dice, nncf_available, quantize_int8_nncf
+    from wsiseg.quantize import NNCF_MISSING, dice, nncf_available, probabilities, quantize_int8_nncf
 
     started = time.perf_counter()
     if not nncf_available():
@@ -165,8 +155,9 @@ def prepare_int8(module: Any, datamodule: Any, options: Int8Options, run_dir: Pa
         else:
             log.info("model.runtime=openvino_int8: the INT8 network in %s (no calibration)", ir)
         x = _network_input(datamodule, module, check_idx)
-        a = _probabilities(compile_for_cpu(fp32), x, module)
-        b = _probabilities(openvino_core().compile_model(str(ir), "CPU"), x, module)
+        head = (module.activation, module.reduction, module.channel_index)
+        a = probabilities(compile_for_cpu(fp32), x, *head)
+        b = probabilities(openvino_core().compile_model(str(ir), "CPU"), x, *head)
     agreement = dice(a >= threshold, b >= threshold)
     difference = np.abs(a - b)
     used = "openvino_int8" if agreement >= options.dice_floor else "openvino"

@@ -18,7 +18,15 @@ from wsiseg.malloc import keep_freed_memory
 from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
 from wsiseg.openvino_net import openvino_available
 
-__all__ = ["SegmentationModule", "ACTIVATIONS", "REDUCTIONS", "RANDOM_WEIGHTS", "FIXED_WEIGHTS", "step_outputs"]
+__all__ = [
+    "SegmentationModule",
+    "ACTIVATIONS",
+    "REDUCTIONS",
+    "apply_activation",
+    "RANDOM_WEIGHTS",
+    "FIXED_WEIGHTS",
+    "step_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +96,16 @@ def check_head(channels: int, activation: str | None, reduction: str, channel_in
             f"model.activation=softmax but the network{where} outputs {channels} channel: softmax over one channel is "
             "1 everywhere (every pixel tumour); use model.activation=sigmoid for a 1-channel logit network, or none"
         )
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """``none`` | ``sigmoid`` | ``softmax`` (over channels) of a network's raw output: how the module turns it into
+    probabilities, and how export verification and the INT8 checks do too."""
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    if activation == "softmax":
+        return torch.softmax(y, dim=1)
+    return y
 
 
 def step_outputs(batch: dict[str, Any], probs: torch.Tensor, finite: torch.Tensor | None = None) -> dict[str, Any]:
@@ -412,7 +430,7 @@ class SegmentationModule(pl.LightningModule):
         passes = []
         for dims, swap in TTA_TRANSFORMS[self.tta]:  # each pass's probabilities transformed back onto the tile
             t = torch.flip(x, dims) if dims else x
-            y = self._activate(net(t.transpose(2, 3) if swap else t).float())
+            y = apply_activation(net(t.transpose(2, 3) if swap else t).float(), self.activation)
             y = y.transpose(2, 3) if swap else y
             passes.append(torch.flip(y, dims) if dims else y)
         while len(passes) > 1:  # a pairwise sum: equal passes average to themselves exactly (2, 4, 8 terms)
@@ -424,13 +442,6 @@ class SegmentationModule(pl.LightningModule):
             y = y[:, self.channel_index : self.channel_index + 1]
         if self.output_downsample > 1:
             y = F.avg_pool2d(y, self.output_downsample)
-        return y
-
-    def _activate(self, y: torch.Tensor) -> torch.Tensor:
-        if self.activation == "sigmoid":
-            return torch.sigmoid(y)
-        if self.activation == "softmax":
-            return torch.softmax(y, dim=1)
         return y
 
     def _call_network(self, images: torch.Tensor) -> torch.Tensor:

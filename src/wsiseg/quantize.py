@@ -42,6 +42,7 @@ __all__ = [
     "quantize_int8_nncf",
     "nncf_available",
     "NNCF_MISSING",
+    "probabilities",
     "sample_tissue_tiles",
 ]
 
@@ -209,14 +210,19 @@ class Int8Agreement:
         )
 
 
-def _probabilities(compiled: Any, x: np.ndarray, activation: str) -> np.ndarray:
-    outs = [np.asarray(compiled(x[i : i + 1])[0], np.float32) for i in range(len(x))]
-    y = torch.from_numpy(np.concatenate(outs))
-    if activation == "sigmoid":
-        y = torch.sigmoid(y)
-    elif activation == "softmax":
-        y = torch.softmax(y, dim=1)
-    return y.amax(dim=1).numpy()
+def probabilities(
+    compiled: Any, x: np.ndarray, activation: str, reduction: str = "max", channel_index: int = 0
+) -> np.ndarray:
+    """(N, H, W) probabilities of the OpenVINO network ``compiled`` on the normalised batch ``x``, one tile at a time:
+    its output through ``activation`` (:func:`wsiseg.module.apply_activation`), then channel ``channel_index`` for
+    ``reduction="channel"``, else the channel maximum."""
+    from wsiseg.module import apply_activation
+
+    maps = []
+    for i in range(len(x)):
+        y = apply_activation(torch.from_numpy(np.asarray(compiled(x[i : i + 1])[0], np.float32)), activation)
+        maps.append(y[:, channel_index] if reduction == "channel" else y.amax(dim=1))
+    return torch.cat(maps).numpy()
 
 
 def dice(a: Any, b: Any) -> float:
@@ -233,8 +239,8 @@ def int8_agreement(
     from wsiseg.openvino_net import compile_for_cpu
 
     x = held_out.normalised(mean, std)
-    a = _probabilities(compile_for_cpu(fp32), x, activation)
-    b = _probabilities(compile_for_cpu(int8), x, activation)
+    a = probabilities(compile_for_cpu(fp32), x, activation)
+    b = probabilities(compile_for_cpu(int8), x, activation)
     ma, mb = a >= 0.5, b >= 0.5
     slides = np.array([slide for slide, _, _ in held_out.origins])
     per_slide = {str(s): round(dice(ma[slides == s], mb[slides == s]), 6) for s in sorted(set(slides))}
