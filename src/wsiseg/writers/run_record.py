@@ -150,9 +150,14 @@ def remove_leftovers(slide_dir: Path, *, root: Path) -> None:
     (``resume=true``). ``root`` as in :func:`remove_stale`."""
     inside(root, slide_dir)
     remove_inside(root, staging_dir(slide_dir))
-    if slide_dir.is_dir():
-        for leftover in slide_dir.glob(".*"):
-            remove_inside(slide_dir, leftover)
+    _remove_hidden(slide_dir)
+
+
+def _remove_hidden(folder: Path) -> None:
+    """Remove the hidden entries of ``folder`` (each checked to lie inside it), if it exists."""
+    if folder.is_dir():
+        for leftover in folder.glob(".*"):
+            remove_inside(folder, leftover)
 
 
 def staging_dir(slide_dir: Path) -> Path:
@@ -175,12 +180,9 @@ def publish_slide(staging: Path, slide_dir: Path, *, root: Path) -> None:
         UnsafePathError: ``staging`` or ``slide_dir`` is not inside ``root``.
     """
     inside(root, staging)
-    for leftover in staging.glob(".*"):
-        remove_inside(staging, leftover)
     inside(root, slide_dir)
-    if slide_dir.is_dir():
-        for leftover in slide_dir.glob(".*"):
-            remove_inside(slide_dir, leftover)
+    _remove_hidden(staging)
+    _remove_hidden(slide_dir)
     if not slide_dir.is_dir() or not any(slide_dir.iterdir()):
         os.replace(staging, slide_dir)  # rename(2) over a missing or empty folder is atomic
         return

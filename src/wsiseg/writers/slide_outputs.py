@@ -48,53 +48,55 @@ def write_slide(
     rendering removes whatever was written.
 
     Everything is written into :func:`~wsiseg.writers.run_record.staging_dir` first; then ``release`` (which frees
-    the slide's store and scratch, inside ``out_dir``) is called and the staged files are published into ``out_dir``
-    at once, so a process killed at any moment leaves a slide folder with all of its files or none. ``root`` is the
-    run folder (every path touched lies inside it). ``position`` (``2/5``) prefixes the log line of a completed
-    slide; ``rank`` (the DDP rank writing it) goes into the report."""
-    staging = staging_dir(out_dir)
-    remove_inside(root, staging)
-    staging.mkdir(parents=True)
-    report = base_report(
-        slide,
-        output_downsample=output_downsample,
-        blend=blend,
-        tiles_processed=len(state.tiles_seen),
-        tiles_duplicated=state.duplicates,
-        tiles_per_rank=state.tiles_per_rank,
-        world_size=world_size,
-        batch_size=batch_size,
-    )
-    report["rank"] = rank
-    report["store"] = state.store.stats()  # evictions and reloads of its chunk cache (a thrashing cache shows here)
+    the slide's store and scratch, inside ``out_dir``) is called, once, also when writing raised, and the staged files
+    are published into ``out_dir`` at once, so a process killed at any moment leaves a slide folder with all of its
+    files or none. ``root`` is the run folder (every path touched lies inside it). ``position`` (``2/5``) prefixes the
+    log line of a completed slide; ``rank`` (the DDP rank writing it) goes into the report."""
     try:
-        if state.error:
-            raise RuntimeError(state.error)
-        if len(state.tiles_seen) != slide.tiles_tissue:
-            raise RuntimeError(incomplete_reason(len(state.tiles_seen), slide.tiles_tissue))
-        fields = render_slide(
+        staging = staging_dir(out_dir)
+        remove_inside(root, staging)
+        staging.mkdir(parents=True)
+        report = base_report(
             slide,
-            state.store,
-            staging,
-            output_mpp=report["output_mpp"],
-            level0_per_mask_px=report["level_downsample"] * output_downsample,
-            mpp_level0=report["mpp_level0"],
-            options=render,
+            output_downsample=output_downsample,
+            blend=blend,
+            tiles_processed=len(state.tiles_seen),
+            tiles_duplicated=state.duplicates,
+            tiles_per_rank=state.tiles_per_rank,
+            world_size=world_size,
+            batch_size=batch_size,
         )
-        report.update(fields, status="complete")
-    except Exception as exc:
-        report.update(status="failed", error=_reason(exc))
-        for name in OUTPUT_FILES:
-            (staging / name).unlink(missing_ok=True)
-        log.error("slide '%s' failed: %s", slide.path, exc)
-    seconds = max(time.perf_counter() - state.started, 1e-9)
-    report.update(
-        wall_time_s=round(seconds, 3),
-        patches_per_s=round(len(state.tiles_seen) / seconds, 2),
-        finished_at=round(time.time(), 3),  # unix seconds: when this slide's outputs were complete
-    )
-    record.write_report(staging, report)
-    release()
+        report["rank"] = rank
+        report["store"] = state.store.stats()  # evictions and reloads of its chunk cache (a thrashing cache shows here)
+        try:
+            if state.error:
+                raise RuntimeError(state.error)
+            if len(state.tiles_seen) != slide.tiles_tissue:
+                raise RuntimeError(incomplete_reason(len(state.tiles_seen), slide.tiles_tissue))
+            fields = render_slide(
+                slide,
+                state.store,
+                staging,
+                output_mpp=report["output_mpp"],
+                level0_per_mask_px=report["level_downsample"] * output_downsample,
+                mpp_level0=report["mpp_level0"],
+                options=render,
+            )
+            report.update(fields, status="complete")
+        except Exception as exc:
+            report.update(status="failed", error=_reason(exc))
+            for name in OUTPUT_FILES:
+                (staging / name).unlink(missing_ok=True)
+            log.error("slide '%s' failed: %s", slide.path, exc)
+        seconds = max(time.perf_counter() - state.started, 1e-9)
+        report.update(
+            wall_time_s=round(seconds, 3),
+            patches_per_s=round(len(state.tiles_seen) / seconds, 2),
+            finished_at=round(time.time(), 3),  # unix seconds: when this slide's outputs were complete
+        )
+        record.write_report(staging, report)
+    finally:  # the store goes whatever happens; only then can the staged files replace the folder
+        release()
     publish_slide(staging, out_dir, root=root)
     if report["status"] == "complete":
         log.info(

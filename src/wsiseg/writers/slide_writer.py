@@ -333,24 +333,21 @@ class SlideWriter(BasePredictionWriter):
         if index in self._finished:
             return
         started, cpu = time.perf_counter(), time.thread_time()
-        try:
-            write_slide(
-                self.plan.slides[index],
-                self._stitcher.state(index),
-                self._stitcher.slide_dir(index),
-                self.record,
-                self.render,
-                output_downsample=self.output_downsample,
-                blend=self.store.blend,
-                world_size=self._distribution.world,
-                batch_size=self._batch_size or None,
-                position=self._position(index),
-                rank=self._distribution.rank,
-                root=self.output_dir,
-                release=lambda: self._stitcher.release(index),
-            )
-        finally:
-            self._stitcher.release(index)
+        write_slide(  # it releases the slide's store, whatever happens
+            self.plan.slides[index],
+            self._stitcher.state(index),
+            self._stitcher.slide_dir(index),
+            self.record,
+            self.render,
+            output_downsample=self.output_downsample,
+            blend=self.store.blend,
+            world_size=self._distribution.world,
+            batch_size=self._batch_size or None,
+            position=self._position(index),
+            rank=self._distribution.rank,
+            root=self.output_dir,
+            release=lambda: self._stitcher.release(index),
+        )
         self._host.finalise_s.append(time.perf_counter() - started)
         self._host.finalise_cpu_s += time.thread_time() - cpu
         self._finished.add(index)  # only now: interrupted while writing, the slide counts as unfinished
