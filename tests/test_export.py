@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from conftest import shared_slide
+from tests.conftest import shared_slide
 from wsiseg.config import config_dir
 from wsiseg.errors import UserInputError
 from wsiseg.export import (

@@ -21,7 +21,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conftest import shared_slide
+from tests.conftest import shared_slide
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.grid import TileGrid
 from wsiseg.data.patches import PatchFolderDataModule, PatchPlan, list_images, plan_batches, plan_pieces
