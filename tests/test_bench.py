@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wsiseg.config import cpu_precision
+from wsiseg.hardware import cpu_precision
 
 SMALL_SLIDE_BENCH = [
     "trainer=cpu",

@@ -13,9 +13,9 @@ import torch
 
 from tests.conftest import shared_slide
 from tests.helpers import predict
-from wsiseg.config import cpu_precision
 from wsiseg.cpu_runtime import TorchOnOpenVino, choose_runtime
 from wsiseg.errors import UserInputError
+from wsiseg.hardware import cpu_precision
 from wsiseg.model import Unet
 from wsiseg.module import SegmentationModule
 from wsiseg.openvino_net import openvino_available

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from wsiseg.config import cpu_precision
 from wsiseg.errors import UserInputError
+from wsiseg.hardware import cpu_precision
 from wsiseg.model import ProbeNet, Unet, load_checkpoint
 from wsiseg.module import SegmentationModule
 
@@ -140,7 +140,7 @@ def test_compiled_network_pads_short_batches_instead_of_recompiling() -> None:
     torch.testing.assert_close(short, full[:3])
 
 
-# What each CPU runs by default (wsiseg.config.cpu_precision) and the tolerances against the FP32 eager network:
+# What each CPU runs by default (wsiseg.hardware.cpu_precision) and the tolerances against the FP32 eager network:
 # bf16's where oneDNN runs bfloat16 (measured max |dp| 0.058, mean 0.0005, 0.03 % of mask pixels flipped — the same as
 # eager bf16 autocast on these tiles), FP32 reassociation error elsewhere.
 _CPU_PRECISIONS = [

@@ -74,7 +74,7 @@ def test_auto_reader_chooses_jpeg_tiles_when_cuda_is_visible(monkeypatch: pytest
 )
 def test_default_workers(device_type: str, cores: int, workers: int) -> None:
     """data.num_workers=null: every core but one on GPU runs (no cap), a quarter of the cores up to 8 on CPU."""
-    from wsiseg.config import default_workers
+    from wsiseg.hardware import default_workers
 
     assert default_workers(device_type, cores) == workers
 

@@ -14,7 +14,6 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from wsiseg.config import default_workers, usable_cores
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
 from wsiseg.data.grid import TileGrid, check_patch_size
 from wsiseg.data.plan import RunPlan, output_names, slide_identity
@@ -25,6 +24,7 @@ from wsiseg.data.slide import choose_level, open_slide, slide_mpp
 from wsiseg.data.stain import StainPlan, StainTable
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
 from wsiseg.errors import NoProcessableSlideError, UserInputError
+from wsiseg.hardware import default_workers, usable_cores
 
 __all__ = ["SlideTileDataModule", "TissueOptions", "expand_slide_paths", "slides_in_folder"]
 
@@ -148,7 +148,7 @@ class SlideTileDataModule(pl.LightningDataModule):
             memory, in whole network chunks (2 on CPUs). Resolved by the entry point
             (:func:`wsiseg.batch_size.resolve_batch_size`).
         num_workers: DataLoader worker processes (each holds its own OpenSlide handles); None: the config default
-            (:func:`wsiseg.config.default_workers`: every core but one on GPU machines).
+            (:func:`wsiseg.hardware.default_workers`: every core but one on GPU machines).
         pin_memory: pin host batches in the DataLoader's pin thread (only takes effect with CUDA); when off, the
             device hook pins each batch's pixels itself just before the copy: copies to CUDA are always non-blocking
             copies out of pinned memory, so the host never waits for them.

@@ -40,8 +40,8 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
-from wsiseg.config import usable_cores
 from wsiseg.errors import first_line
+from wsiseg.hardware import usable_cores
 
 __all__ = [
     "COLOUR_RGB",

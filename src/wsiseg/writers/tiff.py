@@ -12,7 +12,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from wsiseg.config import usable_cores
+from wsiseg.hardware import usable_cores
 
 __all__ = [
     "ASAP_COMPRESSIONS",

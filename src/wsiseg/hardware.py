@@ -1,0 +1,64 @@
+"""What this machine offers a run: the CPU's precision, cores for readers, writers and threads.
+
+Plain functions read by the config resolvers (:mod:`wsiseg.config`), the data module and the TIFF writer; nothing here
+imports Hydra or Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["cpu_precision", "default_precision", "default_workers", "spare_cores", "usable_cores"]
+
+
+def cpu_precision() -> str:
+    """The Lightning precision CPU runs use: ``bf16-mixed`` where oneDNN runs bfloat16 (AVX-512 or Arm BF16 CPUs),
+    else ``32-true`` (elsewhere bfloat16 convolutions fall back to slow reference kernels). Spelled as Lightning
+    reports ``trainer.precision``, so the config, the report and the trainer agree."""
+    import torch
+
+    try:
+        bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return "bf16-mixed" if bf16 else "32-true"
+
+
+def default_precision() -> str:
+    """``trainer.precision`` when not given: ``16-mixed`` where a CUDA device is visible, else :func:`cpu_precision`
+    (Lightning would turn 16-mixed into bf16-mixed on CPU with a warning; say what each device really runs)."""
+    import torch
+
+    return "16-mixed" if torch.cuda.is_available() else cpu_precision()
+
+
+def default_workers(device_type: str | None = None, cores: int | None = None) -> int:
+    """DataLoader workers when ``data.num_workers`` is not given, for a run on ``device_type`` (``cuda``, ``cpu``;
+    None: CUDA when a device is visible) on a machine of ``cores`` cores (None: this one's).
+
+    GPU runs: every core but one, without a cap (the main process feeds the GPU; reading and decoding tiles is what
+    holds a GPU run back, so every other core reads). CPU-only runs: a quarter of the cores, at most 8 (the network's
+    threads use the cores).
+    """
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    cores = cores or os.cpu_count() or 2
+    if device_type != "cpu":
+        return max(1, cores - 1)
+    # On CPU the network's threads use every core: a reader process only competes with them (on 2 cores one worker was
+    # slower than reading in the main process). Workers pay off from 4 cores up.
+    return min(8, cores // 4)
+
+
+def usable_cores(limit: int = 8) -> int:
+    """This machine's cores, 1 to ``limit``: threads for work the main process spreads over every core (reading a
+    batch's tiles, decoding JPEG tiles, encoding TIFF tiles)."""
+    return max(1, min(limit, os.cpu_count() or 1))
+
+
+def spare_cores() -> int:
+    """Cores but one, 1 to 8: patch-writer threads (PNG encoding + heatmap rendering, which overlaps the network on
+    any machine)."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
