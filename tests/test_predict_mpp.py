@@ -17,7 +17,7 @@ from tests.conftest import shared_slide
 from tests.data.test_resample import reference_resample, resample_whole
 from tests.helpers import assert_matches_rounded, block_mean, predict
 from wsiseg.data.datamodule import SlideTileDataModule
-from wsiseg.data.jpeg_dataset import plan_layouts
+from wsiseg.data.readers.jpeg.dataset import plan_layouts
 from wsiseg.data.slide import rgba_to_rgb
 from wsiseg.errors import UserInputError
 

@@ -80,8 +80,8 @@ class OpenSlideReader:
 @dataclass(frozen=True)
 class JpegTileReader:
     """Workers read compressed JPEG tiles (one layout per slide, None: that slide is read by OpenSlide) and the
-    device decodes them (:func:`wsiseg.data.jpeg_tiles.decode_batch`); ``colour_checked`` remembers, for this reader's
-    run, which colour kinds nvJPEG decodes like libjpeg."""
+    device decodes them (:func:`wsiseg.data.readers.jpeg.decode.decode_batch`); ``colour_checked`` remembers, for
+    this reader's run, which colour kinds nvJPEG decodes like libjpeg."""
 
     layouts: tuple[Any, ...]
     name: str = "jpeg"
@@ -96,18 +96,18 @@ class JpegTileReader:
         prefetch_factor: int,
         indices: Sequence[int] | None = None,
     ) -> DataLoader:
-        from wsiseg.data.jpeg_dataset import jpeg_dataloader
+        from wsiseg.data.readers.jpeg.dataset import jpeg_dataloader
 
         return jpeg_dataloader(dataset, list(self.layouts), batch_size, num_workers, prefetch_factor, indices)
 
     def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        from wsiseg.data import jpeg_tiles
+        from wsiseg.data.readers.jpeg import decode
 
         moved = dict(batch)
         if "image" in moved:  # tiles of slides OpenSlide read
             moved["image"] = moved["image"].to(device, non_blocking=True)
         if "jpeg_tiles" in moved:
-            moved = jpeg_tiles.decode_batch(moved, device, self.colour_checked)  # moves the compressed bytes itself
+            moved = decode.decode_batch(moved, device, self.colour_checked)  # moves the compressed bytes itself
         return moved
 
 
@@ -131,7 +131,7 @@ def choose_reader(
     JPEG tiles are chosen and at least one slide has them at its read level (the others are named once, as a warning
     unless chosen by ``auto``; they are read by OpenSlide), else :class:`OpenSlideReader`."""
     if resolve_reader(option, num_workers, device_type) == "jpeg":
-        from wsiseg.data.jpeg_dataset import jpeg_layouts
+        from wsiseg.data.readers.jpeg.dataset import jpeg_layouts
 
         layouts = jpeg_layouts(slides, option, quiet=option == "auto")
         if any(layout is not None for layout in layouts):

@@ -1,11 +1,15 @@
-"""``data.reader=jpeg`` (alias ``gpu_jpeg``): DataLoader workers read only the compressed JPEG tiles each patch needs;
-the data module decodes them in batches on the model's device (:func:`wsiseg.data.jpeg_tiles.decode_batch`, called
-from its ``transfer_batch_to_device``).
+"""The workers' side of ``data.reader=jpeg`` (alias ``gpu_jpeg``): DataLoader workers read only the compressed JPEG
+tiles each patch needs and collate them as :class:`CompressedTiles`; the data module decodes them in batches on the
+model's device (:func:`wsiseg.data.readers.jpeg.decode.decode_batch`, called from its ``transfer_batch_to_device``).
 
 Slides are planned exactly as for the OpenSlide reader (same tiles, same order, same dataset indices); only reading
 differs. The reader is chosen per slide: a slide that is not JPEG-tiled at its read level (other compressions, JPEG
 2000, vendor formats, or resampled to ``data.mpp``) is read with OpenSlide, after one line naming the slides and why,
-while the others keep their JPEG tiles; a batch that mixes both is assembled by :func:`decode_batch`.
+while the others keep their JPEG tiles; a batch that mixes both is assembled by
+:func:`~wsiseg.data.readers.jpeg.decode.decode_batch`.
+
+Frames: patch origins and tile geometry in read-level px (the TIFF page = the OpenSlide level read); tile windows in
+tiles (column, row) of the level's grid; dataset indices as in :class:`~wsiseg.data.datasets.SlideTileDataset`.
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
-from wsiseg.data.jpeg_tiles import (
-    CompressedTiles,
-    JpegTileLayout,
-    UnsupportedLevelError,
-    inspect_jpeg_level,
-    tile_stream,
-)
+from wsiseg.data.readers.jpeg.layout import JpegTileLayout, UnsupportedLevelError, inspect_jpeg_level
+from wsiseg.data.readers.jpeg.markers import tile_stream
 
-__all__ = ["JpegTileDataset", "collate_jpeg_tiles", "jpeg_dataloader", "jpeg_layouts", "plan_layouts"]
+__all__ = [
+    "CompressedTiles",
+    "JpegTileDataset",
+    "collate_jpeg_tiles",
+    "jpeg_dataloader",
+    "jpeg_layouts",
+    "plan_layouts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +168,58 @@ class JpegTileDataset(Dataset):
         }
 
 
+class CompressedTiles:
+    """One batch of patches as compressed tiles (what the workers send; the device decodes).
+
+    A plain class on purpose: Lightning moves tensors (also inside dataclasses) to the device, and ``decode_jpeg``
+    wants its input bytes on the CPU, so everything here stays in numpy arrays until
+    :func:`~wsiseg.data.readers.jpeg.decode.decode_batch`.
+
+    Attributes:
+        data: uint8 concatenation of the batch's unique tile streams (each a standalone JPEG).
+        offsets: (U + 1,) int64 start of each stream in ``data`` (stream u is ``data[offsets[u]:offsets[u + 1]]``).
+        colours: (U,) uint8 colour kind of each stream (:data:`~wsiseg.data.readers.jpeg.markers.COLOUR_RGB` or
+            :data:`~wsiseg.data.readers.jpeg.markers.COLOUR_YCBCR`).
+        labels: (U,) where each stream comes from, for error messages.
+        patch_size: patch side P, read-level px.
+        geometry: (N, 8) int64 per patch: origin x, y; first tile column c0, row r0 of its window; tile width,
+            tile height; level width, height — all read-level px (c0, r0 in tiles).
+        lookup: (N, rows, cols) int64: stream index of each tile of the patch's window, -1 for none (white).
+        owners: (U,) per stream, the patches (indices into N) that use it, for error reporting.
+    """
+
+    def __init__(
+        self,
+        data: np.ndarray,
+        offsets: np.ndarray,
+        colours: np.ndarray,
+        labels: list[str],
+        patch_size: int,
+        geometry: np.ndarray,
+        lookup: np.ndarray,
+        owners: list[list[int]],
+    ) -> None:
+        self.data, self.offsets, self.colours, self.labels = data, offsets, colours, labels
+        self.patch_size, self.geometry, self.lookup, self.owners = patch_size, geometry, lookup, owners
+
+    def __len__(self) -> int:
+        return int(self.geometry.shape[0])
+
+    @property
+    def streams(self) -> list[torch.Tensor]:
+        """The unique tile streams as 1-D uint8 CPU tensors (views into ``data``)."""
+        data = torch.from_numpy(self.data)
+        return [data[int(a) : int(b)] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+
 def collate_jpeg_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Batch items of :class:`JpegTileDataset`: tiles shared by several patches are kept (and decoded) once.
 
-    Returns a dict with ``jpeg_tiles`` (:class:`~wsiseg.data.jpeg_tiles.CompressedTiles`), ``slide_index``,
+    Returns a dict with ``jpeg_tiles`` (:class:`CompressedTiles`), ``slide_index``,
     ``tile_index``, ``x``, ``y`` (int64 tensors) and ``error`` (list of str) — the keys the writer reads. Items read
     by OpenSlide (``image``) in a mixed batch add ``image`` (their pixels), ``image_rows`` and ``jpeg_rows`` (the batch
-    rows of each kind, for :func:`~wsiseg.data.jpeg_tiles.decode_batch`); a batch of OpenSlide items alone is collated
-    as the OpenSlide reader's.
+    rows of each kind, for :func:`~wsiseg.data.readers.jpeg.decode.decode_batch`); a batch of OpenSlide items alone
+    is collated as the OpenSlide reader's.
     """
     image_rows = [n for n, item in enumerate(items) if "image" in item]
     if image_rows and len(image_rows) == len(items):
@@ -279,8 +329,8 @@ def jpeg_dataloader(
     """The ``data.reader=jpeg`` DataLoader over ``openslide``'s tiles at ``indices`` (None: all, in order): JPEG tiles
     for every slide with a layout, ``openslide``'s reads for the others. ``pin_memory`` (None: when a CUDA device is
     visible): the pin thread pins the pixels of batches that mix in slides OpenSlide reads, off the main process's
-    path (the compressed tiles stay in numpy arrays; :func:`~wsiseg.data.jpeg_tiles.decode_batch` pins the little
-    that crosses from them)."""
+    path (the compressed tiles stay in numpy arrays; :func:`~wsiseg.data.readers.jpeg.decode.decode_batch` pins the
+    little that crosses from them)."""
     return DataLoader(
         JpegTileDataset(openslide.slides, list(layouts), openslide=openslide),
         batch_size=batch_size,

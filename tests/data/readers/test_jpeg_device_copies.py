@@ -18,10 +18,11 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.data._utils.pin_memory import pin_memory
 
 from tests.conftest import shared_slide
-from wsiseg.data import jpeg_tiles
 from wsiseg.data.datamodule import SlideTileDataModule
-from wsiseg.data.jpeg_dataset import collate_jpeg_tiles
-from wsiseg.data.jpeg_tiles import COLOUR_RGB, COLOUR_YCBCR, decode_batch
+from wsiseg.data.readers.jpeg import decode as jpeg_decode
+from wsiseg.data.readers.jpeg.dataset import collate_jpeg_tiles
+from wsiseg.data.readers.jpeg.decode import decode_batch
+from wsiseg.data.readers.jpeg.markers import COLOUR_RGB, COLOUR_YCBCR
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -168,14 +169,14 @@ def pretend_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[PretendCuda]:
     """A :class:`PretendCuda` whose nvJPEG is libjpeg-turbo: ``decode_jpeg`` for CUDA decodes on the CPU and returns the
     tiles as device tiles (the decoder's boundary; everything after it runs as on a GPU)."""
     mode = PretendCuda()
-    real = jpeg_tiles._decode
+    real = jpeg_decode._decode
 
     def nvjpeg_at_its_boundary(streams: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         if device.type != "cuda":
             return real(streams, device)
         return [mode.adopt(image) for image in real(streams, CPU)]
 
-    monkeypatch.setattr(jpeg_tiles, "_decode", nvjpeg_at_its_boundary)
+    monkeypatch.setattr(jpeg_decode, "_decode", nvjpeg_at_its_boundary)
     yield mode
 
 
