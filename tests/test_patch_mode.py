@@ -24,7 +24,14 @@ from PIL import Image
 from tests.conftest import shared_slide
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.grid import TileGrid
-from wsiseg.data.patches import PatchFolderDataModule, PatchPlan, list_images, plan_batches, plan_pieces
+from wsiseg.data.patches import (
+    PatchBatchDataset,
+    PatchFolderDataModule,
+    PatchPlan,
+    list_images,
+    plan_batches,
+    plan_pieces,
+)
 from wsiseg.data.slide import SlideLevel, read_rgb
 from wsiseg.errors import UserInputError
 from wsiseg.model import ProbeNet, Unet
@@ -192,6 +199,12 @@ def test_pieces_and_batches_group_by_shape_deterministically(patch_dir: Path) ->
 
     assert plan_batches(images, [], 4) == []
 
+    batch = PatchBatchDataset(images, plan)[0]  # the slide path's batch keys: the image, then its piece
+    assert set(batch) == {"image", "slide_index", "tile_index", "x", "y", "error"}
+    assert list(zip(batch["slide_index"].tolist(), batch["tile_index"].tolist())) == plan[0]
+    origins = [images[i].origins[k].tolist() for i, k in plan[0]]
+    assert [[x, y] for x, y in zip(batch["x"].tolist(), batch["y"].tolist())] == origins
+
 
 # -- probe: pixel-exact outputs ------------------------------------------------------------------------------------
 def test_probe_outputs_equal_input_red_channel(patch_dir: Path, tmp_path: Path) -> None:
@@ -246,6 +259,34 @@ def test_colour_map_without_overlay_and_replicate_padding(patch_dir: Path, tmp_p
     heatmap = png(tmp_path / "out" / "small_heatmap.png")
     np.testing.assert_array_equal(heatmap, colour_map(red, labels=False))
     assert not (tmp_path / "out" / "small_mask.png").exists()  # masks only on request
+
+
+def test_a_failed_write_fails_its_image_alone(patch_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the writer threads (``write_workers=2``) a write that fails fails its image, with the reason, and the other
+    images are written."""
+    from wsiseg.writers import patch_writer as patch_writer_module
+
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(patch_dir / "a" / "p0.png", src / "sub" / "p0.png")
+    shutil.copy(patch_dir / "small_100x70.png", src / "small.png")
+    real = patch_writer_module.write_image_outputs
+
+    def full_disk_for_p0(outputs: Any, image: Any, *args: Any) -> None:
+        if image.rel == "sub/p0.png":
+            raise OSError(28, "No space left on device")
+        real(outputs, image, *args)
+
+    monkeypatch.setattr(patch_writer_module, "write_image_outputs", full_disk_for_p0)
+    out = tmp_path / "out"
+    writer = run_patches(src, out, probe_module(), data={"pad_multiple": 16}, write_workers=2)
+    assert outcome(writer) == {"small.png": "done", "sub/p0.png": "failed"}
+    row = next(row for row in writer.results if row["image"] == "sub/p0.png")
+    reason = f"image '{src / 'sub' / 'p0.png'}': writing outputs failed: [Errno 28] No space left on device"
+    assert row["reason"] == reason
+    assert row["tiles"] == 0 and row["status"] == "failed" and row["heatmap"] is None
+    assert (out / "small_heatmap.png").is_file() and not (out / "sub").exists()
+    assert (writer.report["done"], writer.report["failed"], writer.report["pieces"]) == (1, 1, 1)
 
 
 # -- re-runs -------------------------------------------------------------------------------------------------------

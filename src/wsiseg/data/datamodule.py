@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
-from wsiseg.data.grid import TileGrid, check_patch_size
+from wsiseg.data.grid import TileGrid
 from wsiseg.data.plan import RunPlan, output_names, slide_identity
 from wsiseg.data.readers import READERS, TileReader, choose_reader
 from wsiseg.data.resolution import declared_mpps
@@ -23,6 +23,7 @@ from wsiseg.data.sharding import SHARD_MODES
 from wsiseg.data.slide import choose_level, open_slide, slide_mpp
 from wsiseg.data.stain import StainPlan, StainTable
 from wsiseg.data.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
+from wsiseg.data.validation import check_data_options
 from wsiseg.errors import NoProcessableSlideError, UserInputError
 from wsiseg.hardware import default_workers, usable_cores
 
@@ -146,7 +147,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         batch_size: tiles per batch; None (the default): the device's default, 2 on CPUs (small batches keep the
             activations in cache) and 32 on GPUs (at most one network chunk); ``auto``: the largest that fits in GPU
             memory, in whole network chunks (2 on CPUs). Resolved by the entry point
-            (:func:`wsiseg.batch_size.resolve_batch_size`).
+            (:func:`wsiseg.pipeline.batch_size.resolve_batch_size`).
         num_workers: DataLoader worker processes (each holds its own OpenSlide handles); None: the config default
             (:func:`wsiseg.hardware.default_workers`: every core but one on GPU machines).
         pin_memory: pin host batches in the DataLoader's pin thread (only takes effect with CUDA); when off, the
@@ -157,7 +158,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         reader: ``openslide`` — workers read RGB tiles with OpenSlide; ``jpeg`` (alias ``gpu_jpeg``) — workers read
             only the compressed JPEG tiles and the module decodes them on its device, nvJPEG on CUDA, libjpeg-turbo on
             the CPU (falls back to OpenSlide, with one warning, unless every slide is JPEG-tiled at its read level; see
-            ``wsiseg.data.jpeg_tiles``); ``auto`` — ``jpeg`` when a CUDA device is visible, or on CPU-only runs whose
+            ``wsiseg.data.readers.jpeg``); ``auto`` — ``jpeg`` when a CUDA device is visible, or on CPU-only runs whose
             main process reads (``num_workers=0``), else ``openslide`` (:func:`wsiseg.data.readers.resolve_reader`;
             fallback logged, not warned).
         read_threads: threads reading the tiles of one batch concurrently (OpenSlide decodes without holding the
@@ -216,9 +217,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.shard = shard
         if on_error not in ("skip", "raise"):
             raise UserInputError(f"data.on_error must be 'skip' or 'raise', got '{on_error}'")
-        check_patch_size(patch_size)
-        if not 0 <= overlap < patch_size:
-            raise UserInputError(f"data.overlap must satisfy 0 <= overlap < patch_size ({patch_size}), got {overlap}")
+        check_data_options(patch_size, overlap, num_workers, prefetch_factor)
         if output_downsample < 1 or patch_size % output_downsample or overlap % output_downsample:
             raise UserInputError(
                 f"writer.output_downsample ({output_downsample}) must be >= 1 and divide data.patch_size "
@@ -228,10 +227,6 @@ class SlideTileDataModule(pl.LightningDataModule):
             raise UserInputError(f"data.batch_size must be a positive integer, 'auto' or null, got {batch_size}")
         if slides in ("", None) or (not isinstance(slides, str) and not any(str(s) for s in slides)):
             raise UserInputError("data.slides is empty: pass data.slides=/path/to/slide.svs or a glob")
-        if prefetch_factor < 1:
-            raise UserInputError(
-                f"data.prefetch_factor must be >= 1 (batches read ahead per worker), got {prefetch_factor}"
-            )
         self.slide_paths = expand_slide_paths(slides)  # one path per pattern at least: unmatched globs stay as given
         if not 0 <= mpp_tolerance < 1:
             raise UserInputError(f"data.mpp_tolerance must be in [0, 1) (0.05 = 5 %), got {mpp_tolerance}")
@@ -244,8 +239,6 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.patch_size, self.overlap, self.output_downsample = patch_size, overlap, output_downsample
         self.tissue = tissue if isinstance(tissue, TissueOptions) else TissueOptions(**dict(tissue or {}))
         self.batch_size = batch_size
-        if num_workers is not None and num_workers < 0:
-            raise UserInputError(f"data.num_workers must be >= 0 (0 reads in the main process), got {num_workers}")
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.on_error = on_error
@@ -438,7 +431,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _loader_batch_size(self) -> int:
-        from wsiseg.batch_size import default_batch_size  # not resolved by an entry point: the device's default
+        from wsiseg.hardware import default_batch_size  # not resolved by an entry point: the device's default
 
         return self.batch_size if isinstance(self.batch_size, int) else default_batch_size()
 

@@ -6,6 +6,7 @@ stores of several ranks through :meth:`Stitcher.save_partial` / :meth:`Stitcher.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -44,6 +45,16 @@ class StoreOptions:
             raise UserInputError(f"writer.blend must be one of {', '.join(BLEND_MODES)}; got '{self.blend}'")
         if not self.sigma_scale > 0:
             raise UserInputError(f"writer.sigma_scale must be > 0 (Gaussian width / tile side), got {self.sigma_scale}")
+
+    def window(self, size: int) -> np.ndarray:
+        """The (size, size) float32 blending weights of a ``size`` px tile (output px) for these options, computed once
+        per size and shared by every store and writer (read only: stores key their weight records on its identity)."""
+        return _blend_window(size, self.blend, self.sigma_scale)
+
+
+@functools.cache
+def _blend_window(size: int, blend: str, sigma_scale: float) -> np.ndarray:
+    return blend_window(size, blend, sigma_scale)
 
 
 @dataclass
@@ -93,7 +104,6 @@ class Stitcher:
         self.output_downsample, self.options = output_downsample, options or StoreOptions()
         self.states: dict[int, SlideState] = {}
         self.channels = 1
-        self._windows: dict[int, np.ndarray] = {}
 
     def slide_dir(self, index: int) -> Path:
         return self.output_dir / self.slides[index].name
@@ -147,13 +157,8 @@ class Stitcher:
             x, y = (int(v) for v in self.slides[slide_index].origins[tile_index])
             tile = probs[i]
             state.store.add(
-                x // self.output_downsample, y // self.output_downsample, tile, self._window(tile.shape[-1])
+                x // self.output_downsample, y // self.output_downsample, tile, self.options.window(tile.shape[-1])
             )
-
-    def _window(self, size: int) -> np.ndarray:
-        if size not in self._windows:
-            self._windows[size] = blend_window(size, self.options.blend, self.options.sigma_scale)
-        return self._windows[size]
 
     def save_partial(self, index: int) -> None:
         """Flush slide ``index``'s store and write what this rank saw of it next to it (for a merge on rank 0)."""
