@@ -13,7 +13,8 @@ import time
 import cv2
 import numpy as np
 
-from wsiseg import contours
+from wsiseg.annotations import contours
+from wsiseg.annotations.shapes import polygon_parts
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     start = time.perf_counter()
     regions = contours.trace_regions(mask, 128)
     traced = time.perf_counter() - start
-    rings = sum(len(p.interiors) + 1 for r in regions for p in contours._polygons(r.geometry))
+    rings = sum(len(p.interiors) + 1 for r in regions for p in polygon_parts(r.geometry))
     scaled = contours.scale_regions(regions, 1.0)
     area = sum(r.geometry.area for r in scaled)
     start = time.perf_counter()

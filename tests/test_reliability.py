@@ -381,7 +381,7 @@ def test_outputs_an_earlier_run_left_never_look_complete(tmp_path: Path, good_sl
     """A slide that cannot be processed on a re-run loses the earlier run's outputs (eval must not score them), and a
     killed ``resume=true`` run with a changed option leaves neither old-config outputs nor the old summary saying
     complete: summary.json describes the run that wrote it from its first moment."""
-    from wsiseg.eval import find_predictions
+    from wsiseg.evaluation.predictions import find_predictions
 
     other = write_synthetic_slide(tmp_path / "other.tif", SyntheticSlide(1024, 768, seed=12))
     out = tmp_path / "out"

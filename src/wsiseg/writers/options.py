@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from wsiseg.contours import DEFAULT_MIN_AREA_UM2, contour_formats
+from wsiseg.annotations.contours import DEFAULT_MIN_AREA_UM2, contour_formats
 from wsiseg.errors import UserInputError
 from wsiseg.writers.render import RenderOptions
 from wsiseg.writers.stitcher import StoreOptions

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from wsiseg.annotations.contours import open_mask_level
 from wsiseg.atomic import write_json_atomic
-from wsiseg.contours import open_mask_level
 from wsiseg.writers.render import POST_PROCESSING, RenderOptions, post_process, threshold_u8
 from wsiseg.writers.run_record import post_hash
 

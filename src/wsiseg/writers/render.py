@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from wsiseg.annotations.contours import CONTOUR_FILES, DEFAULT_MIN_AREA_UM2, write_contours
 from wsiseg.atomic import atomic_path
-from wsiseg.contours import CONTOUR_FILES, DEFAULT_MIN_AREA_UM2, write_contours
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.errors import UserInputError
 from wsiseg.writers.figures import largest_region, slide_score, tumour_share_of_tissue
@@ -43,7 +43,7 @@ class RenderOptions:
         min_area_um2: contour regions and holes smaller than this are dropped (µm², level-0 px² without mpp).
         layout: ``generic`` or ``ome`` pyramid (:func:`wsiseg.writers.tiff.write_pyramid_tiff`).
         simplify_um: contour simplification tolerance, µm; None: half a mask px (see
-            :func:`wsiseg.contours.write_contours`).
+            :func:`wsiseg.annotations.contours.write_contours`).
     """
 
     threshold: float = 0.5
@@ -110,7 +110,7 @@ def render_slide(
 
     Returns:
         report fields: ``mask_levels``, ``tumour_pixels``, ``threshold``, ``tumour_area_mm2`` and, with contours, the
-        fields :func:`wsiseg.contours.write_contours` returns.
+        fields :func:`wsiseg.annotations.contours.write_contours` returns.
     """
     labels = store.channels > 1
     cut = threshold_u8(options.threshold)
@@ -200,7 +200,7 @@ def post_process(
         ``slide_score`` (and the pyramid level it was read at), ``largest_region_mm2`` and
         ``largest_region_level0_px2`` (from the contours when they are written, else from the mask:
         ``largest_region_source``), ``figures_note`` (why a figure is missing, or empty) and, with contours, the
-        fields :func:`wsiseg.contours.write_contours` returns.
+        fields :func:`wsiseg.annotations.contours.write_contours` returns.
     """
     mask = out_dir / "mask.tif"
     to_level0 = level0_per_mask_px**2

@@ -1,4 +1,5 @@
-"""Tumour regions as polygons: trace a probability mask chunk by chunk, write QuPath GeoJSON and ASAP XML.
+"""Tumour regions as polygons: trace a probability mask chunk by chunk; :func:`write_contours` writes them as QuPath
+GeoJSON (:mod:`wsiseg.annotations.geojson`) and ASAP XML (:mod:`wsiseg.annotations.asap_xml`).
 
 Coordinate frames:
 
@@ -22,13 +23,10 @@ region is then a MultiPolygon whose parts meet there).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +36,21 @@ import shapely
 import tifffile
 import zarr
 from shapely import affinity
-from shapely.geometry import MultiPolygon, Polygon, mapping
+from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
-from shapely.geometry.polygon import orient
 
-from wsiseg.atomic import atomic_path
+from wsiseg.annotations.asap_xml import write_asap_xml
+from wsiseg.annotations.geojson import write_geojson
+from wsiseg.annotations.shapes import Region, polygon_parts, polygonal
 from wsiseg.errors import UserInputError
 
 __all__ = [
     "CONTOUR_FORMATS",
     "CONTOUR_FILES",
     "DEFAULT_MIN_AREA_UM2",
-    "TUMOUR_CLASS",
-    "EXCLUSION_GROUP",
-    "Region",
     "contour_formats",
     "trace_regions",
     "scale_regions",
-    "write_geojson",
-    "write_asap_xml",
     "write_contours",
     "open_mask_level",
 ]
@@ -69,30 +63,6 @@ DEFAULT_MIN_AREA_UM2 = 200.0
 """``writer.min_area_um2``'s default: about two tumour cells (a cell ~15 µm across). Regions under it are specks of a
 noisy map, not a finding; isolated tumour cell clusters (ITC, up to 0.2 mm across by the TNM/Camelyon convention) are
 far larger and kept. 0 keeps every region."""
-TUMOUR_CLASS = "Tumor"
-EXCLUSION_GROUP = "Exclusion"
-_TUMOUR_RGB = (200, 0, 0)
-_ASAP_COLOURS = {TUMOUR_CLASS: "#c80000", EXCLUSION_GROUP: "#64fe2e"}
-
-
-@dataclass
-class Region:
-    """One 8-connected tumour region.
-
-    Attributes:
-        geometry: Polygon or MultiPolygon (holes included); mask px, pixel-edge frame (see the module docstring) —
-            or level-0 px after :func:`scale_regions`.
-        pixels: number of mask px in the region.
-        probability_sum: sum of the region's probabilities (0-1); None for class-label masks.
-    """
-
-    geometry: BaseGeometry
-    pixels: int
-    probability_sum: float | None
-
-    @property
-    def mean_probability(self) -> float | None:
-        return None if self.probability_sum is None else self.probability_sum / max(self.pixels, 1)
 
 
 def contour_formats(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -116,19 +86,6 @@ def contour_formats(value: str | Sequence[str] | None) -> tuple[str, ...]:
         if item not in formats:
             formats.append(item)
     return tuple(formats)
-
-
-def _polygonal(geometry: BaseGeometry) -> BaseGeometry:
-    """``geometry`` made valid, keeping only its polygonal parts (Polygon, MultiPolygon or empty)."""
-    if not geometry.is_valid:
-        geometry = shapely.make_valid(geometry, method="structure", keep_collapsed=False)
-    if isinstance(geometry, (Polygon, MultiPolygon)):
-        return geometry
-    parts = [p for p in shapely.get_parts(geometry) if isinstance(p, (Polygon, MultiPolygon)) and not p.is_empty]
-    polygons = [q for p in parts for q in (p.geoms if isinstance(p, MultiPolygon) else [p])]
-    if not polygons:
-        return Polygon()
-    return polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
 
 
 def _trace_window(
@@ -166,7 +123,7 @@ def _trace_window(
         shell = ring / 2.0 + offset
         inner = [hole / 2.0 + offset for hole in holes.get(index, []) if len(hole) >= 3]
         geometry = Polygon(shell, inner) if len(shell) >= 3 else Polygon()
-        geometry = _polygonal(geometry)
+        geometry = polygonal(geometry)
         if geometry.is_empty:
             continue
         pieces.append((geometry, int(stats[label, cv2.CC_STAT_AREA]), None if sums is None else float(sums[label])))
@@ -234,7 +191,7 @@ def _merge_pieces(pieces: list[Region]) -> list[Region]:
         if len(members) == 1:
             merged.append(pieces[members[0]])
             continue
-        geometry = _polygonal(shapely.unary_union([geometries[i] for i in members]))
+        geometry = polygonal(shapely.unary_union([geometries[i] for i in members]))
         pixels = sum(pieces[i].pixels for i in members)
         sums = [pieces[i].probability_sum for i in members]
         total = None if any(s is None for s in sums) else float(sum(s for s in sums if s is not None))
@@ -255,14 +212,10 @@ def scale_regions(
             geometry = shapely.set_precision(geometry, 1e-3)
         if bounds is not None and not bounds.contains(geometry):
             geometry = geometry.intersection(bounds)
-        geometry = _polygonal(geometry)
+        geometry = polygonal(geometry)
         if not geometry.is_empty:
             scaled.append(Region(geometry, region.pixels, region.probability_sum))
     return scaled
-
-
-def _polygons(geometry: BaseGeometry) -> list[Polygon]:
-    return list(geometry.geoms) if isinstance(geometry, MultiPolygon) else [geometry]
 
 
 def _midpoints(ring: Any, pixel: float = 1.0) -> np.ndarray:
@@ -287,7 +240,7 @@ def simplify_regions(
     cleaned = []
     for region in regions:
         parts = []
-        for polygon in _polygons(region.geometry):
+        for polygon in polygon_parts(region.geometry):
             holes = [ring for ring in polygon.interiors if Polygon(ring).area >= min_hole_area]
             if tolerance > 0:
                 parts.append(Polygon(_midpoints(polygon.exterior, pixel), [_midpoints(h, pixel) for h in holes]))
@@ -295,8 +248,8 @@ def simplify_regions(
                 parts.append(Polygon(polygon.exterior, holes))
         geometry: BaseGeometry = parts[0] if len(parts) == 1 else MultiPolygon(parts)
         if tolerance > 0:  # linear in the rings; shapely.simplify(preserve_topology=True) took minutes on many holes
-            geometry = shapely.coverage_simplify(_polygonal(geometry), tolerance)
-        geometry = _polygonal(geometry)
+            geometry = shapely.coverage_simplify(polygonal(geometry), tolerance)
+        geometry = polygonal(geometry)
         if not geometry.is_empty:
             cleaned.append(Region(geometry, region.pixels, region.probability_sum))
     return cleaned
@@ -305,101 +258,6 @@ def simplify_regions(
 def vertex_count(regions: Iterable[Region]) -> int:
     """Vertices of every ring of every region (what a viewer has to draw)."""
     return sum(int(shapely.get_num_coordinates(region.geometry)) for region in regions)
-
-
-def _area_measurement(region: Region, pixel_area: float, mpp: float | None) -> tuple[str, float]:
-    """(measurement name, value): area in µm² when ``mpp`` (µm per level-0 px) is known, else level-0 px²."""
-    area = region.pixels * pixel_area
-    return ("Area µm^2", area * mpp * mpp) if mpp else ("Area px^2", area)
-
-
-def write_geojson(
-    regions: Sequence[Region], path: str | Path, level0_per_mask_px: float = 1.0, mpp: float | None = None
-) -> None:
-    """Write level-0-px ``regions`` as a QuPath-importable GeoJSON FeatureCollection (atomically).
-
-    Each region is one annotation feature classified ``Tumor`` with measurements ``Area µm^2`` (``Area px^2`` when
-    the slide has no mpp; counted from mask pixels) and ``Mean probability`` (probability masks only).
-
-    Args:
-        regions: regions in level-0 px (see :func:`scale_regions`).
-        path: destination, usually ``<slide dir>/tumour.geojson``.
-        level0_per_mask_px: level-0 px per mask px, to turn pixel counts into areas.
-        mpp: microns per level-0 px, or None.
-    """
-    pixel_area = float(level0_per_mask_px) ** 2
-    features = []
-    for number, region in enumerate(regions, 1):
-        geometry = region.geometry
-        oriented = [orient(p, sign=1.0) for p in _polygons(geometry)]
-        geometry = oriented[0] if isinstance(geometry, Polygon) else MultiPolygon(oriented)
-        name, area = _area_measurement(region, pixel_area, mpp)
-        measurements: dict[str, float] = {name: round(area, 3)}
-        if region.mean_probability is not None:
-            measurements["Mean probability"] = round(region.mean_probability, 4)
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": mapping(geometry),
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"{TUMOUR_CLASS} {number}",
-                    "classification": {"name": TUMOUR_CLASS, "color": list(_TUMOUR_RGB)},
-                    "isLocked": False,
-                    "measurements": measurements,
-                },
-            }
-        )
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}, default=_json_number) + "\n")
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def _format(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.3f}".rstrip("0")
-
-
-def write_asap_xml(regions: Sequence[Region], path: str | Path) -> None:
-    """Write level-0-px ``regions`` in ASAP's annotation format (atomically).
-
-    ASAP polygons have no holes: each outer ring becomes a ``Polygon`` in group ``Tumor``, each hole a ``Polygon`` in
-    group ``Exclusion`` (the role Camelyon16's ``_2`` group plays), which :func:`wsiseg.annotations.read_asap_xml`
-    subtracts again.
-    """
-    root = ET.Element("ASAP_Annotations")
-    annotations = ET.SubElement(root, "Annotations")
-    count = 0
-
-    def add(ring: Any, group: str, name: str) -> None:
-        nonlocal count
-        element = ET.SubElement(
-            annotations,
-            "Annotation",
-            {"Name": name, "Type": "Polygon", "PartOfGroup": group, "Color": _ASAP_COLOURS[group]},
-        )
-        coordinates = ET.SubElement(element, "Coordinates")
-        for order, (x, y) in enumerate(list(ring.coords)[:-1]):
-            ET.SubElement(coordinates, "Coordinate", {"Order": str(order), "X": _format(x), "Y": _format(y)})
-        count += 1
-
-    for number, region in enumerate(regions, 1):
-        for part, polygon in enumerate(_polygons(region.geometry), 1):
-            suffix = f"{number}" if len(_polygons(region.geometry)) == 1 else f"{number}.{part}"
-            add(polygon.exterior, TUMOUR_CLASS, f"{TUMOUR_CLASS} {suffix}")
-            for hole_number, hole in enumerate(polygon.interiors, 1):
-                add(hole, EXCLUSION_GROUP, f"{EXCLUSION_GROUP} {suffix}.{hole_number}")
-    groups = ET.SubElement(root, "AnnotationGroups")
-    for group in (TUMOUR_CLASS, EXCLUSION_GROUP):
-        element = ET.SubElement(groups, "Group", {"Name": group, "PartOfGroup": "None", "Color": _ASAP_COLOURS[group]})
-        ET.SubElement(element, "Attributes")
-    ET.indent(root)
-    with atomic_path(path) as tmp:
-        ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
 
 
 def open_mask_level(path: str | Path, level: int = 0) -> Any:

@@ -1,4 +1,4 @@
-"""Contour tracing (wsiseg.contours): round trip, chunk merging, measurements, GeoJSON / ASAP XML output."""
+"""Contour tracing (wsiseg.annotations.contours): round trip, chunk merging, measurements, GeoJSON / ASAP XML output."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 import shapely
 from shapely.geometry import shape
 
-from wsiseg.annotations import rasterise, read_asap_xml, read_geojson
-from wsiseg.contours import contour_formats, scale_regions, trace_regions, write_contours
+from wsiseg.annotations.asap_xml import read_asap_xml
+from wsiseg.annotations.contours import contour_formats, scale_regions, trace_regions, write_contours
+from wsiseg.annotations.geojson import read_geojson
+from wsiseg.annotations.ground_truth import rasterise
 from wsiseg.data.synthetic import SyntheticSlide
 from wsiseg.errors import UserInputError
 from wsiseg.writers.tiff import write_pyramid_tiff
