@@ -21,7 +21,7 @@ import torch
 from wsiseg.config import asset_path
 from wsiseg.model import Unet
 from wsiseg.module import SegmentationModule
-from wsiseg.onnx_net import OnnxRuntimeNet
+from wsiseg.runtimes.onnxruntime import OnnxRuntimeNet
 
 
 def cases(onnx: Path, int8: Path | None = None) -> dict[str, tuple[SegmentationModule, int]]:
@@ -36,7 +36,7 @@ def cases(onnx: Path, int8: Path | None = None) -> dict[str, tuple[SegmentationM
     for batch in (2, 16):
         out[f"onnxruntime fp32 b{batch}"] = (SegmentationModule(OnnxRuntimeNet(onnx)), batch)
     try:
-        from wsiseg.openvino_net import OpenVinoNet
+        from wsiseg.runtimes.openvino import OpenVinoNet
 
         for batch in (2, 16):
             out[f"openvino fp32 b{batch}"] = (SegmentationModule(OpenVinoNet(onnx)), batch)

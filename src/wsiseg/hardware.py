@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_precision", "default_precision", "default_workers", "spare_cores", "usable_cores"]
+__all__ = [
+    "CPU_AUTO_BATCH",
+    "GPU_DEFAULT_BATCH",
+    "cpu_precision",
+    "default_batch_size",
+    "default_precision",
+    "default_workers",
+    "spare_cores",
+    "usable_cores",
+]
 
 
 def cpu_precision() -> str:
@@ -62,3 +71,22 @@ def spare_cores() -> int:
     """Cores but one, 1 to 8: patch-writer threads (PNG encoding + heatmap rendering, which overlaps the network on
     any machine)."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+# On CPU small batches keep activations in cache, so throughput falls as the batch grows; batch 2 keeps most of batch
+# 1's rate while amortising per-batch overhead (measurements: docs/performance.md, "Batch size on CPU").
+CPU_AUTO_BATCH = 2
+# data.batch_size=null on a GPU (at most one network chunk; auto probes the memory instead): enough tiles per batch
+# that the GPU's kernels stay large and the per-batch host work (collation, the copy, the writer's hand-off) is shared.
+GPU_DEFAULT_BATCH = 32
+
+
+def default_batch_size(device_type: str | None = None) -> int:
+    """``data.batch_size=null`` (the default) where the network is not known (the data module's own loader):
+    :data:`CPU_AUTO_BATCH` on CPUs and :data:`GPU_DEFAULT_BATCH` elsewhere; None: the device this process would run
+    on (CUDA when visible). :func:`resolve_batch_size` also caps the GPU default at one network chunk."""
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return CPU_AUTO_BATCH if device_type == "cpu" else GPU_DEFAULT_BATCH

@@ -33,7 +33,6 @@ __all__ = [
     "load_checkpoint",
     "network_stride",
     "has_fixed_weights",
-    "holds_weights",
     "ProbeNet",
     "RANDOM_WEIGHTS",
 ]
@@ -258,13 +257,6 @@ def has_fixed_weights(net: nn.Module | type[nn.Module]) -> bool:
     A network opts in with the class attribute ``fixed_weights = True`` (``ProbeNet``); every other network needs
     ``model.checkpoint`` (or the explicit ``model.checkpoint=random``)."""
     return bool(getattr(net, "fixed_weights", False))
-
-
-def holds_weights(net: nn.Module | type[nn.Module]) -> bool:
-    """Whether the network (or network class) is a runtime over a file holding its own weights and settings
-    (``OnnxRuntimeNet``, class attribute ``holds_weights = True``): no checkpoint is read for it, and its settings come
-    from the file's sidecar."""
-    return bool(getattr(net, "holds_weights", False))
 
 
 _PREFIXES = ("module.", "model.", "net.", "_orig_mod.")

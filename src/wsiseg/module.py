@@ -3,35 +3,36 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from wsiseg.cpu_runtime import RUNTIMES, Int8Options, TorchOnOpenVino, choose_runtime
 from wsiseg.errors import UserInputError
+from wsiseg.head import (
+    ACTIVATIONS,
+    REDUCTIONS,
+    apply_activation,
+    check_head,
+    normalise,
+    pool,
+    probe_output_channels,
+    reduce_channels,
+)
 from wsiseg.malloc import keep_freed_memory
-from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, holds_weights, load_checkpoint, network_stride
-from wsiseg.openvino_net import openvino_available
+from wsiseg.model import RANDOM_WEIGHTS, has_fixed_weights, load_checkpoint, network_stride
+from wsiseg.runtimes.base import Runtime, TorchRuntime
+from wsiseg.runtimes.choice import RUNTIMES, Int8Options, runtime_for
+from wsiseg.runtimes.compiled import TileFunction
+from wsiseg.runtimes.files import is_file_network
 
-__all__ = [
-    "SegmentationModule",
-    "ACTIVATIONS",
-    "REDUCTIONS",
-    "apply_activation",
-    "RANDOM_WEIGHTS",
-    "FIXED_WEIGHTS",
-    "step_outputs",
-]
+__all__ = ["SegmentationModule", "RANDOM_WEIGHTS", "FIXED_WEIGHTS", "TTA_TRANSFORMS", "step_outputs"]
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = ("none", "sigmoid", "softmax")
-REDUCTIONS = ("max", "channel", "none")
 # model.tta -> the transforms applied to a tile: (dims flipped, then H and W swapped)
 TTA_TRANSFORMS: dict[str, tuple[tuple[tuple[int, ...], bool], ...]] = {
     "none": (((), False),),
@@ -49,63 +50,10 @@ _NO_CHECKPOINT = (
 _INT32_ELEMENTS = 2**31 - 1
 
 
-def x_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format of an NCHW tensor (channels_last or contiguous)."""
-    return (
-        torch.channels_last
-        if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
-        else (torch.contiguous_format)
-    )
-
-
-def compile_options(device_type: str) -> dict[str, Any]:
-    """Inductor config for inference on ``device_type``; applied with ``torch._inductor.config.patch`` around every
-    call of the compiled function (tracing and compilation happen inside the first call).
-
-    On CPU, ``freezing`` turns the parameters into constants, folds BatchNorm into the convolutions and runs them as
-    pre-packed oneDNN convolutions with the ReLU fused. It has to be set while Dynamo traces: passed only as
-    ``torch.compile(options=...)`` the weights stay graph inputs and nothing is folded (see docs/performance.md). It
-    applies only under ``torch.no_grad``/``inference_mode`` (``trainer.predict``). CUDA keeps Inductor's defaults."""
-    return {"freezing": True} if device_type == "cpu" else {}
-
-
 def output_channels(net: nn.Module) -> int:
     """The channels ``net`` outputs, counted on one stride-sized zero tile (float32, on the net's device)."""
-    stride = network_stride(net)
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
-    with torch.no_grad():
-        return int(net.eval()(torch.zeros(1, 3, stride, stride, device=device)).shape[1])
-
-
-def check_head(channels: int, activation: str | None, reduction: str, channel_index: int, where: str = "") -> None:
-    """The network head makes sense for a network with ``channels`` output channels: ``reduction=channel`` keeps a
-    channel it has, and ``softmax`` is over 2 or more channels (over one channel it is 1 everywhere: every pixel,
-    tissue or not, would be tumour). Checked before any slide is read, not after inference; ``where`` names the network
-    in the message (e.g. an ONNX file).
-
-    Raises:
-        UserInputError: naming ``model.channel_index`` or ``model.activation`` and the network's channel count.
-    """
-    if reduction == "channel" and not 0 <= channel_index < channels:
-        raise UserInputError(
-            f"model.channel_index={channel_index} but the network{where} outputs {channels} channel(s): use "
-            f"model.channel_index between 0 and {channels - 1}, or model.reduction=max"
-        )
-    if activation == "softmax" and channels < 2:
-        raise UserInputError(
-            f"model.activation=softmax but the network{where} outputs {channels} channel: softmax over one channel is "
-            "1 everywhere (every pixel tumour); use model.activation=sigmoid for a 1-channel logit network, or none"
-        )
-
-
-def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """``none`` | ``sigmoid`` | ``softmax`` (over channels) of a network's raw output: how the module turns it into
-    probabilities, and how export verification and the INT8 checks do too."""
-    if activation == "sigmoid":
-        return torch.sigmoid(y)
-    if activation == "softmax":
-        return torch.softmax(y, dim=1)
-    return y
+    return probe_output_channels(net.eval(), network_stride(net), device)
 
 
 def step_outputs(batch: dict[str, Any], probs: torch.Tensor, finite: torch.Tensor | None = None) -> dict[str, Any]:
@@ -129,12 +77,12 @@ class SegmentationModule(pl.LightningModule):
     Weights are never random by accident. ``checkpoint`` is a file loaded strictly into ``net``; ``"random"`` keeps
     ``net``'s initial weights and logs a warning that the masks are meaningless (benchmarks); None or empty is refused
     with a UserInputError, except for a network that declares ``fixed_weights = True`` (``ProbeNet``) and for an
-    ONNX network (:class:`wsiseg.onnx_net.OnnxRuntimeNet`, ``model/net=onnx``), whose file holds the weights, so
+    ONNX network (:mod:`wsiseg.runtimes.files`, ``model/net=onnx|openvino``), whose file holds the weights, so
     ``checkpoint`` is not used. :attr:`weights` records which: the absolute checkpoint or ONNX path, ``"random"`` or
     ``"fixed"``.
 
     For an ONNX network the ``<file>.json`` sidecar written by ``wsiseg-export`` is the source of truth
-    (:func:`wsiseg.onnx_net.onnx_settings`): ``mean``/``std``/``activation`` left None take the sidecar's values,
+    (:func:`wsiseg.runtimes.files.onnx_settings`): ``mean``/``std``/``activation`` left None take the sidecar's values,
     values equal to the sidecar's are accepted and different ones are refused; the file's real output channel count
     must match the sidecar's, and ``reduction="channel"`` needs ``channel_index`` below it. Without a sidecar a
     warning says mean/std/activation come from the config unchecked, and they must be given.
@@ -169,11 +117,11 @@ class SegmentationModule(pl.LightningModule):
         compile_min_tiles: tiles a CPU run needs for ``compile=auto`` to compile.
         runtime: what runs a torch network on the CPU: ``torch``, ``openvino`` (exported and compiled by OpenVINO in
             float32 when the module is prepared; no ``torch.compile`` then), or ``auto`` — the rule of
-            :func:`wsiseg.cpu_runtime.choose_runtime` (OpenVINO on float32 CPUs for runs of ``runtime_min_tiles``
+            :func:`wsiseg.runtimes.choice.choose_runtime` (OpenVINO on float32 CPUs for runs of ``runtime_min_tiles``
             tiles or more, torch elsewhere). Networks that hold their own weights (ONNX files) keep their runtime.
         runtime_min_tiles: tiles a float32-CPU run needs for ``runtime=auto`` to pick OpenVINO.
             ``runtime=openvino_int8``: INT8 by OpenVINO, quantised by NNCF on the run's own tiles before the first
-            batch by the pipeline (:mod:`wsiseg.int8_runtime`), with ``int8`` (:class:`~wsiseg.cpu_runtime.
+            batch by the pipeline (:mod:`wsiseg.pipeline.int8`), with ``int8`` (:class:`~wsiseg.runtimes.choice.
             Int8Options`) as its settings.
         int8: ``model.int8``: calibration and check settings of ``runtime=openvino_int8``.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
@@ -241,8 +189,8 @@ class SegmentationModule(pl.LightningModule):
             raise UserInputError(f"model.runtime_min_tiles must be >= 0, got {runtime_min_tiles}")
         if runtime not in RUNTIMES:
             raise UserInputError(f"model.runtime must be one of {', '.join(RUNTIMES)}; got '{runtime}'")
-        if holds_weights(net):  # an ONNX file: its weights and settings are the export's
-            from wsiseg.onnx_net import onnx_settings
+        if is_file_network(net):  # an exported file: its weights and settings are the export's
+            from wsiseg.runtimes.files import onnx_settings
 
             if runtime in ("openvino", "openvino_int8"):
                 raise UserInputError(
@@ -282,14 +230,10 @@ class SegmentationModule(pl.LightningModule):
         self.compile_min_tiles = compile_min_tiles
         self.runtime, self.runtime_min_tiles = runtime, runtime_min_tiles
         self.runtime_used = "torch"  # what prepare() chose
-        self._set_openvino(None)  # the net on OpenVINO when prepare() chose it
+        self._runtime: Runtime = TorchRuntime(self.net)  # what runs the network (prepare() chooses)
         self.max_chunk = max_chunk
         self._oom_chunk: int | None = None  # chunk size that last fit after an out-of-memory retry
-        self._graph_batch: int | None = None  # batch size the compiled graph was built for
-        self._graph_layout = torch.contiguous_format  # memory layout of its input
-        self.compiled = False
-        self._inductor_config: dict[str, Any] = {}  # inductor config patched around compiled calls
-        self._set_forward(self.infer_tiles)
+        self._tiles = TileFunction(self.infer_tiles)  # eager until prepare() compiles it
 
     @staticmethod
     def _load_weights(net: nn.Module, checkpoint: str | None, trust: bool = False) -> str:
@@ -310,13 +254,10 @@ class SegmentationModule(pl.LightningModule):
         load_checkpoint(net, checkpoint, trust)
         return str(Path(checkpoint).expanduser().absolute())
 
-    def _set_openvino(self, net: TorchOnOpenVino | None) -> None:
-        # Not a registered submodule: it wraps self.net, whose weights must appear once in state_dict() and .to().
-        object.__setattr__(self, "_openvino", net)
-
-    def _set_forward(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        # Bypass nn.Module.__setattr__ so the (possibly compiled) alias is not registered as a second submodule.
-        object.__setattr__(self, "_forward", fn)
+    @property
+    def compiled(self) -> bool:
+        """Whether the tile function runs compiled by ``torch.compile``."""
+        return self._tiles.compiled
 
     @property
     def stride(self) -> int:
@@ -343,13 +284,15 @@ class SegmentationModule(pl.LightningModule):
             log.info("model.tta=%s: %d network passes a tile", self.tta, len(TTA_TRANSFORMS[self.tta]))
         if device_type == "cpu":
             keep_freed_memory()  # activations are re-allocated every call: keep them out of fresh mmap pages
-        self._set_forward(self.infer_tiles)
-        self.runtime_used, why = choose_runtime(
-            self.runtime, device_type, precision, planned_tiles, self.runtime_min_tiles, openvino_available()
+        self._tiles = TileFunction(self.infer_tiles)
+        if self._given_runtime is not None:  # use_runtime: already set up (INT8 calibrated on the run's tiles)
+            self.runtime_used = self._given_runtime
+            return
+        self._runtime, why = runtime_for(
+            self.net, self.runtime, device_type, precision, planned_tiles, self.runtime_min_tiles
         )
-        if holds_weights(self.net):  # an ONNX file runs in its own runtime
-            self.runtime_used = ", ".join(self.net.active_providers)
-        elif self.runtime != "torch":
+        self.runtime_used = self._runtime.name
+        if self.runtime != "torch" and not is_file_network(self.net):
             log.info("model.runtime=%s: %s (%s)", self.runtime, self.runtime_used, why)
             if self.runtime == "auto" and self.runtime_used == "openvino":
                 log.info(
@@ -357,20 +300,9 @@ class SegmentationModule(pl.LightningModule):
                     "export.quantize=int8 export.calibration_slides=[...], then model=openvino model.net.path=...; "
                     "README, Deploy) ran 1.3-1.7x the FP32 pipeline on a 2-core AVX2 CPU"
                 )
-        self.compiled = False
-        if self._given_runtime is not None:  # use_runtime: already set up (INT8 calibrated on the run's tiles)
-            self.runtime_used = self._given_runtime
+        if not self._runtime.compilable:
+            self.channels_last = self.channels_last and self._runtime.takes_channels_last
             return
-        if self.runtime_used == "openvino_int8":
-            raise UserInputError(
-                "model.runtime=openvino_int8 calibrates on the run's own tiles: run the module through wsiseg-predict "
-                "or wsiseg.predict (wsiseg.pipeline.assemble), or use model.runtime=openvino"
-            )
-        if self.runtime_used == "openvino":
-            self._set_openvino(TorchOnOpenVino(self.net))
-            self.channels_last = False  # OpenVINO takes a plain NCHW array
-            return
-        self._set_openvino(None)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         compile_network = self.compile_network
@@ -384,26 +316,16 @@ class SegmentationModule(pl.LightningModule):
                     planned_tiles if planned_tiles is not None else "unknown",
                     self.compile_min_tiles,
                 )
-        self.compiled = False
         if compile_network:
-            log.info("compiling the network with torch.compile (takes a while on first use)")
-            try:
-                compiled = torch.compile(self.infer_tiles, dynamic=False)
-            except Exception as exc:  # a missing compiler must not stop inference
-                log.warning("torch.compile unavailable (%s); running eager", exc)
-            else:
-                self._set_forward(compiled)
-                self.compiled = True
-                self._inductor_config = compile_options(device_type)
+            self._tiles = TileFunction.compile(self.infer_tiles, device_type)
 
-    def use_runtime(self, net: nn.Module, name: str) -> None:
-        """Run the network through ``net`` (an OpenVINO network of :attr:`net`, e.g. the INT8 one
-        :func:`wsiseg.int8_runtime.prepare_int8` made) from now on; ``name`` is what :attr:`runtime_used` reports.
-        :meth:`prepare` keeps it."""
-        self._set_openvino(net)
-        self._given_runtime = self.runtime_used = name
-        self.channels_last, self.compiled = False, False
-        self._set_forward(self.infer_tiles)
+    def use_runtime(self, runtime: Runtime) -> None:
+        """Run the network through ``runtime`` (e.g. the INT8 OpenVINO one :func:`wsiseg.pipeline.int8.prepare_int8`
+        made of :attr:`net`) from now on; :attr:`runtime_used` reports its name and :meth:`prepare` keeps it."""
+        self._runtime = runtime
+        self._given_runtime = self.runtime_used = runtime.name
+        self.channels_last = False
+        self._tiles = TileFunction(self.infer_tiles)
 
     def chunk_size(self, batch: torch.Tensor) -> int:
         """Tiles per network call so the largest activation (first block, full resolution) stays under 2**31."""
@@ -416,9 +338,9 @@ class SegmentationModule(pl.LightningModule):
         return max(1, min(n, _INT32_ELEMENTS // max(per_tile, 1)))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) → float32 ``(x/255 - mean)/std``, on whatever device ``images`` is."""
-        x = images.float().div_(255.0)
-        return (x - self.mean) / self.std
+        """uint8 (N, 3, H, W) → float32 ``(x/255 - mean)/std`` (:func:`wsiseg.head.normalise`), on ``images``'
+        device."""
+        return normalise(images, self.mean, self.std)
 
     def infer_tiles(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 tiles (N, 3, H, W) → float32 maps (N, C', H/d, W/d): normalisation, network, activation, channel
@@ -426,7 +348,7 @@ class SegmentationModule(pl.LightningModule):
         x = self.normalise(images)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        net = self.net if self._openvino is None else self._openvino
+        net = self._runtime
         passes = []
         for dims, swap in TTA_TRANSFORMS[self.tta]:  # each pass's probabilities transformed back onto the tile
             t = torch.flip(x, dims) if dims else x
@@ -436,52 +358,7 @@ class SegmentationModule(pl.LightningModule):
         while len(passes) > 1:  # a pairwise sum: equal passes average to themselves exactly (2, 4, 8 terms)
             passes = [passes[i] + passes[i + 1] for i in range(0, len(passes), 2)]
         y = passes[0] if self.tta == "none" else passes[0] * (1.0 / len(TTA_TRANSFORMS[self.tta]))
-        if self.reduction == "max":
-            y = y.amax(dim=1, keepdim=True)
-        elif self.reduction == "channel":
-            y = y[:, self.channel_index : self.channel_index + 1]
-        if self.output_downsample > 1:
-            y = F.avg_pool2d(y, self.output_downsample)
-        return y
-
-    def _call_network(self, images: torch.Tensor) -> torch.Tensor:
-        try:
-            if self.compiled and self._inductor_config:
-                import torch._inductor.config as inductor_config
-
-                with inductor_config.patch(self._inductor_config):
-                    return self._forward(images)
-            return self._forward(images)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            if not self.compiled:
-                raise
-            # torch.compile compiles on the first call; a toolchain problem must not stop inference.
-            log.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, str(exc)[:200])
-            self._set_forward(self.infer_tiles)
-            self.compiled = False
-            return self.infer_tiles(images)
-
-    def _as_compiled(self, chunk: torch.Tensor) -> torch.Tensor:
-        """``chunk`` shaped as the compiled graph was first called with, so it is not recompiled (seconds): a compiled
-        graph is specialised to its batch size, its input's memory layout and the kind of tensor it saw. Short chunks
-        (the last batch of a run) are zero-padded to the first batch size, every chunk takes the first one's layout
-        (NCHW from OpenSlide reads, channels_last from the JPEG-tile reader) and, under inference_mode, is an
-        inference tensor."""
-        count = chunk.shape[0]
-        if self._graph_batch is None:
-            self._graph_batch, self._graph_layout = count, x_format(chunk)
-        layout = self._graph_layout
-        if count < self._graph_batch or not chunk.is_contiguous(memory_format=layout):
-            padded = torch.zeros(
-                (self._graph_batch, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device
-            ).contiguous(memory_format=layout)
-            padded[:count] = chunk
-            return padded  # a new tensor: an inference tensor under inference_mode
-        if torch.is_inference_mode_enabled() and not chunk.is_inference():
-            return chunk.clone(memory_format=layout)
-        return chunk
+        return pool(reduce_channels(y, self.reduction, self.channel_index), self.output_downsample)
 
     def run_network(self, images: torch.Tensor) -> torch.Tensor:
         """:meth:`infer_tiles` on a uint8 batch, in chunks (:meth:`chunk_size`).
@@ -494,11 +371,7 @@ class SegmentationModule(pl.LightningModule):
         start = 0
         while start < images.shape[0]:
             try:
-                chunk = images[start : start + step]
-                count = chunk.shape[0]
-                if self.compiled:
-                    chunk = self._as_compiled(chunk)
-                outputs.append(self._call_network(chunk)[:count])
+                outputs.append(self._tiles(images[start : start + step]))
                 start += step
             except torch.OutOfMemoryError:
                 if step == 1:
@@ -508,7 +381,7 @@ class SegmentationModule(pl.LightningModule):
                     ) from None
                 step = max(1, step // 2)
                 self._oom_chunk = step
-                self._graph_batch = None
+                self._tiles.forget_graph_batch()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 log.warning("CUDA out of memory: retrying with %d tiles per network call", step)

@@ -18,15 +18,15 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from wsiseg.batch_size import resolve_batch_size
 from wsiseg.config import build_trainer
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.plan import RunPlan, slide_identity
 from wsiseg.errors import NoProcessableSlideError, UserInputError
-from wsiseg.model import holds_weights
 from wsiseg.options import check_bool, check_option_types, check_required, check_trainer_device
+from wsiseg.pipeline.batch_size import resolve_batch_size
 from wsiseg.pipeline.result import RunResult
 from wsiseg.run_lock import run_folder_lock
+from wsiseg.runtimes.files import is_file_network
 from wsiseg.writers.options import writer_section_options
 from wsiseg.writers.patch_writer import PatchWriter
 from wsiseg.writers.postprocess import refresh
@@ -128,7 +128,7 @@ def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = N
     check_trainer_device(cfg)
     slide_mode = _check_mode_pairing(cfg)
     net_class = get_class(cfg.model.net._target_)
-    if not holds_weights(net_class):  # an ONNX file's stride is known once its sidecar is read
+    if not is_file_network(net_class):  # an exported file's stride is known once its sidecar is read
         _check_patch_size(cfg, int(getattr(net_class, "stride", 1)))
     run_config = OmegaConf.to_container(cfg, resolve=True)
     provenance = run_provenance(cfg)
@@ -198,7 +198,7 @@ def _quantise_for_run(
     cfg: DictConfig, module: Any, datamodule: Any, slide_mode: bool, output_dir: Path
 ) -> dict[str, Any] | None:
     """``model.runtime=openvino_int8``: quantise the network on the planned tiles and hand the module its runtime
-    (:func:`wsiseg.int8_runtime.prepare_int8`); returns the outcome for the reports (None: no tile to predict).
+    (:func:`wsiseg.pipeline.int8.prepare_int8`); returns the outcome for the reports (None: no tile to predict).
 
     Raises:
         UserInputError: patch mode, or a trainer that does not run on the CPU.
@@ -213,7 +213,7 @@ def _quantise_for_run(
         raise UserInputError("model.runtime=openvino_int8 runs on the CPU: add trainer=cpu (or trainer=ddp_cpu)")
     if datamodule.plan.tiles == 0:
         return None
-    from wsiseg.int8_runtime import prepare_int8
+    from wsiseg.pipeline.int8 import prepare_int8
 
     threshold = float(OmegaConf.select(cfg, "writer.threshold", default=0.5))
     return prepare_int8(module, datamodule, module.int8, output_dir, threshold).as_report()
@@ -302,7 +302,7 @@ def run_provenance(cfg: DictConfig) -> dict[str, Any]:
     from wsiseg.provenance import sha256_file
 
     model = cfg.model
-    weights = model.net.get("path") if holds_weights(get_class(model.net._target_)) else model.get("checkpoint")
+    weights = model.net.get("path") if is_file_network(get_class(model.net._target_)) else model.get("checkpoint")
     path = Path(str(weights)).expanduser() if weights else None
     return {
         "wsiseg_version": __version__,

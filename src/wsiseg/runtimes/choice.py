@@ -1,5 +1,6 @@
-"""Which runtime runs a PyTorch network on the CPU (``model.runtime``), and the OpenVINO one for a torch network.
+"""Which runtime runs the network (``model.runtime``): the one place the choice is made.
 
+A file network (:mod:`wsiseg.runtimes.files`) runs in its own runtime. A torch network runs in torch or OpenVINO;
 ``model.runtime=auto`` (the default) is a rule from measurements recorded in docs/performance.md ("CPU runtimes"):
 
 - on a CUDA device: torch (mixed precision, compiled);
@@ -14,17 +15,15 @@ The choice and its reason are logged. ``model.runtime=torch`` / ``openvino`` for
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
 from torch import nn
 
 from wsiseg.errors import UserInputError
+from wsiseg.runtimes.base import Runtime, TorchRuntime
+from wsiseg.runtimes.files import is_file_network
 
-__all__ = ["RUNTIMES", "Int8Options", "TorchOnOpenVino", "choose_runtime"]
+__all__ = ["RUNTIMES", "Int8Options", "choose_runtime", "runtime_for"]
 
 RUNTIMES = ("auto", "torch", "openvino", "openvino_int8")
 
@@ -101,50 +100,31 @@ def choose_runtime(
     return "openvino", f"float32 CPU, {planned_tiles} tiles"
 
 
-class TorchOnOpenVino(nn.Module):
-    """A PyTorch network run by OpenVINO on the CPU: same inputs and outputs (normalised float N×3×H×W in, the
-    network's raw float32 output out), any batch and tile size that is a multiple of the stride.
+def runtime_for(
+    net: nn.Module,
+    requested: str,
+    device_type: str,
+    precision: str,
+    planned_tiles: int | None,
+    min_tiles: int,
+) -> tuple[Runtime, str]:
+    """The runtime that runs ``net`` in this run, and why (one phrase): a file network's own runtime, else the one
+    :func:`choose_runtime` picks for a torch network (OpenVINO's is built here and compiles on its first call).
 
-    The torch network is kept (so the module pickles and moves as before); on the first call it is exported to ONNX in
-    a temporary folder (:func:`wsiseg.onnx_graph.export_onnx`: dynamic batch and tile size), compiled by OpenVINO in
-    float32 (:func:`wsiseg.openvino_net.compile_for_cpu`) and the file deleted. Compiled models do not pickle: a copy
-    compiles again on its first call.
-
-    Args:
-        net: the torch network (weights loaded).
-        threads: OpenVINO inference threads; None: torch's thread count.
-        ir: an OpenVINO IR file (``.xml``) of ``net`` to compile instead of exporting it (the INT8 model
-            :mod:`wsiseg.int8_runtime` made of it).
+    Raises:
+        UserInputError: as :func:`choose_runtime`; ``openvino_int8``, which only the pipeline can set up (it
+            calibrates on the run's tiles: :mod:`wsiseg.pipeline.int8`).
     """
+    from wsiseg.runtimes.openvino import TorchOnOpenVino, openvino_available
 
-    def __init__(self, net: nn.Module, threads: int | None = None, ir: Path | None = None) -> None:
-        super().__init__()
-        self.net, self.threads, self.ir = net, threads, ir
-        self._compiled: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_compiled": None}
-
-    @property
-    def compiled(self) -> Any:
-        """The OpenVINO ``CompiledModel`` (exported and compiled on first access)."""
-        if self._compiled is None and self.ir is not None:
-            from wsiseg.openvino_net import compile_for_cpu
-
-            self._compiled = compile_for_cpu(self.ir, threads=self.threads)
-        if self._compiled is None:
-            from wsiseg.model import network_stride
-            from wsiseg.onnx_graph import export_onnx
-            from wsiseg.openvino_net import compile_for_cpu
-
-            side = 4 * network_stride(self.net)
-            # exported outside inference mode (the first call comes from inside trainer.predict's)
-            with torch.inference_mode(False), tempfile.TemporaryDirectory(prefix="wsiseg-openvino-") as tmp:
-                path = export_onnx(self.net, Path(tmp) / "net.onnx", opset=17, example_size=(side, side))
-                self._compiled = compile_for_cpu(path, threads=self.threads)  # reads the file: nothing shared
-        return self._compiled
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from wsiseg.openvino_net import run_compiled
-
-        return run_compiled(self.compiled, x)
+    if is_file_network(net):
+        return TorchRuntime(net, ", ".join(net.active_providers)), "the file's own runtime"
+    used, why = choose_runtime(requested, device_type, precision, planned_tiles, min_tiles, openvino_available())
+    if used == "openvino_int8":
+        raise UserInputError(
+            "model.runtime=openvino_int8 calibrates on the run's own tiles: run the module through wsiseg-predict "
+            "or wsiseg.predict (wsiseg.pipeline.assemble), or use model.runtime=openvino"
+        )
+    if used == "openvino":
+        return TorchOnOpenVino(net), why
+    return TorchRuntime(net), why

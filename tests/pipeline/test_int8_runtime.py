@@ -12,8 +12,8 @@ import pytest
 import tifffile
 
 from tests.helpers import FAST, predict, run_main
-from wsiseg.int8_runtime import Int8Options, spread_indices
-from wsiseg.quantize import dice
+from wsiseg.head import dice
+from wsiseg.pipeline.int8 import Int8Options, spread_indices
 
 pytest.importorskip("nncf")
 
@@ -77,7 +77,7 @@ def test_int8_runs_caches_and_falls_back_to_fp32_under_the_floor(
     assert _report(tmp_path / "first")["config_hash"] != _report(tmp_path / "fp32")["config_hash"]
 
     # the same cache, a floor its Dice on the same check tiles cannot reach: no calibration, FP32
-    with caplog.at_level(logging.WARNING, logger="wsiseg.int8_runtime"):
+    with caplog.at_level(logging.WARNING, logger="wsiseg.pipeline.int8"):
         assert predict(synthetic_slide, tmp_path / "floor", [*int8, "model.int8.dice_floor=1.0"]) == 0
     floor = _report(tmp_path / "floor")["provenance"]["int8"]
     assert floor["calibrated"] is False and ir.stat().st_mtime_ns == made

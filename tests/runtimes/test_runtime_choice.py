@@ -13,12 +13,12 @@ import torch
 
 from tests.conftest import shared_slide
 from tests.helpers import predict
-from wsiseg.cpu_runtime import TorchOnOpenVino, choose_runtime
 from wsiseg.errors import UserInputError
 from wsiseg.hardware import cpu_precision
 from wsiseg.model import Unet
 from wsiseg.module import SegmentationModule
-from wsiseg.openvino_net import openvino_available
+from wsiseg.runtimes.choice import choose_runtime
+from wsiseg.runtimes.openvino import TorchOnOpenVino, openvino_available
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_auto_on_this_cpu_picks_its_measured_fast_path() -> None:
     module.prepare("cpu", planned_tiles=1000, precision=cpu_precision())
     expected = "openvino" if cpu_precision() == "32-true" and openvino_available() else "torch"
     assert module.runtime_used == expected
-    assert (module._openvino is not None) == (expected == "openvino")
+    assert isinstance(module._runtime, TorchOnOpenVino) == (expected == "openvino")
     # the torch weights appear once in the state dict whichever runtime runs them
     assert all(key.startswith("net.") for key in module.state_dict())
 
@@ -82,8 +82,8 @@ def test_torch_on_openvino_equals_torch_fp32_and_pickles() -> None:
 
 
 def test_openvino_refused_for_an_onnx_file(tmp_path: Path) -> None:
-    from wsiseg.onnx_graph import export_onnx
-    from wsiseg.onnx_net import OnnxRuntimeNet
+    from wsiseg.runtimes.onnx_graph import export_onnx
+    from wsiseg.runtimes.onnxruntime import OnnxRuntimeNet
 
     path = export_onnx(Unet(3, 1, base_width=4), tmp_path / "net.onnx")
     with pytest.raises(UserInputError, match="model.runtime=openvino is for torch networks"):

@@ -1,27 +1,32 @@
-"""OpenVINO as a network: a file written by ``wsiseg-export`` (ONNX, or OpenVINO IR ``.xml`` + ``.bin`` from
-``export.format=openvino``) compiled by OpenVINO for the CPU, behind the ``nn.Module`` interface
-:class:`~wsiseg.module.SegmentationModule` expects (``model=openvino model.net.path=u.onnx``).
+"""OpenVINO on the CPU: compiling a file or model, and the two OpenVINO runtimes.
 
-The same sidecar as :class:`~wsiseg.onnx_net.OnnxRuntimeNet` (mean, std, activation and stride are the export's,
-resolved by :func:`wsiseg.onnx_net.onnx_settings`); only the runtime differs. OpenVINO is a
-dependency of wsiseg (installed with it); a missing one is one line saying how to install it.
+- :class:`OpenVinoNet`: a file written by ``wsiseg-export`` (ONNX, or OpenVINO IR ``.xml`` + ``.bin`` from
+  ``export.format=openvino``) as a network (``model=openvino model.net.path=u.onnx``; the same sidecar as
+  :class:`~wsiseg.runtimes.onnxruntime.OnnxRuntimeNet`, :mod:`wsiseg.runtimes.files`);
+- :class:`TorchOnOpenVino`: a torch network exported and compiled by OpenVINO when the run starts
+  (``model.runtime=openvino``, or the INT8 IR of ``model.runtime=openvino_int8``).
+
+OpenVINO is a dependency of wsiseg (installed with it); a missing one is one line saying how to install it.
 """
 
 from __future__ import annotations
 
 import functools
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
 from wsiseg.errors import UserInputError, first_line
-from wsiseg.onnx_net import OnnxRuntimeNet
+from wsiseg.runtimes.base import Runtime, run_on_host
+from wsiseg.runtimes.files import FileNetwork
 
 __all__ = [
     "OpenVinoNet",
     "INFERENCE_PRECISIONS",
+    "TorchOnOpenVino",
     "compile_for_cpu",
     "ir_weights_path",
     "openvino_available",
@@ -123,11 +128,10 @@ def static_output_channels(path: str | Path) -> int | None:
 
 def run_compiled(compiled: Any, x: torch.Tensor) -> torch.Tensor:
     """``compiled``'s first output for the float batch ``x``, as float32 on ``x``'s device."""
-    out = compiled(x.detach().to("cpu", torch.float32).contiguous().numpy())[0]
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
+    return run_on_host(lambda array: compiled(array)[0], x)
 
 
-class OpenVinoNet(OnnxRuntimeNet):
+class OpenVinoNet(FileNetwork):
     """An ONNX or OpenVINO IR file from ``wsiseg-export`` compiled by OpenVINO for the CPU.
 
     ``forward`` takes the normalised float N×3×H×W batch and returns the graph's first output as float32 on the
@@ -147,7 +151,7 @@ class OpenVinoNet(OnnxRuntimeNet):
         UserInputError: OpenVINO is not installed, an option is outside its values, or the file does not compile.
     """
 
-    _runtime_handles = ("_session", "_compiled")  # compiled models do not pickle either
+    _runtime_handles = ("_compiled",)  # compiled models do not pickle
 
     def __init__(
         self,
@@ -196,4 +200,49 @@ class OpenVinoNet(OnnxRuntimeNet):
         return channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_compiled(self.compiled, x)
+
+
+class TorchOnOpenVino(Runtime):
+    """A PyTorch network run by OpenVINO on the CPU: same inputs and outputs (normalised float N×3×H×W in, the
+    network's raw float32 output out), any batch and tile size that is a multiple of the stride.
+
+    The torch network is kept (so the module pickles and moves as before); on the first call it is exported to ONNX in
+    a temporary folder (:func:`wsiseg.runtimes.onnx_graph.export_onnx`: dynamic batch and tile size), compiled by
+    OpenVINO in float32 (:func:`compile_for_cpu`) and the file deleted. Compiled models do not pickle: a copy compiles
+    again on its first call.
+
+    Args:
+        net: the torch network (weights loaded).
+        threads: OpenVINO inference threads; None: torch's thread count.
+        ir: an OpenVINO IR file (``.xml``) of ``net`` to compile instead of exporting it (the INT8 model
+            :mod:`wsiseg.pipeline.int8` made of it).
+    """
+
+    def __init__(
+        self, net: nn.Module, threads: int | None = None, ir: Path | None = None, name: str = "openvino"
+    ) -> None:
+        self.net, self.threads, self.ir, self.name = net, threads, ir, name
+        self._compiled: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_compiled": None}
+
+    @property
+    def compiled(self) -> Any:
+        """The OpenVINO ``CompiledModel`` (exported and compiled on first access)."""
+        if self._compiled is None and self.ir is not None:
+            self._compiled = compile_for_cpu(self.ir, threads=self.threads)
+        if self._compiled is None:
+            from wsiseg.model import network_stride
+            from wsiseg.runtimes.onnx_graph import export_onnx
+
+            side = 4 * network_stride(self.net)
+            # exported outside inference mode (the first call comes from inside trainer.predict's)
+            with torch.inference_mode(False), tempfile.TemporaryDirectory(prefix="wsiseg-openvino-") as tmp:
+                path = export_onnx(self.net, Path(tmp) / "net.onnx", opset=17, example_size=(side, side))
+                self._compiled = compile_for_cpu(path, threads=self.threads)  # reads the file: nothing shared
+        return self._compiled
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return run_compiled(self.compiled, x)

@@ -2,7 +2,7 @@
 
 Before the first batch, the run's planned tissue tiles are sampled (spread over its slides, seeded) into a calibration
 set and a disjoint check set, exactly as the network will see them (read, stain-normalised, normalised). NNCF
-quantises the torch network (exported to ONNX: :mod:`wsiseg.quantize`, the same quantiser as ``wsiseg-export
+quantises the torch network (exported to ONNX: :mod:`wsiseg.deploy.int8_openvino`, the same quantiser as ``wsiseg-export
 export.quantize=int8``) on the calibration set, and the INT8 OpenVINO IR is cached in ``model.int8.cache_dir`` under a
 key of the weights' SHA-256 and the calibration settings: a later run with the same key loads it instead of
 calibrating again (its ranges then come from the tiles of the run that made it). Every run checks the INT8 network
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from wsiseg.atomic import write_json_atomic
-from wsiseg.cpu_runtime import Int8Options
 from wsiseg.errors import UserInputError
+from wsiseg.runtimes.choice import Int8Options
 
 __all__ = ["Int8Options", "Int8Outcome", "prepare_int8", "spread_indices"]
 
@@ -100,11 +100,12 @@ def prepare_int8(module: Any, datamodule: Any, options: Int8Options, run_dir: Pa
     Raises:
         UserInputError: the run has fewer tissue tiles than the calibration and check sets need, or NNCF is missing.
     """
-    from wsiseg.cpu_runtime import TorchOnOpenVino
+    from wsiseg.deploy.calibration import probabilities
+    from wsiseg.deploy.int8_openvino import NNCF_MISSING, nncf_available, quantize_int8_nncf
+    from wsiseg.head import dice
     from wsiseg.model import network_stride
-    from wsiseg.onnx_graph import export_onnx
-    from wsiseg.openvino_net import compile_for_cpu, move_ir, openvino_core, save_ir
-    from wsiseg.quantize import NNCF_MISSING, dice, nncf_available, probabilities, quantize_int8_nncf
+    from wsiseg.runtimes.onnx_graph import export_onnx
+    from wsiseg.runtimes.openvino import TorchOnOpenVino, compile_for_cpu, move_ir, openvino_core, save_ir
 
     started = time.perf_counter()
     if not nncf_available():
@@ -176,7 +177,7 @@ def prepare_int8(module: Any, datamodule: Any, options: Int8Options, run_dir: Pa
             float(difference.max()),
             len(check_idx),
         )
-    module.use_runtime(TorchOnOpenVino(module.net, ir=ir if used == "openvino_int8" else None), used)
+    module.use_runtime(TorchOnOpenVino(module.net, ir=ir if used == "openvino_int8" else None, name=used))
     return Int8Outcome(
         runtime=used,
         calibrated=calibrated,

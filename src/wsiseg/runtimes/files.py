@@ -1,9 +1,10 @@
-"""The ONNX runtime as a network: a file written by ``wsiseg-export`` run by onnxruntime behind the ``nn.Module``
-interface :class:`~wsiseg.module.SegmentationModule` expects (``model=onnx model.net.path=unet.onnx``).
+"""Networks held in a file that ``wsiseg-export`` wrote (ONNX, OpenVINO IR): what every file runtime shares.
 
-The file holds the weights (no checkpoint is read); its sidecar ``<file>.json`` holds how the input is made and the
-output read, and :func:`onnx_settings` resolves the module's mean, std and activation against it, so a config that
-contradicts the export is refused.
+A file network holds its own weights (no checkpoint is read for it) and its sidecar ``<file>.json`` says how the input
+is made and the output read: :func:`onnx_settings` resolves the module's mean, std and activation against it, so a
+config that contradicts the export is refused. :class:`FileNetwork` is the base of the runtimes that run such a file
+(:class:`~wsiseg.runtimes.onnxruntime.OnnxRuntimeNet`, :class:`~wsiseg.runtimes.openvino.OpenVinoNet`);
+:func:`is_file_network` is the one question the rest of wsiseg asks about a network's weights.
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from wsiseg.errors import UserInputError
 
 __all__ = [
-    "OnnxRuntimeNet",
+    "FileNetwork",
     "OnnxSettings",
     "OnnxSidecar",
-    "default_providers",
-    "onnx_output_channels",
+    "is_file_network",
     "onnx_settings",
     "read_sidecar",
     "sidecar_path",
@@ -41,37 +40,29 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def default_providers() -> list[str]:
-    """onnxruntime providers: CUDA first when this onnxruntime build has it, CPU always."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+def is_file_network(net: nn.Module | type[nn.Module]) -> bool:
+    """Whether ``net`` (an instance or a class) is a network held in an exported file (:class:`FileNetwork`): its
+    weights and head settings are the file's, and no checkpoint is read for it."""
+    return isinstance(net, FileNetwork) or (isinstance(net, type) and issubclass(net, FileNetwork))
 
 
-class OnnxRuntimeNet(nn.Module):
-    """An ONNX file from ``wsiseg-export`` behind the ``nn.Module`` interface ``SegmentationModule`` expects.
-
-    ``forward`` takes the normalised float N×3×H×W batch (any device) and returns the graph's first output as a float32
-    tensor on the input's device. The onnxruntime session is created on the first call (so the module pickles and
-    deep-copies without it) and uses the CUDA execution provider when onnxruntime has it (with TF32 off, so results
-    match float32 PyTorch), otherwise the CPU one with as many threads as torch uses. Data crosses via host memory.
-
-    The file holds its own weights (:attr:`holds_weights`: the module reads no checkpoint for it) and its sidecar,
-    read once here (:attr:`sidecar`, None without one), supplies the stride unless one is given.
+class FileNetwork(nn.Module):
+    """An exported file (``model.net.path``) behind the ``nn.Module`` interface: the path checked, the sidecar read
+    once (:attr:`sidecar`, None without one), the stride, and runtime handles that are not pickled (a copy makes its
+    own on first use). Subclasses run the file (:meth:`forward`: normalised float N×3×H×W in, the graph's first output
+    as float32 on the input's device out) and say which runtime runs it (:attr:`active_providers`).
 
     Args:
-        path: the ``.onnx`` file (``model.net.path``).
+        path: the exported file.
         stride: input height/width must be multiples of this, px; None: the sidecar's, else 16.
-        providers: onnxruntime execution providers to use instead of the default.
 
     Raises:
         UserInputError: the file does not exist, or its sidecar is not one ``wsiseg-export`` wrote.
     """
 
-    holds_weights = True
+    _runtime_handles: tuple[str, ...] = ()  # attributes holding runtime objects, which do not pickle
 
-    def __init__(self, path: str | Path, stride: int | None = None, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str | Path, stride: int | None = None) -> None:
         super().__init__()
         self.path = Path(str(path)).expanduser().absolute()
         if not self.path.is_file():
@@ -82,11 +73,6 @@ class OnnxRuntimeNet(nn.Module):
             )
         self.sidecar = read_sidecar(self.path)
         self.stride = int(stride or (self.sidecar.stride if self.sidecar else 16))
-        self.providers = list(providers) if providers else None
-        self._session: Any = None
-        self._device_id: int | None = None
-
-    _runtime_handles: tuple[str, ...] = ("_session",)  # do not pickle; a copy makes its own on first use
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, **dict.fromkeys(self._runtime_handles)}
@@ -95,53 +81,13 @@ class OnnxRuntimeNet(nn.Module):
         return f"path={str(self.path)!r}, stride={self.stride}"
 
     @property
-    def session(self) -> Any:
-        """The onnxruntime ``InferenceSession`` (created on first access, on GPU 0 if CUDA is used)."""
-        if self._session is None:
-            self._session = self._create_session(0)
-        return self._session
-
-    def _create_session(self, device_id: int) -> Any:
-        import onnxruntime as ort
-
-        providers: list[Any] = list(self.providers or default_providers())
-        providers = [
-            ("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}) if p == "CUDAExecutionProvider" else p
-            for p in providers
-        ]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, torch.get_num_threads())
-        options.log_severity_level = 3
-        # Idle worker threads sleep instead of spinning: the DataLoader workers and the writer share these cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as exc:
-            raise UserInputError(
-                f"model.net.path '{self.path}' cannot be loaded by onnxruntime {ort.__version__}: "
-                f"{str(exc).splitlines()[0]}; re-export it with wsiseg-export (e.g. export.opset=17)"
-            ) from None
-        self._device_id = device_id
-        return session
+    def active_providers(self) -> list[str]:
+        """The runtime(s) really running the file, as the report names them."""
+        raise NotImplementedError
 
     def output_channels(self) -> int:
-        """The file's output channels (:func:`onnx_output_channels`)."""
-        return onnx_output_channels(self.path, self.stride)
-
-    @property
-    def active_providers(self) -> list[str]:
-        """Providers the session really uses (onnxruntime drops unavailable ones)."""
-        return list(self.session.get_providers())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device_id = (x.device.index or 0) if x.is_cuda else 0
-        if self._session is None or (x.is_cuda and self._device_id != device_id):
-            self._session = self._create_session(device_id)
-        inp = self._session.get_inputs()[0]
-        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy().astype(dtype, copy=False)
-        (out, *_) = self._session.run(None, {inp.name: array})
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
+        """The file's output channels."""
+        raise NotImplementedError
 
 
 # -- the sidecar ------------------------------------------------------------------------------------------------
@@ -194,36 +140,6 @@ def read_sidecar(onnx_path: str | Path) -> OnnxSidecar | None:
         ) from None
 
 
-def onnx_output_channels(path: str | Path, stride: int) -> int:
-    """Output channels of the ONNX file at ``path``: the graph's static channel axis, or (when that axis is symbolic)
-    the channels of one ``stride``×``stride`` zero tile run on the CPU.
-
-    Raises:
-        UserInputError: the file is not ONNX, or its first output is not N×C×H×W.
-    """
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise UserInputError(
-            f"model.net.path '{path}' is not an ONNX file ({type(exc).__name__}: {str(exc)[:200].splitlines()[0]}): "
-            "export one with wsiseg-export"
-        ) from None
-    dims = proto.graph.output[0].type.tensor_type.shape.dim if proto.graph.output else []
-    if len(dims) == 4 and dims[1].HasField("dim_value"):
-        return int(dims[1].dim_value)
-    runner = OnnxRuntimeNet(path, stride=stride, providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        shape = tuple(runner(torch.zeros(1, 3, stride, stride)).shape)
-    if len(shape) != 4:
-        raise UserInputError(
-            f"model.net.path '{path}' returns shape {shape} for a 1x3x{stride}x{stride} input, not N×C×H×W: "
-            "export the network with wsiseg-export"
-        )
-    return int(shape[1])
-
-
 def _check_stride_runs(net: Any, sidecar: OnnxSidecar) -> None:
     """The file runs on one tile of the side its sidecar says inputs must be a multiple of: a hand-edited stride
     would otherwise let a patch size through that fails mid-run inside the runtime.
@@ -274,7 +190,7 @@ def _agreed(option: str, given: Any, recorded: Any, sidecar: OnnxSidecar) -> Any
 
 
 def onnx_settings(
-    net: OnnxRuntimeNet,
+    net: FileNetwork,
     *,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,

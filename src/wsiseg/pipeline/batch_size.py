@@ -1,5 +1,6 @@
-"""``data.batch_size``: the device's default (null) or the largest batch that fits on the device (``auto``, found by an
-out-of-memory probe), in whole network chunks."""
+"""``data.batch_size`` for a run: the device's default (null; :func:`wsiseg.hardware.default_batch_size`) capped at one
+network chunk, or the largest batch that fits on the device (``auto``, found by an out-of-memory probe), in whole
+network chunks."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from typing import Any
 import torch
 
 from wsiseg.errors import UserInputError
+from wsiseg.hardware import CPU_AUTO_BATCH, GPU_DEFAULT_BATCH, default_batch_size
 from wsiseg.module import SegmentationModule
 
 __all__ = [
-    "CPU_AUTO_BATCH",
-    "GPU_DEFAULT_BATCH",
-    "default_batch_size",
     "gpu_default_batch",
     "network_chunk",
     "probe_max_batch",
@@ -23,22 +22,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# On CPU small batches keep activations in cache, so throughput falls as the batch grows; batch 2 keeps most of batch
-# 1's rate while amortising per-batch overhead (measurements: docs/performance.md, "Batch size on CPU").
-CPU_AUTO_BATCH = 2
-# data.batch_size=null on a GPU (at most one network chunk; auto probes the memory instead): enough tiles per batch
-# that the GPU's kernels stay large and the per-batch host work (collation, the copy, the writer's hand-off) is shared.
-GPU_DEFAULT_BATCH = 32
-
-
-def default_batch_size(device_type: str | None = None) -> int:
-    """``data.batch_size=null`` (the default) where the network is not known (the data module's own loader):
-    :data:`CPU_AUTO_BATCH` on CPUs and :data:`GPU_DEFAULT_BATCH` elsewhere; None: the device this process would run
-    on (CUDA when visible). :func:`resolve_batch_size` also caps the GPU default at one network chunk."""
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return CPU_AUTO_BATCH if device_type == "cpu" else GPU_DEFAULT_BATCH
 
 
 def network_chunk(module: SegmentationModule, patch_size: int) -> int:
