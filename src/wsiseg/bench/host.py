@@ -20,9 +20,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from wsiseg.batch_size import GPU_DEFAULT_BATCH
 from wsiseg.config import build_trainer
 from wsiseg.data.datamodule import SlideTileDataModule
+from wsiseg.hardware import GPU_DEFAULT_BATCH
 from wsiseg.module import step_outputs
 
 __all__ = ["CachedMaps", "host_bound_case"]
@@ -92,7 +92,7 @@ def host_bound_case(
 ) -> dict[str, Any]:
     """Run ``datamodule``'s planned tiles through ``trainer.predict`` with :class:`CachedMaps` (``maps``: the real
     module's output on a batch of real tiles) and ``cfg.writer`` blending on its thread, as a GPU host runs them: in
-    batches of :data:`wsiseg.batch_size.GPU_DEFAULT_BATCH` tiles (fewer for a run of under 4 such batches); outputs go
+    batches of :data:`wsiseg.hardware.GPU_DEFAULT_BATCH` tiles (fewer for a run of under 4 such batches); outputs go
     to ``out_dir``.
 
     Returns ``bench.json``'s ``cases.host_bound``: ``patches``, ``seconds`` (the whole ``trainer.predict``),

@@ -124,7 +124,7 @@ def test_bench_peer_is_skipped_with_a_line_without_monai(tmp_path: Path) -> None
     and says in one line how to get the peer."""
     code = (
         "import sys; sys.modules['monai'] = None; sys.argv = ['wsiseg-bench', *sys.argv[1:]]; "
-        "from wsiseg.bench import main; main()"
+        "from wsiseg.bench.command import main; main()"
     )
     overrides = [*SMALL_SLIDE_BENCH, "bench.max_tiles=4", "bench.naive_tiles=2", f"hydra.run.dir={tmp_path}"]
     result = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True, timeout=600)
@@ -177,63 +177,3 @@ def test_bench_gpu_jpeg_reader_is_used_and_timed(tmp_path: Path) -> None:
     assert report["settings"]["reader"] == "gpu_jpeg"
     assert report["settings"]["reader_used"] == "JpegTileDataset"
     assert report["cases"]["read_bound"]["patches"] == report["settings"]["tiles"] > 0
-
-
-def test_naive_loop_halves_cover_the_same_tiles_across_slides(tmp_path: Path) -> None:
-    """The bench times the naive loop in two halves (before and after the optimised run): the halves must be exactly
-    the first N tiles, split anywhere, including across slides. ProbeNet returns each tile's red channel / 255."""
-    import numpy as np
-    import torch
-
-    from tests.conftest import shared_slide
-    from wsiseg.bench import naive_loop
-    from wsiseg.data.datamodule import SlideTileDataModule
-    from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
-    from wsiseg.model import ProbeNet
-
-    generated = write_synthetic_slide(tmp_path / "g.tif", SyntheticSlide(800, 600, seed=4))
-    slides = [str(generated), str(shared_slide("CMU-1-Small-Region.svs"))]
-    dm = SlideTileDataModule(slides, patch_size=256, batch_size=4, num_workers=0, reader="openslide")
-    dm.setup("predict")
-    first_slide_tiles = len(dm.slides[0].origins)
-    total = first_slide_tiles + 3
-    net, device = ProbeNet(gain=0.5, bias=0.5).eval(), torch.device("cpu")
-    mean = std = torch.full((3, 1, 1), 0.5)
-
-    def run(limit: int, skip: int = 0) -> list[np.ndarray]:
-        return list(naive_loop(dm, net, device, mean, std, limit, skip))
-
-    whole = run(total)
-    assert len(whole) == total
-    for split in (1, first_slide_tiles, first_slide_tiles + 1):
-        halves = run(split) + run(total - split, skip=split)
-        assert len(halves) == total
-        for a, b in zip(whole, halves):
-            np.testing.assert_array_equal(a, b)
-    expected_last = dm.dataset[total - 1]["image"][0].float().numpy() / 255  # the 3rd tile of the second slide
-    np.testing.assert_allclose(whole[-1][0], expected_last, atol=1e-6)
-
-
-def test_bench_warns_when_figures_cannot_be_trusted() -> None:
-    """A pipeline faster than its own bound, or naive halves far apart, means the machine's load moved mid-run: the
-    report says so instead of printing e.g. '222 % of the model bound' as a finding."""
-    from wsiseg.bench import bench_warnings
-
-    assert bench_warnings(0.93, [19.5, 19.1]) == []
-    [beyond] = bench_warnings(2.22, [19.5, 19.1])
-    assert "pipeline efficiency 222% exceeds the bound" in beyond and "re-run" in beyond
-    [drift] = bench_warnings(0.9, [15.0, 19.5])
-    assert "naive halves differ by 30%" in drift
-    assert len(bench_warnings(1.2, [10.0, 20.0])) == 2
-
-
-def test_bench_section_is_checked_when_built() -> None:
-    """``bench`` is a structured section (``BenchOptions``): a bad value is one line naming the key."""
-    from wsiseg.bench import BenchOptions
-    from wsiseg.errors import UserInputError
-
-    with pytest.raises(UserInputError, match=r"bench.max_tiles must be a positive integer, got 0"):
-        BenchOptions(max_tiles=0)
-    with pytest.raises(UserInputError, match=r"bench.ddp_ranks must list rank counts >= 1"):
-        BenchOptions(ddp_ranks=[2, 0])
-    assert BenchOptions(ddp_ranks=[1, 2]).naive_tiles == 128

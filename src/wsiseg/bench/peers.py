@@ -10,11 +10,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-__all__ = ["MONAI_MISSING", "PeerResult", "monai_available", "monai_wsi_case", "mean_abs_grey_diff"]
+if TYPE_CHECKING:
+    from wsiseg.bench.options import BenchOptions
+    from wsiseg.data.datamodule import SlideTileDataModule
+    from wsiseg.module import SegmentationModule
+
+__all__ = ["MONAI_MISSING", "PeerResult", "monai_available", "monai_wsi_case", "mean_abs_grey_diff", "peer_cases"]
 
 MONAI_MISSING = "MONAI is not installed: pip install 'wsiseg[peers]' to time MONAI's WSI pipeline beside wsiseg"
 
@@ -95,3 +101,46 @@ def mean_abs_grey_diff(whole: torch.Tensor, tiles: dict[tuple[int, int], np.ndar
         ref = np.asarray(reference, np.float32).reshape(region.shape)
         diffs.append(np.abs(region - ref).mean() * 255.0)
     return float(np.mean(diffs)) if diffs else float("nan")
+
+
+def peer_cases(
+    bench: BenchOptions,
+    datamodule: SlideTileDataModule,
+    reference: torch.nn.Module,
+    module: SegmentationModule,
+    naive_outputs: list[np.ndarray],
+) -> dict[str, dict[str, Any]]:
+    """The peers on the naive loop's tiles with the same FP32 weights (:func:`monai_wsi_case`): per peer
+    ``patches_per_s`` and ``mean_abs_grey_diff_vs_naive``, or ``skipped`` with the reason."""
+    slide = datamodule.slides[0]
+    if not monai_available():
+        print(f"wsiseg-bench: monai skipped: {MONAI_MISSING}")
+        return {"monai": {"skipped": MONAI_MISSING}}
+    if len(datamodule.slides) != 1 or slide.level.scale != 1.0:
+        why = "MONAI's splitter reads one unresampled level of one slide: bench one slide at a pyramid level"
+        print(f"wsiseg-bench: monai skipped: {why}")
+        return {"monai": {"skipped": why}}
+    origins = slide.origins[: len(naive_outputs)]
+    cpu_reference = reference.cpu()
+    result = monai_wsi_case(
+        str(slide.path),
+        slide.level.level,
+        slide.grid.patch_size,
+        origins,
+        cpu_reference,
+        module.mean.cpu(),
+        module.std.cpu(),
+        datamodule.batch_size,
+    )
+    patch = slide.grid.patch_size
+    by_origin = {(int(x), int(y)): out for (x, y), out in zip(origins, naive_outputs)}
+    return {
+        "monai": {
+            "tiles": result.tiles,
+            "seconds": round(result.seconds, 3),
+            "patches_per_s": round(result.tiles / result.seconds, 2),
+            "batch_size": datamodule.batch_size,
+            "mean_abs_grey_diff_vs_naive": round(mean_abs_grey_diff(result.output, by_origin, patch), 4),
+            "pipeline": "PatchInferer + WSISlidingWindowSplitter(OpenSlide) + AvgMerger, FP32 eager, on the CPU",
+        }
+    }
