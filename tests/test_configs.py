@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from wsiseg.config import config_dir
-from wsiseg.export import run_export
+from wsiseg.deploy.export import run_export
 from wsiseg.model import MilesialUNet
 
 CONF = config_dir()

@@ -227,7 +227,7 @@ class Segmenter:
         return outputs  # type: ignore[return-value]
 
     def _batch_size(self, module: Any, trainer: Any, patch: int) -> int:
-        from wsiseg.batch_size import resolve_batch_size
+        from wsiseg.pipeline.batch_size import resolve_batch_size
 
         value = self.options.get("data.batch_size")
         return resolve_batch_size(value, module, patch, trainer.strategy.root_device, trainer)
@@ -277,7 +277,7 @@ class Segmenter:
         """Export this model (``wsiseg-export``): ``format`` ``onnx`` | ``torchscript`` | ``openvino``, ``quantize``
         ``none`` | ``int8`` (needs ``export__calibration_slides=[...]``); verified against eager float32 PyTorch.
         Returns the sidecar (``<path>.json``) as a dict."""
-        from wsiseg.export import run_export
+        from wsiseg.deploy.export import run_export
 
         extra = {"export.path": str(Path(path).expanduser()), "export.format": format, "export.quantize": quantize}
         return run_export(self.config("export", **extra, **_dotted(options)))
@@ -285,7 +285,7 @@ class Segmenter:
     def bench(self, out_dir: str | Path, **options: Any) -> dict[str, Any]:
         """Run ``wsiseg-bench`` (naive loop vs the pipeline, read/model/host bounds, peers) into ``out_dir``; returns
         the report written to ``bench.json``. Options as config keys (``bench__max_tiles=128``)."""
-        from wsiseg.bench import run_bench
+        from wsiseg.bench.run import run_bench
 
         out_dir = Path(out_dir).expanduser()
         # the command's writer.output_dir is Hydra's run folder: here it is out_dir (each case writes below it)

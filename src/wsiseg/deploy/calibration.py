@@ -1,17 +1,17 @@
-"""Post-training static INT8 quantisation of an exported ONNX network, calibrated and checked on real tissue tiles.
+"""What both INT8 quantisers share: tissue tiles to calibrate on and to check with, the INT8-vs-FP32 agreement on
+the held-out ones, the Dice floor, and the procedure around a quantiser (:func:`quantise_on_tissue`).
 
     wsiseg-export model=demo export.path=demo-int8.onnx export.quantize=int8 \\
         'export.calibration_slides=[/data/a.svs,/data/b.svs]'
 
 Tissue tiles are sampled from the calibration slides (the same tissue detection as ``wsiseg-predict``), split at
-random into a calibration set and a disjoint held-out set. Two quantisers, chosen by ``export.format``
-(:data:`QUANTIZERS`):
+random into a calibration set and a disjoint held-out set. The exporter of ``export.format`` names its quantiser
+(:class:`Int8Quantizer`):
 
-- ``openvino``: NNCF (OpenVINO's own) quantises the OpenVINO model and the IR file (``.xml`` + ``.bin``) is written:
-  INT8 per-channel weights, asymmetric INT8 activations (NNCF's ``mixed`` preset), min-max ranges. OpenVINO only;
-  the fastest CPU path measured (docs/performance.md).
-- ``onnx``: onnxruntime's static quantiser writes a QDQ ONNX model (INT8 per-channel weights, UINT8 activations,
-  min-max ranges), which OpenVINO and onnxruntime both run.
+- ``openvino``: NNCF (:mod:`~wsiseg.deploy.int8_openvino`) quantises the OpenVINO model and the IR file (``.xml`` +
+  ``.bin``) is written; the fastest CPU path measured (docs/performance.md).
+- ``onnx``: onnxruntime's static quantiser (:mod:`~wsiseg.deploy.int8_onnx`) writes a QDQ ONNX model, which OpenVINO
+  and onnxruntime both run.
 
 The INT8 model is then compared with the FP32 one on the held-out tiles, both run by OpenVINO: Dice of the masks
 thresholded at 0.5, max and mean |Δp|. A Dice under ``export.dice_floor`` refuses to write the model unless
@@ -21,43 +21,53 @@ thresholded at 0.5, max and mean |Δp|. A Dice under ``export.dice_floor`` refus
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from wsiseg.errors import UserInputError
+from wsiseg.head import dice
+from wsiseg.runtimes.onnx_graph import check_size
+
+if TYPE_CHECKING:
+    from wsiseg.deploy.export import ExportOptions
 
 __all__ = [
-    "QUANTIZERS",
     "CalibrationTiles",
     "Int8Agreement",
+    "Int8Quantizer",
     "check_dice_floor",
-    "dice",
     "int8_agreement",
-    "quantize_int8",
-    "quantize_int8_nncf",
-    "nncf_available",
-    "NNCF_MISSING",
     "probabilities",
+    "quantise_on_tissue",
     "sample_tissue_tiles",
 ]
 
 log = logging.getLogger(__name__)
 
-# export.format -> what its INT8 file is (the sidecar's quantization.scheme)
-QUANTIZERS = {
-    "onnx": "static QDQ: int8 per-channel weights, uint8 activations, min-max ranges (onnxruntime quantiser)",
-    "openvino": "static int8: int8 per-channel weights, asymmetric int8 activations, min-max ranges (NNCF, mixed "
-    "preset, OpenVINO IR)",
-}
-NNCF_MISSING = (
-    "export.format=openvino export.quantize=int8 needs NNCF: pip install 'wsiseg[int8]' (or export.format=onnx for "
-    "onnxruntime's quantiser)"
-)
+
+class Int8Quantizer:
+    """A post-training static INT8 quantiser of a float32 ONNX graph, calibrated on normalised tissue tiles.
+
+    Attributes:
+        scheme: what its INT8 file is (the sidecar's ``quantization.scheme``).
+        file_name: name of the INT8 file in the scratch folder (its suffix is the published file's).
+    """
+
+    scheme: ClassVar[str]
+    file_name: ClassVar[str]
+
+    def check_available(self) -> None:
+        """Refuse (UserInputError, one line) when the library it needs is not installed; cheap, imports nothing."""
+
+    def quantize(self, fp32: Path, out: Path, calibration: np.ndarray) -> None:
+        """Write the INT8 version of the ONNX file ``fp32`` to ``out``, ranges from ``calibration`` (normalised
+        float32 N×3×H×W)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -69,9 +79,9 @@ class CalibrationTiles:
 
     def normalised(self, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
         """float32 ``(pixel/255 - mean) / std``, the exported graph's input."""
-        m = torch.tensor(list(mean)).view(1, 3, 1, 1)
-        s = torch.tensor(list(std)).view(1, 3, 1, 1)
-        return ((self.images.float() / 255.0 - m) / s).numpy()
+        from wsiseg.head import normalise
+
+        return normalise(self.images, mean, std).numpy()
 
 
 def sample_tissue_tiles(
@@ -109,88 +119,6 @@ def sample_tissue_tiles(
     return samples
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, input_name: str, batch: int = 1) -> None:
-    """Write the static INT8 (QDQ) version of the ONNX file ``fp32`` to ``out``, ranges from ``calibration``
-    (normalised float32 N×3×H×W)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches: Iterator[np.ndarray] = iter(
-                calibration[i : i + batch] for i in range(0, len(calibration), batch)
-            )
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            chunk = next(self.batches, None)
-            return None if chunk is None else {input_name: chunk}
-
-    prepared = out.with_name(out.name + ".pre.onnx")
-    try:
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,  # the calibrating graph keeps each tensor's min/max per tile
-        )
-    finally:
-        prepared.unlink(missing_ok=True)
-
-
-def nncf_available() -> bool:
-    """Whether NNCF can be imported here (looked up, not imported: importing it loads much of torch's tooling)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("nncf") is not None
-    except ValueError:  # an entry of None in sys.modules: import blocked
-        return False
-
-
-def quantize_int8_nncf(fp32: Path, calibration: np.ndarray, batch: int = 1) -> Any:
-    """The static INT8 ``openvino.Model`` of the ONNX file ``fp32`` quantised by NNCF, ranges from ``calibration``
-    (normalised float32 N×3×H×W): per-channel weights, asymmetric activations (``mixed`` preset), min-max ranges of
-    the whole set (NNCF's default, the mean of per-batch extremes, moved masks further from FP32 on held-out tissue).
-
-    Raises:
-        UserInputError: NNCF is not installed.
-    """
-    # NNCF imports torch's extension builder, which warns that this machine has no CUDA: not a problem here
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    try:
-        import nncf
-    except ImportError:
-        raise UserInputError(NNCF_MISSING) from None
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-
-    from wsiseg.openvino_net import openvino_core
-
-    nncf.set_log_level(logging.ERROR)
-    model = openvino_core().read_model(str(fp32))
-    batches = [calibration[i : i + batch] for i in range(0, len(calibration), batch)]
-    return nncf.quantize(
-        model,
-        nncf.Dataset(batches),
-        subset_size=len(batches),
-        preset=nncf.QuantizationPreset.MIXED,
-        advanced_parameters=AdvancedQuantizationParameters(
-            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX
-        ),
-    )
-
-
 @dataclass(frozen=True)
 class Int8Agreement:
     """INT8 vs FP32 on held-out tiles: Dice of masks at 0.5, max and mean |Δp| of the probabilities, overall and per
@@ -216,7 +144,7 @@ def probabilities(
     """(N, H, W) probabilities of the OpenVINO network ``compiled`` on the normalised batch ``x``, one tile at a time:
     its output through ``activation`` (:func:`wsiseg.module.apply_activation`), then channel ``channel_index`` for
     ``reduction="channel"``, else the channel maximum."""
-    from wsiseg.module import apply_activation
+    from wsiseg.head import apply_activation
 
     maps = []
     for i in range(len(x)):
@@ -225,18 +153,12 @@ def probabilities(
     return torch.cat(maps).numpy()
 
 
-def dice(a: Any, b: Any) -> float:
-    """Dice of two boolean masks, numpy or torch (1.0 when both are empty)."""
-    union = int(a.sum() + b.sum())
-    return 1.0 if union == 0 else float(2 * (a & b).sum() / union)
-
-
 def int8_agreement(
     fp32: Path, int8: Path, held_out: CalibrationTiles, mean: Sequence[float], std: Sequence[float], activation: str
 ) -> Int8Agreement:
     """Run both files by OpenVINO (float32 inference precision) on the ``held_out`` tiles and compare the channel-max
     probabilities after ``activation``."""
-    from wsiseg.openvino_net import compile_for_cpu
+    from wsiseg.runtimes.openvino import compile_for_cpu
 
     x = held_out.normalised(mean, std)
     a = probabilities(compile_for_cpu(fp32), x, activation)
@@ -265,3 +187,55 @@ def check_dice_floor(agreement: Int8Agreement, floor: float, force: bool, calibr
         f"{message}: not written. Calibrate on more tissue of the slides it will run on (export.calibration_slides, "
         "export.calibration_tiles), or pass export.force=true to write it anyway"
     )
+
+
+def quantise_on_tissue(
+    quantizer: Int8Quantizer,
+    ex: ExportOptions,
+    fp32: Path,
+    out: Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+    activation: str,
+    stride: int,
+) -> dict[str, Any]:
+    """INT8 of the FP32 file ``fp32`` into ``out`` by ``quantizer``, calibrated and checked on tissue tiles as the
+    ``export.calibration_*`` / ``export.holdout_*`` options say; returns the sidecar's ``quantization`` record.
+
+    Raises:
+        UserInputError: too few tissue tiles, or a model under ``export.dice_floor`` (unless ``export.force``).
+    """
+    patch = check_size((ex.calibration_patch_size, ex.calibration_patch_size), stride, "export.calibration_patch_size")
+    where = (ex.calibration_seed, ex.calibration_level, ex.calibration_mpp)
+    slides = [str(s) for s in ex.calibration_slides]
+    if not ex.holdout_slides:  # disjoint tiles of the same slides
+        calibration, held_out = sample_tissue_tiles(slides, patch[0], (ex.calibration_tiles, ex.holdout_tiles), *where)
+    else:
+        (calibration,) = sample_tissue_tiles(slides, patch[0], (ex.calibration_tiles,), *where)
+        (held_out,) = sample_tissue_tiles([str(s) for s in ex.holdout_slides], patch[0], (ex.holdout_tiles,), *where)
+    log.info(
+        "calibrating INT8 on %d tissue tiles, checking on %d others", len(calibration.origins), len(held_out.origins)
+    )
+    quantizer.quantize(fp32, out, calibration.normalised(mean, std))
+    agreement = int8_agreement(fp32, out, held_out, mean, std, activation)
+    used = sorted({slide for slide, _, _ in calibration.origins})
+    check_dice_floor(agreement, ex.dice_floor, ex.force, f"{len(calibration.origins)} tiles of {', '.join(used)}")
+    return {
+        "scheme": quantizer.scheme,
+        "calibration": {
+            "tiles": [{"slide": s, "x": x, "y": y} for s, x, y in calibration.origins],
+            "patch_size": patch[0],
+            "level": ex.calibration_level,
+            "mpp": ex.calibration_mpp,
+            "seed": ex.calibration_seed,
+        },
+        "held_out": {"tiles": [{"slide": s, "x": x, "y": y} for s, x, y in held_out.origins]},
+        "dice_vs_fp32": agreement.dice,
+        "dice_vs_fp32_per_slide": agreement.per_slide,
+        "max_abs_diff": agreement.max_abs_diff,
+        "mean_abs_diff": agreement.mean_abs_diff,
+        "runtime": agreement.runtime,
+        "dice_floor": ex.dice_floor,
+        "forced": agreement.dice < ex.dice_floor,
+        "summary": agreement.summary(),
+    }

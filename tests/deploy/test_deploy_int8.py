@@ -13,11 +13,13 @@ import tifffile
 import torch
 
 from tests.conftest import shared_slide
+from wsiseg.deploy.calibration import sample_tissue_tiles
+from wsiseg.deploy.export import ExportOptions
+from wsiseg.deploy.int8_openvino import nncf_available
 from wsiseg.errors import UserInputError
-from wsiseg.export import ExportOptions
+from wsiseg.head import dice
 from wsiseg.module import SegmentationModule
-from wsiseg.onnx_net import sidecar_path
-from wsiseg.quantize import dice, nncf_available, sample_tissue_tiles
+from wsiseg.runtimes.files import sidecar_path
 
 pytest.importorskip("openvino", reason="the INT8 check runs both models by OpenVINO")
 
@@ -110,7 +112,7 @@ def test_int8_file_runs_in_the_pipeline_close_to_fp32(
 ) -> None:
     """model=openvino on the INT8 file: the same module interface; its masks agree with eager FP32 PyTorch."""
     from wsiseg.model import Unet
-    from wsiseg.openvino_net import OpenVinoNet
+    from wsiseg.runtimes.openvino import OpenVinoNet
 
     int8 = SegmentationModule(OpenVinoNet(int8_export[0]))
     fp32 = SegmentationModule(Unet(3, 1, base_width=8), checkpoint=str(demo_checkpoint), compile=False)

@@ -1,4 +1,5 @@
-"""``wsiseg-export`` (ONNX / TorchScript, verified) and the ONNX network (``model/net=onnx``) in the slide pipeline."""
+"""``wsiseg-export export.format=onnx`` (verified: :mod:`wsiseg.deploy.onnx`) and the ONNX network (``model/net=onnx``)
+in the slide pipeline."""
 
 from __future__ import annotations
 
@@ -7,60 +8,28 @@ import copy
 import hashlib
 import io
 import json
-import os
 import pickle
 import subprocess
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import tifffile
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from tests.conftest import shared_slide
-from wsiseg.config import config_dir
+from tests.deploy.deploy_helpers import compose_cfg, demo_net, normalised, predict_mask, run_main
+from wsiseg.deploy.export import run_export
+from wsiseg.deploy.onnx import verify_onnx
+from wsiseg.deploy.verify import FP16_TOLERANCE, FP32_TOLERANCE, VerificationError
 from wsiseg.errors import UserInputError
-from wsiseg.export import (
-    FP16_TOLERANCE,
-    FP32_TOLERANCE,
-    VerificationError,
-    main,
-    run_export,
-    verify_onnx,
-)
-from wsiseg.model import Unet, load_checkpoint
+from wsiseg.model import Unet
 from wsiseg.module import SegmentationModule
-from wsiseg.onnx_net import OnnxRuntimeNet, sidecar_path
-from wsiseg.predict import run_predict
-
-SCRIPT = Path(sys.executable).with_name("wsiseg-export")
-
-
-def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-def demo_net(checkpoint: Path) -> Unet:
-    return load_checkpoint(Unet(3, 1, base_width=8), checkpoint).eval()
-
-
-def normalised(n: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
-    pixels = torch.randint(0, 256, (n, 3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-    return (pixels.float() / 255 - 0.5) / 0.5
-
-
-def run_main(argv: list[str], monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> None:
-    """Call ``wsiseg.export.main`` (what the ``wsiseg-export`` console script runs) with these overrides, in-process."""
-    monkeypatch.setattr(sys, "argv", ["wsiseg-export", *argv, f"hydra.run.dir={run_dir}"])
-    main()
+from wsiseg.runtimes.files import sidecar_path
+from wsiseg.runtimes.onnxruntime import OnnxRuntimeNet
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +43,6 @@ def demo_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         with contextlib.redirect_stdout(stdout):
             run_main(argv, monkeypatch, out / "hydra")
     return path, stdout.getvalue()
-
-
-def test_console_script_is_installed() -> None:
-    (entry,) = [e for e in entry_points(group="console_scripts") if e.name == "wsiseg-export"]
-    assert entry.value == "wsiseg.export:main"
-    assert SCRIPT.is_file(), "run `pip install --no-deps -e .` to create the wsiseg-export script"
 
 
 def test_entry_point_writes_checked_onnx_with_dynamic_axes_and_sidecar(
@@ -122,37 +85,6 @@ def test_entry_point_writes_checked_onnx_with_dynamic_axes_and_sidecar(
     assert np.abs(got - expected).max() <= FP32_TOLERANCE
 
 
-def test_demo_torchscript_is_frozen_and_matches_eager(tmp_path: Path, demo_checkpoint: Path) -> None:
-    path = tmp_path / "demo.pt"
-    side = run_export(compose_cfg("export", ["model=demo", "export.format=torchscript", f"export.path={path}"]))
-    assert side["format"] == "torchscript" and side["verification"]["max_abs_diff"] <= FP32_TOLERANCE
-    assert len(side["verification"]["cases"]) == 4
-    scripted = torch.jit.load(str(path))
-    assert not list(scripted.parameters()), "freeze turns the weights into constants"
-    x = normalised(2, 48, 80)
-    with torch.no_grad():
-        diff = (scripted(x) - demo_net(demo_checkpoint)(x)).abs().max().item()
-    assert diff <= FP32_TOLERANCE
-
-
-def test_default_size_unet_exports_in_both_formats(tmp_path: Path) -> None:
-    """The users' Unet(3, 3) at base width 64 (random weights), one 64x64 size to stay fast."""
-    torch.manual_seed(3)
-    ckpt = tmp_path / "UNet_random.pth"
-    torch.save(Unet(3, 3).state_dict(), ckpt)
-    common = [f"model.checkpoint={ckpt}", "export.sizes=[[64,64]]", "export.batches=[1,2]"]
-    onnx_side = run_export(compose_cfg("export", [*common, f"export.path={tmp_path / 'unet.onnx'}"]))
-    ts_side = run_export(
-        compose_cfg("export", [*common, "export.format=torchscript", f"export.path={tmp_path / 'unet.pt'}"])
-    )
-    for side in (onnx_side, ts_side):
-        assert side["output"]["channels"] == 3
-        assert side["architecture"]["base_width"] == 64
-        assert len(side["verification"]["cases"]) == 2
-        assert side["verification"]["max_abs_diff"] <= FP32_TOLERANCE
-    assert (tmp_path / "unet.onnx").stat().st_size > 31_000_000 * 4 * 0.95  # all 31M float32 weights are in it
-
-
 def test_fp16_onnx_keeps_float32_io_and_is_within_fp16_tolerance(tmp_path: Path) -> None:
     path = tmp_path / "demo16.onnx"
     side = run_export(compose_cfg("export", ["model=demo", "export.fp16=true", f"export.path={path}"]))
@@ -162,24 +94,6 @@ def test_fp16_onnx_keeps_float32_io_and_is_within_fp16_tolerance(tmp_path: Path)
     model = onnx.load(str(path))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-
-
-def test_fp16_torchscript_within_fp16_tolerance(tmp_path: Path) -> None:
-    path = tmp_path / "demo16.pt"
-    side = run_export(
-        compose_cfg(
-            "export",
-            [
-                "model=demo",
-                "export.format=torchscript",
-                "export.fp16=true",
-                f"export.path={path}",
-                "export.sizes=[[64,64],[32,48]]",
-                "export.batches=[1,2]",
-            ],
-        )
-    )
-    assert 1e-5 < side["verification"]["max_abs_diff"] <= FP16_TOLERANCE
 
 
 def test_opset_above_20_uses_the_torch_export_exporter(tmp_path: Path) -> None:
@@ -202,72 +116,6 @@ def test_verification_fails_on_a_different_network(demo_onnx: tuple[Path, str], 
         other.conv10.bias.add_(0.5)
     with pytest.raises(VerificationError, match="max abs diff .* exceeds export.tolerance"):
         verify_onnx(demo_onnx[0], other, sizes=[(32, 32)], batches=[1])
-
-
-def test_failed_verification_writes_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "demo16.onnx"
-    cfg = compose_cfg("export", ["model=demo", "export.fp16=true", "export.tolerance=1e-7", f"export.path={path}"])
-    with pytest.raises(VerificationError, match="export.tolerance=1e-07"):
-        run_export(cfg)
-    assert not path.exists() and not sidecar_path(path).exists()
-    assert not list(tmp_path.iterdir()), "no temporary file is left behind"
-
-
-def _unwritable_folder(tmp_path: Path) -> Path:
-    if os.geteuid() == 0:  # root writes through mode bits; /proc accepts no new files for anyone
-        return Path("/proc")
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    return folder
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["model.checkpoint=/nonexistent/UNet_17.pth"], r"model.checkpoint '/nonexistent/UNet_17.pth' does not exist"),
-        (["model.checkpoint=${wsiseg.asset:demo_unet.pt}"], r"does not match Unet: .*shape mismatches"),
-        (["model=demo", "export.opset=29"], r"export.opset=29 cannot be written: the installed onnx .* opsets 11-28"),
-        (["model=demo", "export.opset=9"], r"export.opset=9 cannot be written"),
-        (["model=demo", "export.format=tflite"], r"export.format must be one of onnx, torchscript, openvino"),
-        (["model=demo", "export.format=openvino"], r"export.format=openvino writes an OpenVINO IR pair .* end in .xml"),
-        (
-            ["model=demo", "export.format=openvino", "export.fp16=true", "export.path=PLACE/u.xml"],
-            r"export.fp16=true is for onnx and torchscript",
-        ),
-        (["model=demo", "export.sizes=[[64,60]]"], r"export.sizes entry \[64, 60\] .* multiples of .* stride 16"),
-        (["model=demo", "export.path=null"], r"export.path is required"),
-        (["model=demo", "export.path=/nonexistent/dir/u.onnx"], r"folder '/nonexistent/dir' does not exist"),
-        (["model=demo", "export.path=UNWRITABLE/u.onnx"], r"folder '.*' is not writable"),
-        (["export.path=x.onnx"], r"model.checkpoint is required"),
-        (["model.checkpoint=null"], r"model.checkpoint is required"),
-        (["model.checkpoint=random"], r"model.checkpoint=random: wsiseg-export refuses untrained weights"),
-        (["model=onnx", "model.net.path=x.onnx"], r"model.net is an ONNX file: wsiseg-export exports a PyTorch"),
-    ],
-)
-def test_bad_input_fails_with_one_clear_line(tmp_path: Path, overrides: list[str], message: str) -> None:
-    overrides = [o.replace("UNWRITABLE", str(_unwritable_folder(tmp_path))) for o in overrides]
-    overrides = [o.replace("PLACE", str(tmp_path)) for o in overrides]
-    if not any(o.startswith("export.path") for o in overrides):
-        overrides.append(f"export.path={tmp_path / 'u.onnx'}")
-    with pytest.raises(UserInputError, match=message) as info:
-        run_export(compose_cfg("export", overrides))
-    assert "\n" not in str(info.value)
-
-
-def test_entry_point_reports_bad_input_as_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """``wsiseg.export.main`` (what the console script calls), in-process to save an interpreter start."""
-    argv = ["model.checkpoint=/nonexistent/UNet_17.pth", f"export.path={tmp_path / 'u.onnx'}"]
-    with pytest.raises(SystemExit) as info:
-        run_main(argv, monkeypatch, tmp_path / "hydra")
-    assert info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "wsiseg-export: error: model.checkpoint '/nonexistent/UNet_17.pth' does not exist: "
-        "pass the path of a .pth/.pt/.ckpt file"
-    ]
-    assert not (tmp_path / "u.onnx").exists()
 
 
 def test_onnxruntime_net_pickles_and_creates_its_session_lazily(demo_onnx: tuple[Path, str]) -> None:
@@ -297,30 +145,10 @@ def test_segmentation_module_onnx_net_matches_torch(demo_onnx: tuple[Path, str],
     assert (outputs["torch"] - outputs["onnxruntime"]).abs().max() <= FP32_TOLERANCE
 
 
-def _predict_mask(slide: Path, out: Path, extra: list[str]) -> np.ndarray:
-    cfg = compose_cfg(
-        "predict",
-        [
-            f"data.slides={slide}",
-            "trainer=cpu",
-            "trainer.precision=32",
-            *([] if any(o.startswith("model=") for o in extra) else ["model=demo"]),
-            "data.patch_size=256",
-            "data.num_workers=0",
-            "writer.output_downsample=4",
-            f"writer.output_dir={out}",
-            *extra,
-        ],
-    )
-    assert run_predict(cfg) == 0
-    (mask,) = out.glob("*/mask.tif")
-    return tifffile.imread(mask)
-
-
 def test_real_slide_mask_onnxruntime_equals_torch(tmp_path: Path, demo_onnx: tuple[Path, str]) -> None:
     slide = shared_slide("CMU-1-Small-Region.svs")
-    torch_mask = _predict_mask(slide, tmp_path / "torch", [])
-    ort_mask = _predict_mask(slide, tmp_path / "ort", ["model=onnx", f"model.net.path={demo_onnx[0]}"])
+    torch_mask = predict_mask(slide, tmp_path / "torch", [])
+    ort_mask = predict_mask(slide, tmp_path / "ort", ["model=onnx", f"model.net.path={demo_onnx[0]}"])
     assert torch_mask.shape == ort_mask.shape and torch_mask.dtype == np.uint8
     assert int(torch_mask.max()) - int(torch_mask.min()) > 50, (
         "the mask has structure, so the comparison means something"
@@ -333,7 +161,7 @@ def test_openvino_net_matches_torch_and_onnxruntime(demo_onnx: tuple[Path, str],
     """The same exported file compiled by OpenVINO (FP32): outputs equal eager PyTorch FP32 within the export
     tolerance, it pickles without its compiled model, and bad options are one line."""
     pytest.importorskip("openvino", reason="OpenVINO is not installed")
-    from wsiseg.openvino_net import OpenVinoNet
+    from wsiseg.runtimes.openvino import OpenVinoNet
 
     images = torch.randint(0, 256, (3, 3, 64, 96), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
     torch_module = SegmentationModule(Unet(3, 1, base_width=8), checkpoint=str(demo_checkpoint))
@@ -354,38 +182,8 @@ def test_openvino_net_matches_torch_and_onnxruntime(demo_onnx: tuple[Path, str],
 def test_real_slide_mask_openvino_equals_torch(tmp_path: Path, demo_onnx: tuple[Path, str]) -> None:
     pytest.importorskip("openvino", reason="OpenVINO is not installed")
     slide = shared_slide("CMU-1-Small-Region.svs")
-    torch_mask = _predict_mask(slide, tmp_path / "torch", [])
-    ov_mask = _predict_mask(slide, tmp_path / "ov", ["model=openvino", f"model.net.path={demo_onnx[0]}"])
-    assert torch_mask.shape == ov_mask.shape and int(torch_mask.max()) - int(torch_mask.min()) > 50
-    diff = np.abs(torch_mask.astype(np.int16) - ov_mask.astype(np.int16))
-    assert diff.max() <= 1, f"{(diff > 1).sum()} mask pixels differ by more than 1 grey level"
-
-
-def test_openvino_ir_export_is_verified_and_its_mask_equals_torch(tmp_path: Path, demo_checkpoint: Path) -> None:
-    """export.format=openvino: the verified ONNX graph written as an IR pair (float32 weights), verified again as
-    OpenVINO runs it; model=openvino reads the .xml and its sidecar, and its mask on a real slide equals eager torch
-    FP32's within 1 grey level."""
-    pytest.importorskip("openvino", reason="OpenVINO is not installed")
-    import openvino as ov
-
-    path = tmp_path / "demo.xml"
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout):
-            run_main(["model=demo", "export.format=openvino", f"export.path={path}"], monkeypatch, tmp_path / "hydra")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.bin", "demo.xml", "demo.xml.json", "hydra"]
-    sidecar = json.loads(sidecar_path(path).read_text())
-    assert sidecar["format"] == "openvino" and sidecar["weights_file"] == "demo.bin" and sidecar["opset"] == 17
-    assert sidecar["verification"]["runtime"].startswith("OpenVINO") and "verified with OpenVINO" in stdout.getvalue()
-    assert sidecar["verification"]["max_abs_diff"] <= FP32_TOLERANCE
-    model = ov.Core().read_model(str(path))
-    weights = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant" and op.get_output_size()]
-    assert {str(op.get_output_element_type(0)) for op in weights if op.shape and len(op.shape) == 4} == {
-        "<Type: 'float32'>"
-    }
-    slide = shared_slide("CMU-1-Small-Region.svs")
-    torch_mask = _predict_mask(slide, tmp_path / "torch", ["model.runtime=torch"])
-    ov_mask = _predict_mask(slide, tmp_path / "ov", ["model=openvino", f"model.net.path={path}"])
+    torch_mask = predict_mask(slide, tmp_path / "torch", [])
+    ov_mask = predict_mask(slide, tmp_path / "ov", ["model=openvino", f"model.net.path={demo_onnx[0]}"])
     assert torch_mask.shape == ov_mask.shape and int(torch_mask.max()) - int(torch_mask.min()) > 50
     diff = np.abs(torch_mask.astype(np.int16) - ov_mask.astype(np.int16))
     assert diff.max() <= 1, f"{(diff > 1).sum()} mask pixels differ by more than 1 grey level"
@@ -502,19 +300,16 @@ def test_missing_sidecar_warns_and_needs_explicit_normalisation(
     sidecar_path(path).unlink()
     with pytest.raises(UserInputError, match=r"has no sidecar copy\.onnx\.json to take model.mean, model.std, mod"):
         onnx_module(path)
-    with caplog.at_level("WARNING", logger="wsiseg.export"):
+    with caplog.at_level("WARNING", logger="wsiseg.runtimes.files"):
         module = onnx_module(path, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), activation="none")
-    assert any("unchecked" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert any(
+        "unchecked" in r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and r.name == "wsiseg.runtimes.files"
+    )
     assert module.stride == 16  # from the configured net without a sidecar
     with pytest.raises(UserInputError, match=r"model.channel_index=1 but .*copy\.onnx' outputs 1 channel"):
         onnx_module(path, mean=(0.5,) * 3, std=(0.5,) * 3, activation="none", reduction="channel", channel_index=1)
-
-
-def test_probe_exports_without_a_checkpoint(tmp_path: Path) -> None:
-    path = tmp_path / "probe.onnx"
-    side = run_export(compose_cfg("export", ["model=probe", f"export.path={path}", "export.batches=[1]"]))
-    assert side["checkpoint"] is None and side["output"]["channels"] == 1
-    assert side["input"]["height_width_multiple_of"] == 1
 
 
 def test_cli_predict_with_model_onnx_needs_no_checkpoint(demo_onnx: tuple[Path, str], tmp_path: Path) -> None:
