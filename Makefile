@@ -1,6 +1,6 @@
 # make demo  — set up .venv if missing, then run the main job on a generated demo slide with the demo model
 # make test  — set up, then run the whole test suite (TEST_WORKERS processes, default one per core up to 4)
-# make lint  — ruff
+# make lint  — ruff, and the layering contract (import-linter, pyproject.toml [tool.importlinter])
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := outputs/demo
@@ -25,12 +25,14 @@ demo: setup
 	@echo "demo outputs: $(DEMO_DIR)/run/demo_slide/{mask.tif,heatmap.png,report.json}"
 
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: setup
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -92,7 +92,7 @@ elif [ -f .whl/requirements.txt ]; then
 else
   fail "run-time dependencies" "$PY cannot import them and .whl/ is missing: bash scripts/gpu_wheels.sh, then carry .whl"
 fi
-"$PY" -c "import wsiseg.predict, wsiseg.bench; import torch, lightning, torchvision, hydra, tifffile, imagecodecs
+"$PY" -c "import wsiseg.predict, wsiseg.bench.command; import torch, lightning, torchvision, hydra, tifffile, imagecodecs
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__,
       'lightning', lightning.__version__, 'hydra', hydra.__version__, 'tifffile', tifffile.__version__,
       'imagecodecs', imagecodecs.__version__)" 2>&1 | tee -a "$OUT/env.txt" | tail -1 || fail "import wsiseg"
@@ -190,7 +190,7 @@ EOF
   ((tiles >= 20000)) || fail "steady state" "the main benchmark ran ${tiles} tiles, fewer than 20,000"
 
   # -- 4. GPU tests ------------------------------------------------------------------------------------------------
-  step "GPU tests" 130 60 "$OUT/tests.log" "$PY" -m pytest -q -rA -m gpu tests/test_gpu.py tests/data/test_jpeg_tiles.py \
+  step "GPU tests" 130 60 "$OUT/tests.log" "$PY" -m pytest -q -rA -m gpu tests/test_gpu.py tests/data/readers/test_jpeg_decode.py \
     -p no:cacheprovider
   grep -E "fp16 compiled|chunk after|GPU 16-mixed|batch_size=auto|nvJPEG|synchronising|passed|failed|^E |^ERROR" \
     "$OUT/tests.log" | head -40 | tee -a "$SUMMARY"

@@ -64,12 +64,13 @@ def run_main(
     capsys: pytest.CaptureFixture[str],
     command: str = "wsiseg-predict",
 ) -> tuple[int, str]:
-    """The ``main`` of ``command``'s module (what the console script runs: ``wsiseg-predict`` → ``wsiseg.predict``)
-    with ``argv``, in this process (an interpreter start costs ~10 s on 2 cores): (exit status, stderr). Hydra's
-    logging set-up is undone after."""
-    import importlib
+    """What the console script ``command`` runs (its entry point in the installed package's metadata, e.g.
+    ``wsiseg-predict`` → ``wsiseg.predict:main``) with ``argv``, in this process (an interpreter start costs ~10 s on
+    2 cores): (exit status, stderr). Hydra's logging set-up is undone after."""
+    from importlib.metadata import entry_points
 
-    main = importlib.import_module(f"wsiseg.{command.removeprefix('wsiseg-')}").main
+    (script,) = entry_points(group="console_scripts", name=command)
+    main = script.load()
     monkeypatch.setattr(sys, "argv", [command, *argv])
     capsys.readouterr()
     root = logging.getLogger()

@@ -101,10 +101,12 @@ def test_console_script_user_error_is_one_line_and_leaves_no_run_folder(tmp_path
 def test_the_other_commands_refuse_a_run_folder_they_cannot_create(
     tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Each command's console-script entry point (``wsiseg.<name>:main``, the function its script calls), in-process."""
-    import importlib
+    """Each command's console-script entry point (the function its script calls, from the package metadata),
+    in-process."""
+    from importlib.metadata import entry_points
 
-    main = importlib.import_module(f"wsiseg.{command.removeprefix('wsiseg-')}").main
+    (script,) = entry_points(group="console_scripts", name=command)
+    main = script.load()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [command, "hydra.run.dir=/proc/wsiseg-no/run"])
     with pytest.raises(SystemExit) as done:

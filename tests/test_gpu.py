@@ -1,8 +1,8 @@
 """Checks that need a CUDA GPU (skipped on CPU-only machines such as CI); scripts/gpu_check.sh runs them.
 
 Every GPU test runs under ``torch.cuda.set_sync_debug_mode("warn")`` (:func:`cuda_syncs`, also used by the GPU cases of
-tests/data/test_jpeg_tiles.py): a synchronising CUDA operation fails the test, with the Python stack that made it,
-unless the test itself needs it (:func:`syncs_allowed`: setting up inputs, reading results back to check them) or
+tests/data/readers/test_jpeg_decode.py): a synchronising CUDA operation fails the test, with the Python stack that made
+it, unless the test itself needs it (:func:`syncs_allowed`: setting up inputs, reading results back to check them) or
 names its source as a once-per-run wait (:meth:`CudaSyncs.allow`).
 """
 
@@ -34,7 +34,7 @@ SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch warns in sy
 ONCE_PER_RUN = {
     "module.py:_apply": "moving the weights between host and GPU (Lightning moves them back at teardown)",
     "torch/_inductor/": "compiling: Inductor times its candidate kernels on their first call",
-    "jpeg_tiles.py:colour_mismatch": "the nvJPEG colour check, once per colour kind and run",
+    "jpeg/decode.py:colour_mismatch": "the nvJPEG colour check, once per colour kind and run",
 }
 
 
@@ -207,7 +207,7 @@ def test_batch_size_auto_probes_gpu_memory(cuda_syncs: CudaSyncs) -> None:
     chunks; the default (null) is 32 tiles of 512 px on a GPU, one chunk of 15 at 1024 px."""
     from lightning.pytorch import Trainer
 
-    from wsiseg.batch_size import network_chunk, resolve_batch_size
+    from wsiseg.pipeline.batch_size import network_chunk, resolve_batch_size
 
     cuda_syncs.allow("batch_size.py:probe_max_batch", "the batch-size probe waits for each try, once per run")
     cuda_syncs.allow("module.py:_apply", ONCE_PER_RUN["module.py:_apply"])
