@@ -191,7 +191,7 @@ def one_slide(
     store = stitcher.state(0).store
     stats = store.stats() if hasattr(store, "stats") else {k: v for k, v in counted.items() if k != "adding"}
     counted["adding"] = False
-    is_mosaic = isinstance(store, store_module.TileMosaic)
+    is_mosaic = type(store).__name__ == "TileMosaic"  # the store module of either checkout
     chunks, read, to_u8 = 0, 0.0, 0.0
     per_row = []  # thread µs per chunk of each row of chunks
     final = hasattr(store, "final_blocks")  # its rows are the uint8 blocks render_slide writes

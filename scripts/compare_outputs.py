@@ -35,9 +35,10 @@ Patch-folder runs (``writer=patches``, a top-level ``report.json`` with ``result
 
 Excluded fields (wall-clock measurements, different on every run):
 
-- slide ``report.json``: ``wall_time_s``, ``patches_per_s``, ``contour_seconds``;
+- slide ``report.json``: ``wall_time_s``, ``patches_per_s``, ``contour_seconds``, ``finished_at``;
 - patch ``report.json``: ``wall_time_s``, ``images_per_s``, ``results[*].seconds``;
-- ``summary.json``: ``slides[*].seconds``.
+- ``summary.json``: ``slides[*].seconds`` and each rank's timings (``ranks[*]``: :data:`RANK_TIMINGS`; its rank,
+  slides and tile count are compared).
 
 Normalised fields (compared after a rewrite, so equal values up to the location of the run or the checkout match):
 
@@ -66,9 +67,21 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-EXCLUDED_REPORT = ("wall_time_s", "patches_per_s", "contour_seconds")
+EXCLUDED_REPORT = ("wall_time_s", "patches_per_s", "contour_seconds", "finished_at")
 EXCLUDED_PATCH_REPORT = ("wall_time_s", "images_per_s", "results[*].seconds")
-EXCLUDED_SUMMARY = ("slides[*].seconds",)
+# summary.json ranks[*]: when each rank started, waited and finished (the writer's figures, issue 27)
+RANK_TIMINGS = (
+    "start_at",
+    "first_batch_at",
+    "last_batch_at",
+    "done_at",
+    "blocked_s",
+    "stitch_cpu_s",
+    "finalise_cpu_s",
+    "finalise_s",
+    "idle_at_end_s",
+)
+EXCLUDED_SUMMARY = ("slides[*].seconds", *(f"ranks[*].{field}" for field in RANK_TIMINGS))
 TIFF_LAYOUT_TAGS = frozenset({"TileOffsets", "TileByteCounts", "StripOffsets", "StripByteCounts"})
 NOT_COMPARED_RUN_FILES = frozenset({"*.log", ".hydra"})
 HEATMAP_SUFFIX, MASK_SUFFIX = "_heatmap.png", "_mask.png"

@@ -12,8 +12,8 @@ from PIL import Image
 
 from tests.writers.conftest import planned_slide
 from wsiseg.errors import UserInputError
+from wsiseg.writers.mosaic import TileMosaic
 from wsiseg.writers.render import RenderOptions, render_slide
-from wsiseg.writers.store import TileMosaic
 
 
 def test_mask_pyramid_heatmap_and_contours_from_a_store(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ import pytest
 
 from tests.writers.conftest import dense, planned_slide
 from wsiseg.errors import UserInputError
+from wsiseg.writers.mosaic import TileMosaic
 from wsiseg.writers.stitcher import Stitcher, StoreOptions
-from wsiseg.writers.store import BlendingAccumulator, TileMosaic
+from wsiseg.writers.store import BlendingAccumulator
 
 
 def tile_values(slide_tiles: int, patch: int) -> np.ndarray:

@@ -12,7 +12,8 @@ import pytest
 from tests.writers.conftest import dense
 from wsiseg.data.grid import blend_window
 from wsiseg.writers import store as store_module
-from wsiseg.writers.store import BlendingAccumulator, TileMosaic, probabilities_to_u8
+from wsiseg.writers.mosaic import TileMosaic
+from wsiseg.writers.store import BlendingAccumulator, probabilities_to_u8
 
 
 def test_weighted_mean_across_chunks_and_edges_with_a_tiny_cache(tmp_path: Path) -> None:

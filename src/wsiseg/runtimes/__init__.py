@@ -2,7 +2,8 @@
 
 - :mod:`~wsiseg.runtimes.base`: the :class:`~wsiseg.runtimes.base.Runtime` interface, the torch runtime and the one
   host round trip of every non-torch runtime;
-- :mod:`~wsiseg.runtimes.choice`: ``model.runtime`` — the ``auto`` rule, in one place (:func:`~wsiseg.runtimes.choice.runtime_for`);
+- :mod:`~wsiseg.runtimes.choice`: ``model.runtime`` — the ``auto`` rule, in one place
+  (:func:`~wsiseg.runtimes.choice.runtime_for`);
 - :mod:`~wsiseg.runtimes.compiled`: the tile function compiled by ``torch.compile`` (one graph a run, eager
   fall-back);
 - :mod:`~wsiseg.runtimes.files`: networks held in an exported file and their sidecar;

@@ -18,7 +18,8 @@ import numpy as np
 from wsiseg.data.datasets import SlideTiles
 from wsiseg.data.grid import BLEND_MODES, blend_window
 from wsiseg.errors import UserInputError
-from wsiseg.writers.store import BlendingAccumulator, TileMosaic
+from wsiseg.writers.mosaic import TileMosaic
+from wsiseg.writers.store import BlendingAccumulator
 
 __all__ = ["SlideState", "Stitcher", "StoreOptions"]
 

@@ -1,9 +1,7 @@
 """Chunked, on-disk stores of a slide-sized output whose host memory does not grow with slide area.
 
-``BlendingAccumulator`` blends overlapping tiles; ``TileMosaic`` is its cheaper twin for grids whose tiles do not
-overlap (``data.overlap=0``, the default) with one probability channel: each pixel comes from exactly one tile, so
-it stores the final uint8 value (``round(255·p)``) instead of float32 sums and weights — 8× less to keep, spill and
-read back, and nothing to divide at the end.
+``BlendingAccumulator`` blends overlapping tiles; :class:`wsiseg.writers.mosaic.TileMosaic` is its cheaper twin for
+grids whose tiles do not overlap.
 
 Tiles are blended as ``sum += w · p`` and ``weight += w`` (output px frame), each product and sum rounded to float32
 (float16 tiles are widened exactly first). Chunks live in a write-back cache in memory, sized to what the raster
@@ -42,7 +40,7 @@ import cv2
 import numpy as np
 import psutil
 
-__all__ = ["CACHE_SHARE_OF_AVAILABLE", "BlendingAccumulator", "TileMosaic", "probabilities_to_u8"]
+__all__ = ["CACHE_SHARE_OF_AVAILABLE", "BlendingAccumulator", "probabilities_to_u8"]
 
 log = logging.getLogger(__name__)
 
@@ -506,47 +504,3 @@ class BlendingAccumulator:
         self._records.clear()
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
-
-
-class TileMosaic(BlendingAccumulator):
-    """The store for tiles that do not overlap, one channel: keeps ``round(255·p)`` as uint8 (saturated to 0-255,
-    :func:`probabilities_to_u8`), written once per pixel; ``weights`` are ignored. Same interface (and cache sizing)
-    as :class:`BlendingAccumulator`; ``band_chunks`` yields uint8 values. Partial mosaics (DDP ranks) merge by
-    maximum (each pixel was written by one rank; a tile predicted on two ranks gives the same value twice).
-
-    Example::
-
-        mosaic = TileMosaic(tmp / "m", (1000, 800))
-        mosaic.add(0, 0, probs, window)  # probs (1, h, w) float in [0, 1]
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        size: tuple[int, int],
-        chunk: int = 512,
-        cache_bytes: int = 128 << 20,
-        row_step: int | None = None,
-        final_on_pass: bool = False,
-    ) -> None:
-        super().__init__(path, 1, size, chunk, cache_bytes, row_step, final_on_pass)
-
-    @property
-    def _planes(self) -> int:
-        return 1
-
-    _dtype = np.uint8
-    _final_is_planes = True
-    _weighted = False
-
-    def _put(self, planes: np.ndarray, values: np.ndarray, weights: np.ndarray) -> None:
-        probabilities_to_u8(values[0], out=planes[0], scratch=self._scratch(values.dtype, values.shape[1:]))
-
-    def _merge(self, planes: np.ndarray, other: np.ndarray) -> None:
-        np.maximum(planes, other, out=planes)
-
-    def _final(self, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        return planes, None
-
-    def _final_u8(self, key: tuple[int, int], planes: np.ndarray) -> np.ndarray:
-        return planes[0]
