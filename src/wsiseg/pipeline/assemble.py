@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from wsiseg.config import build_trainer
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.plan import RunPlan, slide_identity
+from wsiseg.data.validation import check_stride
 from wsiseg.errors import NoProcessableSlideError, UserInputError
 from wsiseg.options import check_bool, check_option_types, check_required, check_trainer_device
 from wsiseg.pipeline.batch_size import resolve_batch_size
@@ -127,9 +128,8 @@ def assemble(cfg: DictConfig, *, module: Any = None, first_tiles: int | None = N
     check_writable(str(cfg.writer.output_dir))
     check_trainer_device(cfg)
     slide_mode = _check_mode_pairing(cfg)
-    net_class = get_class(cfg.model.net._target_)
-    if not is_file_network(net_class):  # an exported file's stride is known once its sidecar is read
-        _check_patch_size(cfg, int(getattr(net_class, "stride", 1)))
+    # before any slide is opened: a network class's own stride (an exported file's is known once its sidecar is read)
+    _check_patch_size(cfg, int(getattr(get_class(cfg.model.net._target_), "stride", 1)))
     run_config = OmegaConf.to_container(cfg, resolve=True)
     provenance = run_provenance(cfg)
     writer_options = OmegaConf.to_container(cfg.writer, resolve=True)
@@ -251,11 +251,8 @@ def _check_mode_pairing(cfg: DictConfig) -> bool:
 
 
 def _check_patch_size(cfg: DictConfig, stride: int) -> None:
-    if cfg.data.get("patch_size") and cfg.data.patch_size % stride:
-        raise UserInputError(
-            f"data.patch_size={cfg.data.patch_size} is not a multiple of the network's stride {stride}: "
-            f"use e.g. {max(stride, cfg.data.patch_size // stride * stride)}"
-        )
+    if cfg.data.get("patch_size"):
+        check_stride(int(cfg.data.patch_size), stride)
 
 
 def resume_check(output_dir: Path, run_config: dict[str, Any]) -> Callable[[str, Path], bool]:
