@@ -48,6 +48,20 @@ def test_help_and_version_load_no_deep_learning_library(flag: str) -> None:
     assert out.stdout.strip().splitlines()[-1] == "LOADED []"
 
 
+@pytest.mark.parametrize("command", ["wsiseg-bench", "wsiseg-eval", "wsiseg-export", "wsiseg-render"])
+def test_every_commands_help_loads_no_deep_learning_library(command: str) -> None:
+    """Each console script's entry point (from the package metadata) answers --help without torch or Lightning."""
+    code = (
+        "import atexit, sys; from importlib.metadata import entry_points; atexit.register(lambda: print('LOADED', "
+        "sorted(m for m in ('torch', 'lightning', 'openslide') if m in sys.modules))); "
+        f"sys.argv = ['{command}', '--help']; (script,) = entry_points(group='console_scripts', name='{command}'); "
+        "script.load()()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "LOADED []"
+
+
 def test_predict_tiles_equals_the_pipelines_maps(tmp_path: Path, engine: object) -> None:
     """PIL tiles read with OpenSlide through the engine give the maps the pipeline's predict step gave for the same
     tiles of the real slide (FP32, max |d| <= 1e-6)."""

@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -56,7 +55,11 @@ def check_trainer_device(cfg: DictConfig) -> None:
         UserInputError: no CUDA device is visible; says which trainer configs run on the CPU instead.
     """
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch  # here: the other option checks (--help, wsiseg-eval) need no deep-learning library
+
+    if not torch.cuda.is_available():
         raise UserInputError(
             f"trainer.accelerator={accelerator} but no CUDA GPU is visible to PyTorch "
             "(torch.cuda.is_available() is False): use trainer=cpu, trainer=auto or trainer=ddp_cpu"

@@ -9,7 +9,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from wsiseg.bench.run import run_bench, run_patch_bench
 from wsiseg.cli import exit_if_overrides_bad, exit_if_run_dir_unusable, user_errors
 from wsiseg.config import config_dir
 from wsiseg.options import check_option_types
@@ -21,6 +20,8 @@ __all__ = ["main"]
 def _hydra_main(cfg: DictConfig) -> None:
     with user_errors("wsiseg-bench", run_dir=Path(HydraConfig.get().runtime.output_dir)):
         check_option_types(cfg, ("bench", "data", "model", "model.net", "trainer"))
+        from wsiseg.bench.run import run_bench, run_patch_bench  # here: --help loads no deep-learning library
+
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         if str(cfg.data.get("_target_", "")).endswith("PatchFolderDataModule"):
             run_patch_bench(cfg, out_dir)
