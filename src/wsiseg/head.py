@@ -37,13 +37,14 @@ REDUCTIONS = ("max", "channel", "none")
 def normalise(
     images: torch.Tensor, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]
 ) -> torch.Tensor:
-    """uint8 RGB (N, 3, H, W) → float32 ``(x/255 - mean) / std`` on ``images``' device; ``mean`` and ``std`` are per
-    channel on the /255 scale (a (1, 3, 1, 1) float32 tensor, or 3 numbers)."""
+    """uint8 RGB (N, 3, H, W) (or float pixels 0-255, not modified) → float32 ``(x/255 - mean) / std`` on ``images``'
+    device; ``mean`` and ``std`` are per channel on the /255 scale (a (1, 3, 1, 1) float32 tensor, or 3 numbers)."""
     if not isinstance(mean, torch.Tensor):
         mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
     if not isinstance(std, torch.Tensor):
         std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-    x = images.float().div_(255.0)
+    x = images.float()
+    x = x.div_(255.0) if x is not images else x / 255.0  # in place only on the copy .float() made of uint8 input
     return (x - mean.to(x.device)) / std.to(x.device)
 
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from wsiseg.head import normalise, reduce_channels
+
 if TYPE_CHECKING:
     from wsiseg.bench.options import BenchOptions
     from wsiseg.data.datamodule import SlideTileDataModule
@@ -82,8 +84,8 @@ def monai_wsi_case(
         splitter=splitter,
         merger_cls=AvgMerger,
         batch_size=batch_size,
-        preprocessing=lambda patches: (patches.float() / 255.0 - mean) / std,
-        postprocessing=lambda out: out.amax(dim=1, keepdim=True),
+        preprocessing=lambda patches: normalise(patches, mean, std),
+        postprocessing=lambda out: reduce_channels(out, "max"),
         match_spatial_shape=True,
     )
     start = time.perf_counter()

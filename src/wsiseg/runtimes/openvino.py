@@ -195,8 +195,9 @@ class OpenVinoNet(FileNetwork):
         """The file's output channels: its static channel axis, else those of one stride-sized zero tile."""
         channels = static_output_channels(self.path)
         if channels is None:
-            with torch.no_grad():
-                channels = int(self(torch.zeros(1, 3, self.stride, self.stride)).shape[1])
+            from wsiseg.head import probe_output_channels
+
+            channels = probe_output_channels(self, self.stride)
         return channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
