@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +62,35 @@ def assert_matches_rounded(actual: np.ndarray, expected: np.ndarray) -> None:
     )
 
 
+def console_script(command: str) -> Callable[[], None]:
+    """The function the console script ``command`` runs (its entry point in the installed package's metadata, e.g.
+    ``wsiseg-predict`` → ``wsiseg.predict:main``)."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name=command)
+    return script.load()
+
+
+@contextmanager
+def logging_restored(fresh: bool = False) -> Iterator[None]:
+    """Undo what a command did to the root logger (Hydra configures a file in its run folder and the streams of the
+    moment). ``fresh``: the root logger starts as in a new interpreter (no handler, level WARNING), so a command's
+    ``logging.basicConfig`` takes effect and its log lines go to the streams it finds."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    if fresh:
+        root.handlers[:] = []
+        root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def run_main(
     argv: list[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -67,22 +100,37 @@ def run_main(
     """What the console script ``command`` runs (its entry point in the installed package's metadata, e.g.
     ``wsiseg-predict`` → ``wsiseg.predict:main``) with ``argv``, in this process (an interpreter start costs ~10 s on
     2 cores): (exit status, stderr). Hydra's logging set-up is undone after."""
-    from importlib.metadata import entry_points
-
-    (script,) = entry_points(group="console_scripts", name=command)
-    main = script.load()
+    main = console_script(command)
     monkeypatch.setattr(sys, "argv", [command, *argv])
     capsys.readouterr()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     try:
-        main()
+        with logging_restored():
+            main()
     except SystemExit as exc:
         return int(exc.code or 0), capsys.readouterr().err
-    finally:  # Hydra configured logging for this run (a file in its run folder, the captured streams): undo it
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
     return 0, capsys.readouterr().err  # the run went ahead
+
+
+def run_command(argv: list[str], command: str = "wsiseg-predict") -> tuple[int, str, str]:
+    """Like :func:`run_main`, without pytest's function-scoped fixtures (so a module-scoped fixture can call it):
+    (exit status, stdout, stderr) of the console script ``command`` run with ``argv`` in this process. The root
+    logger starts as in a new interpreter and is restored after, as are ``sys.argv``, the environment and torch's
+    thread count (what a child process could not have changed here)."""
+    import torch
+
+    main = console_script(command)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv_before, environ, threads = sys.argv, dict(os.environ), torch.get_num_threads()
+    sys.argv = [command, *argv]
+    try:
+        with logging_restored(fresh=True), redirect_stdout(stdout), redirect_stderr(stderr):
+            main()
+    except SystemExit as exc:
+        return int(exc.code or 0), stdout.getvalue(), stderr.getvalue()
+    finally:
+        sys.argv = argv_before
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        torch.set_num_threads(threads)
+    return 0, stdout.getvalue(), stderr.getvalue()  # the run went ahead

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import tifffile
 from PIL import Image
 
 from tests.conftest import shared_slide
+from tests.helpers import run_command
 from wsiseg.data.datamodule import SlideTileDataModule
 from wsiseg.data.grid import TileGrid
 from wsiseg.data.patches import (
@@ -499,8 +498,7 @@ def test_cli_exit_status_and_report(patch_dir: Path, tmp_path: Path) -> None:
     shutil.copy(patch_dir / "small_100x70.png", src / "small.png")
     shutil.copy(patch_dir / "broken.png", src / "broken.png")
     out = tmp_path / "out"
-    command = [
-        str(Path(sys.executable).with_name("wsiseg-predict")),
+    argv = [
         "data=patches",
         f"data.input_dir={src}",
         "writer=patches",
@@ -514,10 +512,9 @@ def test_cli_exit_status_and_report(patch_dir: Path, tmp_path: Path) -> None:
         "writer.mask=true",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 1, done.stderr[-2000:]  # broken.png failed
-    logs = done.stdout + done.stderr
+    status, stdout, stderr = run_command(argv)
+    assert status == 1, stderr[-2000:]  # broken.png failed
+    logs = stdout + stderr
     assert "broken.png" in logs and "2 done, 0 skipped (outputs complete), 1 failed" in logs
     assert (out / "sub" / "p0_heatmap.png").is_file() and (out / "small_mask.png").is_file()
     assert png(out / "small_mask.png").shape == (70, 100)
@@ -525,7 +522,7 @@ def test_cli_exit_status_and_report(patch_dir: Path, tmp_path: Path) -> None:
     assert (report["images"], report["done"], report["failed"]) == (3, 2, 1)
     assert report["config"]["data"]["input_dir"] == str(src)
 
-    # Same command in-process with resume=true once the broken file is gone: everything kept as complete, exit 0.
+    # The same options with resume=true, through run_predict, once the broken file is gone: all kept, exit 0.
     from hydra import compose, initialize_config_dir
 
     from wsiseg.config import config_dir
@@ -533,7 +530,7 @@ def test_cli_exit_status_and_report(patch_dir: Path, tmp_path: Path) -> None:
 
     (src / "broken.png").unlink()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        overrides = [arg for arg in command[1:] if not arg.startswith("hydra.")]
+        overrides = [arg for arg in argv if not arg.startswith("hydra.")]
         cfg = compose(config_name="predict", overrides=[*overrides, "resume=true"])
     assert run_predict(cfg) == 0
     report = json.loads((out / "report.json").read_text())

@@ -18,7 +18,7 @@ import tifffile
 import torch
 
 from tests.conftest import shared_slide
-from tests.helpers import predict
+from tests.helpers import predict, run_command, run_main
 from wsiseg.cli import find_user_error
 from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 from wsiseg.errors import UserInputError
@@ -184,17 +184,16 @@ def test_bad_options_fail_before_reading_with_one_line(tmp_path: Path, good_slid
     assert re.search("writer.output_dir .* is not writable", user_error(good_slide, blocker / "out", FAST))
 
 
-def test_cli_user_error_is_one_line_and_exit_status_2(tmp_path: Path, good_slide: Path) -> None:
-    result = subprocess.run(
-        [str(SCRIPT), *FAST, f"data.slides={good_slide}", "data.overlap=-1", f"hydra.run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_cli_user_error_is_one_line_and_exit_status_2(
+    tmp_path: Path, good_slide: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    status, stderr = run_main(
+        [*FAST, f"data.slides={good_slide}", "data.overlap=-1", f"hydra.run.dir={tmp_path}"], monkeypatch, capsys
     )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("wsiseg-predict: error: data.overlap must satisfy"), result.stderr[-2000:]
+    assert status == 2
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("wsiseg-predict: error: data.overlap must satisfy"), stderr[-2000:]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path: Path, good_slide: Path) -> None:
@@ -208,8 +207,9 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path: Path, good_sl
         "trainer.precision=32",
         "trainer.enable_progress_bar=false",
     ]
-    reference = tmp_path / "reference"
-    subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={reference}"], check=True, capture_output=True, timeout=600)
+    reference = tmp_path / "reference"  # uninterrupted: in this process (only the killed run needs its own)
+    status, _, stderr = run_command([*args, f"hydra.run.dir={reference}"])
+    assert status == 0, stderr[-3000:]
 
     run_dir = tmp_path / "interrupted"
     process = start_and_wait_for_first_slide(args, run_dir)
@@ -396,7 +396,8 @@ def test_outputs_an_earlier_run_left_never_look_complete(tmp_path: Path, good_sl
     second = write_synthetic_slide(tmp_path / "second.tif", SyntheticSlide(3072, 2048, seed=10))
     run_dir = tmp_path / "run"
     args = two_slide_args(good_slide, second, workers=0)
-    subprocess.run([str(SCRIPT), *args, f"hydra.run.dir={run_dir}"], check=True, capture_output=True, timeout=300)
+    status, _, stderr = run_command([*args, f"hydra.run.dir={run_dir}"])  # complete: in this process
+    assert status == 0, stderr[-3000:]
     assert {row["status"] for row in summary(run_dir).values()} == {"complete"}
     changed = subprocess.Popen(
         # an option that changes the masks (a threshold would not: kept masks are post-processed again)
@@ -518,8 +519,6 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_slides(
 ) -> None:
     """The red team's full disk gave a 56-line OSError traceback and every slide 'interrupted'. The first slide fits,
     the second's pyramid does not: it fails with the documented reason, the first slide's outputs are complete."""
-    from tests.helpers import run_main
-
     big = write_synthetic_slide(tmp_path / "big.tif", SyntheticSlide(4096, 3072, seed=14))
     run = small_disk / "run"
     status, err = run_main(
@@ -547,8 +546,6 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_slides(
 def test_no_room_for_hydras_files_is_one_line(
     small_disk: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from tests.helpers import run_main
-
     (small_disk / "filler").write_bytes(bytes((4 << 20) - 16384))  # leaves less than Hydra's files need
     status, err = run_main(["model=demo", f"hydra.run.dir={small_disk / 'run'}"], monkeypatch, capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1, err

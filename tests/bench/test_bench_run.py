@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_command
 from wsiseg.hardware import cpu_precision
 
 SMALL_SLIDE_BENCH = [
@@ -23,14 +23,11 @@ SMALL_SLIDE_BENCH = [
 ]
 
 
-def run_bench(run_dir: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run the ``wsiseg-bench`` console script; returns the process and its bench.json."""
-    script = Path(sys.executable).parent / "wsiseg-bench"
-    result = subprocess.run(
-        [str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result, json.loads((run_dir / "bench.json").read_text())
+def run_bench(run_dir: Path, *overrides: str) -> tuple[str, dict]:
+    """Run what the ``wsiseg-bench`` console script runs, in this process; returns its stdout and its bench.json."""
+    status, stdout, stderr = run_command([*overrides, f"hydra.run.dir={run_dir}"], command="wsiseg-bench")
+    assert status == 0, stderr[-3000:]
+    return stdout, json.loads((run_dir / "bench.json").read_text())
 
 
 def conv_gflop(patch: int) -> float:
@@ -57,8 +54,8 @@ def conv_gflop(patch: int) -> float:
 
 
 def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
-    result, report = run_bench(tmp_path, *SMALL_SLIDE_BENCH, "bench.max_tiles=24", "bench.naive_tiles=8")
-    assert "speedup optimised/naive" in result.stdout
+    stdout, report = run_bench(tmp_path, *SMALL_SLIDE_BENCH, "bench.max_tiles=24", "bench.naive_tiles=8")
+    assert "speedup optimised/naive" in stdout
     cases = report["cases"]
     assert set(cases) == {"naive", "optimised", "read_bound", "model_bound", "host_bound"}
     host = cases.pop("host_bound")
@@ -72,7 +69,7 @@ def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     assert 0 <= host["blocked_s"] < host["seconds"] and host["blocked_fraction"] < 1
     host_report = json.loads((tmp_path / "host_bound" / "bench_slide" / "report.json").read_text())
     assert host_report["status"] == "complete" and host_report["tiles_processed"] == tiles
-    assert "host_bound" in result.stdout
+    assert "host_bound" in stdout
     assert 0 < tiles <= 24
     assert cases["optimised"]["patches"] == cases["read_bound"]["patches"] == tiles
     assert cases["naive"]["patches"] == min(8, tiles)
@@ -109,31 +106,26 @@ def test_bench_writes_all_cases_and_ratios(tmp_path: Path) -> None:
     # the peer: MONAI's WSI pipeline on the naive tiles with the same FP32 weights, when MONAI is installed
     monai = report["peers"]["monai"]
     if importlib.util.find_spec("monai") is None:
-        assert "MONAI is not installed" in monai["skipped"] and "monai skipped" in result.stdout
+        assert "MONAI is not installed" in monai["skipped"] and "monai skipped" in stdout
     else:
         assert monai["tiles"] == cases["naive"]["patches"] and monai["patches_per_s"] > 0
         assert monai["mean_abs_grey_diff_vs_naive"] < 0.05  # same FP32 network, same tiles: equal within rounding
         assert monai["speedup_optimised_vs_peer"] == pytest.approx(
             cases["optimised"]["patches_per_s"] / monai["patches_per_s"], rel=2e-2
         )
-        assert "peer monai:" in result.stdout
+        assert "peer monai:" in stdout
 
 
-def test_bench_peer_is_skipped_with_a_line_without_monai(tmp_path: Path) -> None:
+def test_bench_peer_is_skipped_with_a_line_without_monai(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With MONAI unimportable (its import fails in the process, as when it is not installed) the bench still runs
     and says in one line how to get the peer."""
-    code = (
-        "import sys; sys.modules['monai'] = None; sys.argv = ['wsiseg-bench', *sys.argv[1:]]; "
-        "from wsiseg.bench.command import main; main()"
-    )
-    overrides = [*SMALL_SLIDE_BENCH, "bench.max_tiles=4", "bench.naive_tiles=2", f"hydra.run.dir={tmp_path}"]
-    result = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "bench.json").read_text())
+    for name in ["monai", *(n for n in sys.modules if n.startswith("monai."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # any import of it or of a submodule already loaded fails
+    stdout, report = run_bench(tmp_path, *SMALL_SLIDE_BENCH, "bench.max_tiles=4", "bench.naive_tiles=2")
     assert report["peers"]["monai"] == {
         "skipped": "MONAI is not installed: pip install 'wsiseg[peers]' to time MONAI's WSI pipeline beside wsiseg"
     }
-    assert "wsiseg-bench: monai skipped: MONAI is not installed" in result.stdout
+    assert "wsiseg-bench: monai skipped: MONAI is not installed" in stdout
 
 
 def test_bench_patch_mode_naive_vs_batched(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import tifffile
 import torch
 
 from tests.conftest import shared_slide
+from tests.helpers import run_command
 from wsiseg.deploy.calibration import sample_tissue_tiles
 from wsiseg.deploy.export import ExportOptions
 from wsiseg.deploy.int8_openvino import nncf_available
@@ -23,16 +23,10 @@ from wsiseg.runtimes.files import sidecar_path
 
 pytest.importorskip("openvino", reason="the INT8 check runs both models by OpenVINO")
 
-EXPORT = Path(sys.executable).with_name("wsiseg-export")
 
-
-def export(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(EXPORT), "model=demo", *overrides, f"hydra.run.dir={tmp_path / 'hydra'}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def export(tmp_path: Path, *overrides: str) -> tuple[int, str, str]:
+    """``wsiseg-export model=demo ...`` in this process: (exit status, stdout, stderr)."""
+    return run_command(["model=demo", *overrides, f"hydra.run.dir={tmp_path / 'hydra'}"], command="wsiseg-export")
 
 
 def flat_slide(path: Path) -> Path:
@@ -62,7 +56,7 @@ def int8_export(
     out = tmp_path_factory.mktemp("int8")
     path = out / name
     slides = f"[{shared_slide('CMU-1-Small-Region.svs')},{synthetic_slide}]"
-    result = export(
+    status, stdout, stderr = export(
         out,
         f"export.format={fmt}",
         f"export.path={path}",
@@ -71,8 +65,8 @@ def int8_export(
         "export.calibration_tiles=24",
         "export.holdout_tiles=24",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return path, json.loads(sidecar_path(path).read_text()), result.stdout
+    assert status == 0, stderr[-3000:]
+    return path, json.loads(sidecar_path(path).read_text()), stdout
 
 
 def test_int8_meets_the_dice_floor_on_held_out_tissue(int8_export: tuple[Path, dict, str]) -> None:
@@ -137,20 +131,20 @@ def test_int8_under_the_floor_is_refused_and_not_written(tmp_path: Path, fmt: st
         "export.calibration_tiles=4",
         "export.holdout_tiles=12",
     ]
-    result = export(tmp_path, *common)
-    assert result.returncode == 2, result.stderr[-3000:]
-    line = result.stderr.strip().splitlines()[-1]
+    status, _, stderr = export(tmp_path, *common)
+    assert status == 2, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
     assert line.startswith("wsiseg-export: error: the INT8 model's Dice vs FP32 is ")
-    assert "under export.dice_floor=0.99" in line and "export.force=true" in line and "Traceback" not in result.stderr
+    assert "under export.dice_floor=0.99" in line and "export.force=true" in line and "Traceback" not in stderr
     assert not path.exists() and not sidecar_path(path).exists() and not path.with_suffix(".bin").exists()
     # nothing half-written left behind, nor the refused run's folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.tif"]
     if fmt != "onnx":
         return  # export.force does not depend on the quantiser: checked once, on the quicker one
-    forced = export(tmp_path, *common, "export.force=true")
-    assert forced.returncode == 0, forced.stderr[-3000:]
+    status, stdout, stderr = export(tmp_path, *common, "export.force=true")
+    assert status == 0, stderr[-3000:]
     side = json.loads(sidecar_path(path).read_text())["quantization"]
-    assert side["forced"] and side["dice_vs_fp32"] < 0.99 and "written anyway" in forced.stdout + forced.stderr
+    assert side["forced"] and side["dice_vs_fp32"] < 0.99 and "written anyway" in stdout + stderr
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,6 @@ import hashlib
 import io
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import shared_slide
 from tests.deploy.deploy_helpers import compose_cfg, demo_net, normalised, predict_mask, run_main
+from tests.helpers import run_command
 from wsiseg.deploy.export import run_export
 from wsiseg.deploy.onnx import verify_onnx
 from wsiseg.deploy.verify import FP16_TOLERANCE, FP32_TOLERANCE, VerificationError
@@ -190,9 +189,6 @@ def test_real_slide_mask_openvino_equals_torch(tmp_path: Path, demo_onnx: tuple[
 
 
 # -- the sidecar read back by model/net=onnx -----------------------------------------------------------------------
-PREDICT = Path(sys.executable).with_name("wsiseg-predict")
-
-
 def onnx_module(onnx_path: Path, **kwargs: object) -> SegmentationModule:
     """``SegmentationModule`` running the ONNX file (no checkpoint: the file holds the weights)."""
     return SegmentationModule(OnnxRuntimeNet(onnx_path), **kwargs)
@@ -315,9 +311,8 @@ def test_missing_sidecar_warns_and_needs_explicit_normalisation(
 def test_cli_predict_with_model_onnx_needs_no_checkpoint(demo_onnx: tuple[Path, str], tmp_path: Path) -> None:
     """The README's deploy line, as a user types it: ``model=onnx model.net.path=...`` and no model.checkpoint."""
     slide = shared_slide("CMU-1-Small-Region.svs")
-    result = subprocess.run(
+    status, _, stderr = run_command(
         [
-            str(PREDICT),
             "model=onnx",
             f"model.net.path={demo_onnx[0]}",
             f"data.slides={slide}",
@@ -328,12 +323,9 @@ def test_cli_predict_with_model_onnx_needs_no_checkpoint(demo_onnx: tuple[Path, 
             "trainer.enable_progress_bar=false",
             "writer.output_downsample=4",
             f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert status == 0, stderr[-3000:]
     (report,) = tmp_path.glob("*/report.json")
     assert json.loads(report.read_text())["status"] == "complete"
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +11,12 @@ import shapely
 from PIL import Image
 from shapely.geometry import shape
 
+from tests.helpers import run_command
 from wsiseg.annotations.asap_xml import write_asap_xml
 from wsiseg.annotations.contours import scale_regions, trace_regions
 from wsiseg.data.synthetic import SyntheticSlide, write_synthetic_slide
 from wsiseg.errors import UserInputError
 from wsiseg.evaluation.evaluate import evaluate
-
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +26,7 @@ def predicted(synthetic_slide: Path, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("eval")
     normal = write_synthetic_slide(root / "normal.tif", SyntheticSlide(2000, 1500, seed=3, tumour_blobs=0))
     run = root / "run"
-    command = [
-        str(BIN / "wsiseg-predict"),
+    argv = [
         "model=demo",
         "trainer=cpu",
         "trainer.precision=32",
@@ -41,7 +37,8 @@ def predicted(synthetic_slide: Path, tmp_path_factory: pytest.TempPathFactory) -
         "writer.contours=[geojson,asap_xml]",
         f"hydra.run.dir={run}",
     ]
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    status, _, stderr = run_command(argv)
+    assert status == 0, stderr[-3000:]
     annotations = root / "annotations"
     annotations.mkdir()
     truth = SyntheticSlide(2000, 1500, seed=7).ground_truth(4).astype(np.uint8) * 255
@@ -66,17 +63,16 @@ def test_predict_writes_contours_and_region_report(predicted: dict[str, Path]) -
 
 def test_wsiseg_eval_on_demo_predictions(predicted: dict[str, Path]) -> None:
     out = predicted["root"] / "eval-run"
-    command = [
-        str(BIN / "wsiseg-eval"),
+    argv = [
         f"eval.predictions={predicted['run']}",
         f"eval.annotations={predicted['annotations']}",
         "eval.level=2",
         "eval.itc_um=0",
         f"hydra.run.dir={out}",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    print(done.stdout)
+    status, stdout, stderr = run_command(argv, command="wsiseg-eval")
+    assert status == 0, stderr
+    print(stdout)
     result = json.loads((out / "eval.json").read_text())
     slides = {row["slide"]: row for row in result["slides"]}
     assert set(slides) == {"synth", "normal"}
@@ -91,7 +87,7 @@ def test_wsiseg_eval_on_demo_predictions(predicted: dict[str, Path]) -> None:
     assert all(0.0 <= s <= 1.0 for s in froc_["sensitivity"]) and froc_["sensitivity"][-1] >= 0.5
     expected_auc = 1.0 if slides["synth"]["max_probability"] > slides["normal"]["max_probability"] else 0.0
     assert overall["slide_auc"] == expected_auc
-    assert "synth" in done.stdout and "FROC sensitivity" in done.stdout
+    assert "synth" in stdout and "FROC sensitivity" in stdout
     with Image.open(out / "froc.png") as image:
         assert image.format == "PNG" and image.size == (640, 480)
 
@@ -115,15 +111,14 @@ def test_bad_prediction_folders_and_annotations(predicted: dict[str, Path], tmp_
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "synth.xml").write_text('<?xml version="1.0"?>\n<ASAP_Annotations>\n<Annotations>\n<Annotation Name=x>')
-    command = [
-        str(BIN / "wsiseg-eval"),
+    argv = [
         f"eval.predictions={predicted['run']}",
         f"eval.annotations={broken}",
         f"hydra.run.dir={tmp_path / 'out'}",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert f"wsiseg-eval: error: {broken / 'synth.xml'}:4: not well-formed" in done.stderr
+    status, _, stderr = run_command(argv, command="wsiseg-eval")
+    assert status == 2
+    assert f"wsiseg-eval: error: {broken / 'synth.xml'}:4: not well-formed" in stderr
 
 
 def test_an_unreadable_mask_leaves_that_slide_out_and_unmatched_annotations_warn(

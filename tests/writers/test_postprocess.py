@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.helpers import predict
+from tests.helpers import predict, run_command
 from wsiseg.module import SegmentationModule
 from wsiseg.writers.postprocess import count_positive
 
@@ -92,6 +92,8 @@ def test_a_resumed_run_with_other_post_processing_runs_no_network_and_matches_a_
 def test_wsiseg_render_post_processes_a_finished_run_again(first_run: Path, fresh_second: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(first_run, run)
+    # A process of its own: importing the module wsiseg.render_run here would make the package attribute
+    # wsiseg.render_run that module, not the function the Python call below needs (wsiseg's lazy names).
     script = Path(sys.executable).parent / "wsiseg-render"
     done = subprocess.run(
         [str(script), str(run), "writer.threshold=0.3", "writer.contours=[geojson,asap_xml]", "min_area_um2=50"],
@@ -110,11 +112,11 @@ def test_wsiseg_render_post_processes_a_finished_run_again(first_run: Path, fres
     assert {k: v for k, v in _report(run).items() if k not in TIMED} == {
         k: v for k, v in _report(first_run).items() if k not in TIMED
     }
-    bad = subprocess.run([str(script), str(run), "writer.treshold=0.3"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
-    assert "did you mean writer.threshold?" in bad.stderr
-    missing = subprocess.run([str(script), str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "holds no summary.json" in missing.stderr
+    status, _, stderr = run_command([str(run), "writer.treshold=0.3"], command="wsiseg-render")
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert "did you mean writer.threshold?" in stderr
+    status, _, stderr = run_command([str(tmp_path / "nope")], command="wsiseg-render")
+    assert status == 2 and "holds no summary.json" in stderr
 
 
 def test_the_slide_figures_match_values_computed_from_mask_tif(first_run: Path, synthetic_slide: Path) -> None:
