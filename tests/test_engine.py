@@ -193,3 +193,20 @@ def test_patch_folder_export_and_bench(tmp_path: Path, engine: object) -> None:
     )
     assert set(report["cases"]) >= {"naive", "optimised", "read_bound", "model_bound", "host_bound"}
     assert report["summary"]["speedup_optimised_vs_naive"] > 0
+
+
+def test_public_names_stay_what_they_are_after_every_module_is_imported() -> None:
+    """A submodule named like a public name would replace it on the package once imported (``import wsiseg.x`` sets
+    ``wsiseg.x``): after importing every wsiseg module, each lazy public name is still the class or function."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import wsiseg
+
+    for info in pkgutil.walk_packages(wsiseg.__path__, "wsiseg."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    for name in wsiseg.__all__:
+        value = getattr(wsiseg, name)
+        assert not inspect.ismodule(value), f"wsiseg.{name} is the module {value.__name__}, not the public name"

@@ -30,7 +30,7 @@ _LAZY = {
     "Unet": "wsiseg.model",
     "MilesialUNet": "wsiseg.model",
     "load_checkpoint": "wsiseg.model",
-    "render_run": "wsiseg.render_run",
+    "render_run": "wsiseg.rerender",
 }
 
 __all__ = [

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,17 +90,12 @@ def test_a_resumed_run_with_other_post_processing_runs_no_network_and_matches_a_
 def test_wsiseg_render_post_processes_a_finished_run_again(first_run: Path, fresh_second: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(first_run, run)
-    # A process of its own: importing the module wsiseg.render_run here would make the package attribute
-    # wsiseg.render_run that module, not the function the Python call below needs (wsiseg's lazy names).
-    script = Path(sys.executable).parent / "wsiseg-render"
-    done = subprocess.run(
-        [str(script), str(run), "writer.threshold=0.3", "writer.contours=[geojson,asap_xml]", "min_area_um2=50"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    status, _, stderr = run_command(
+        [str(run), "writer.threshold=0.3", "writer.contours=[geojson,asap_xml]", "min_area_um2=50"],
+        command="wsiseg-render",
     )
-    assert done.returncode == 0, done.stderr
-    assert "1 slide(s) post-processed again" in done.stderr
+    assert status == 0, stderr
+    assert "1 slide(s) post-processed again" in stderr
     _same_outputs(run, fresh_second)
     rows = [_csv_row(folder / "summary.csv") for folder in (run, fresh_second)]
     assert rows[0] == rows[1] and rows[0]["largest_region_mm2"]  # the new figures, as a fresh run lists them
