@@ -51,11 +51,15 @@ def as_in_a_terminal() -> None:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
-def start_and_wait_for_first_slide(args: list[str], run_dir: Path) -> subprocess.Popen:
-    """Start ``wsiseg-predict`` (own process group, output on stdout, Ctrl-C handled as in a terminal) and return
-    once the first slide ("good") is complete and the run is one second into the next one."""
+def start_and_wait_for_first_slide(
+    args: list[str], run_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start ``wsiseg-predict`` (own process group, output on stdout, Ctrl-C handled as in a terminal; ``env``: its
+    environment, None: this one's) and return once the first slide ("good") is complete and the run is one second
+    into the next one."""
     process = subprocess.Popen(
         [str(SCRIPT), *args, f"hydra.run.dir={run_dir}"],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -210,9 +214,11 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path: Path, good_sl
     reference = tmp_path / "reference"  # uninterrupted: in this process (only the killed run needs its own)
     status, _, stderr = run_command([*args, f"hydra.run.dir={reference}"])
     assert status == 0, stderr[-3000:]
+    # the masks are compared byte for byte: the child processes compute with as many threads as the reference did
+    same_threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
     run_dir = tmp_path / "interrupted"
-    process = start_and_wait_for_first_slide(args, run_dir)
+    process = start_and_wait_for_first_slide(args, run_dir, same_threads)
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate()
     assert not (run_dir / "second" / "report.json").exists()
@@ -220,7 +226,11 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path: Path, good_sl
     good_report_mtime = (run_dir / "good" / "report.json").stat().st_mtime_ns
 
     resumed = subprocess.run(
-        [str(SCRIPT), *args, f"hydra.run.dir={run_dir}", "resume=true"], capture_output=True, text=True, timeout=600
+        [str(SCRIPT), *args, f"hydra.run.dir={run_dir}", "resume=true"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=same_threads,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (run_dir / "good" / "report.json").stat().st_mtime_ns == good_report_mtime, "complete slide redone"
