@@ -1,5 +1,5 @@
 """What both INT8 quantisers share: tissue tiles to calibrate on and to check with, the INT8-vs-FP32 agreement on
-the held-out ones, the Dice floor, and the procedure around a quantiser (:func:`quantise_on_tissue`).
+the held-out ones, the Dice floor (the procedure around a quantiser: :func:`wsiseg.deploy.export.quantise_on_tissue`).
 
     wsiseg-export model=demo export.path=demo-int8.onnx export.quantize=int8 \\
         'export.calibration_slides=[/data/a.svs,/data/b.svs]'
@@ -24,17 +24,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from wsiseg.errors import UserInputError
 from wsiseg.head import dice
-from wsiseg.runtimes.onnx_graph import check_size
-
-if TYPE_CHECKING:
-    from wsiseg.deploy.export import ExportOptions
 
 __all__ = [
     "CalibrationTiles",
@@ -43,7 +39,6 @@ __all__ = [
     "check_dice_floor",
     "int8_agreement",
     "probabilities",
-    "quantise_on_tissue",
     "sample_tissue_tiles",
 ]
 
@@ -187,55 +182,3 @@ def check_dice_floor(agreement: Int8Agreement, floor: float, force: bool, calibr
         f"{message}: not written. Calibrate on more tissue of the slides it will run on (export.calibration_slides, "
         "export.calibration_tiles), or pass export.force=true to write it anyway"
     )
-
-
-def quantise_on_tissue(
-    quantizer: Int8Quantizer,
-    ex: ExportOptions,
-    fp32: Path,
-    out: Path,
-    mean: Sequence[float],
-    std: Sequence[float],
-    activation: str,
-    stride: int,
-) -> dict[str, Any]:
-    """INT8 of the FP32 file ``fp32`` into ``out`` by ``quantizer``, calibrated and checked on tissue tiles as the
-    ``export.calibration_*`` / ``export.holdout_*`` options say; returns the sidecar's ``quantization`` record.
-
-    Raises:
-        UserInputError: too few tissue tiles, or a model under ``export.dice_floor`` (unless ``export.force``).
-    """
-    patch = check_size((ex.calibration_patch_size, ex.calibration_patch_size), stride, "export.calibration_patch_size")
-    where = (ex.calibration_seed, ex.calibration_level, ex.calibration_mpp)
-    slides = [str(s) for s in ex.calibration_slides]
-    if not ex.holdout_slides:  # disjoint tiles of the same slides
-        calibration, held_out = sample_tissue_tiles(slides, patch[0], (ex.calibration_tiles, ex.holdout_tiles), *where)
-    else:
-        (calibration,) = sample_tissue_tiles(slides, patch[0], (ex.calibration_tiles,), *where)
-        (held_out,) = sample_tissue_tiles([str(s) for s in ex.holdout_slides], patch[0], (ex.holdout_tiles,), *where)
-    log.info(
-        "calibrating INT8 on %d tissue tiles, checking on %d others", len(calibration.origins), len(held_out.origins)
-    )
-    quantizer.quantize(fp32, out, calibration.normalised(mean, std))
-    agreement = int8_agreement(fp32, out, held_out, mean, std, activation)
-    used = sorted({slide for slide, _, _ in calibration.origins})
-    check_dice_floor(agreement, ex.dice_floor, ex.force, f"{len(calibration.origins)} tiles of {', '.join(used)}")
-    return {
-        "scheme": quantizer.scheme,
-        "calibration": {
-            "tiles": [{"slide": s, "x": x, "y": y} for s, x, y in calibration.origins],
-            "patch_size": patch[0],
-            "level": ex.calibration_level,
-            "mpp": ex.calibration_mpp,
-            "seed": ex.calibration_seed,
-        },
-        "held_out": {"tiles": [{"slide": s, "x": x, "y": y} for s, x, y in held_out.origins]},
-        "dice_vs_fp32": agreement.dice,
-        "dice_vs_fp32_per_slide": agreement.per_slide,
-        "max_abs_diff": agreement.max_abs_diff,
-        "mean_abs_diff": agreement.mean_abs_diff,
-        "runtime": agreement.runtime,
-        "dice_floor": ex.dice_floor,
-        "forced": agreement.dice < ex.dice_floor,
-        "summary": agreement.summary(),
-    }

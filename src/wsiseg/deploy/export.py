@@ -23,6 +23,7 @@ The weights must be trained ones: ``model.checkpoint=random`` is refused; a netw
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from torch import nn
 
 from wsiseg.atomic import write_json_atomic
 from wsiseg.config import build
-from wsiseg.deploy.calibration import quantise_on_tissue
+from wsiseg.deploy.calibration import Int8Quantizer, check_dice_floor, int8_agreement, sample_tissue_tiles
 from wsiseg.deploy.exporter import Exporter
 from wsiseg.deploy.onnx import OnnxExporter, verify_onnx
 from wsiseg.deploy.openvino import OpenVinoExporter
@@ -50,7 +51,9 @@ from wsiseg.provenance import sha256_file
 from wsiseg.runtimes.files import is_file_network, sidecar_path
 from wsiseg.runtimes.onnx_graph import INPUT_NAME, check_opset, check_size
 
-__all__ = ["EXPORTERS", "FORMATS", "ExportOptions", "build_network", "run_export"]
+__all__ = ["EXPORTERS", "FORMATS", "ExportOptions", "build_network", "quantise_on_tissue", "run_export"]
+
+log = logging.getLogger(__name__)
 
 # export.format -> its exporter; the order is the one error messages list
 EXPORTERS: dict[str, Exporter] = {e.format: e for e in (OnnxExporter(), TorchScriptExporter(), OpenVinoExporter())}
@@ -334,3 +337,55 @@ def _report(ex: ExportOptions, result: VerifyResult | None, quantization: dict[s
         print("wsiseg-export: not verified (export.verify=false)")
     else:
         print(f"wsiseg-export: verified with {result.runtime} against PyTorch: {result.summary()}")
+
+
+def quantise_on_tissue(
+    quantizer: Int8Quantizer,
+    ex: ExportOptions,
+    fp32: Path,
+    out: Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+    activation: str,
+    stride: int,
+) -> dict[str, Any]:
+    """INT8 of the FP32 file ``fp32`` into ``out`` by ``quantizer``, calibrated and checked on tissue tiles as the
+    ``export.calibration_*`` / ``export.holdout_*`` options say; returns the sidecar's ``quantization`` record.
+
+    Raises:
+        UserInputError: too few tissue tiles, or a model under ``export.dice_floor`` (unless ``export.force``).
+    """
+    patch = check_size((ex.calibration_patch_size, ex.calibration_patch_size), stride, "export.calibration_patch_size")
+    where = (ex.calibration_seed, ex.calibration_level, ex.calibration_mpp)
+    slides = [str(s) for s in ex.calibration_slides]
+    if not ex.holdout_slides:  # disjoint tiles of the same slides
+        calibration, held_out = sample_tissue_tiles(slides, patch[0], (ex.calibration_tiles, ex.holdout_tiles), *where)
+    else:
+        (calibration,) = sample_tissue_tiles(slides, patch[0], (ex.calibration_tiles,), *where)
+        (held_out,) = sample_tissue_tiles([str(s) for s in ex.holdout_slides], patch[0], (ex.holdout_tiles,), *where)
+    log.info(
+        "calibrating INT8 on %d tissue tiles, checking on %d others", len(calibration.origins), len(held_out.origins)
+    )
+    quantizer.quantize(fp32, out, calibration.normalised(mean, std))
+    agreement = int8_agreement(fp32, out, held_out, mean, std, activation)
+    used = sorted({slide for slide, _, _ in calibration.origins})
+    check_dice_floor(agreement, ex.dice_floor, ex.force, f"{len(calibration.origins)} tiles of {', '.join(used)}")
+    return {
+        "scheme": quantizer.scheme,
+        "calibration": {
+            "tiles": [{"slide": s, "x": x, "y": y} for s, x, y in calibration.origins],
+            "patch_size": patch[0],
+            "level": ex.calibration_level,
+            "mpp": ex.calibration_mpp,
+            "seed": ex.calibration_seed,
+        },
+        "held_out": {"tiles": [{"slide": s, "x": x, "y": y} for s, x, y in held_out.origins]},
+        "dice_vs_fp32": agreement.dice,
+        "dice_vs_fp32_per_slide": agreement.per_slide,
+        "max_abs_diff": agreement.max_abs_diff,
+        "mean_abs_diff": agreement.mean_abs_diff,
+        "runtime": agreement.runtime,
+        "dice_floor": ex.dice_floor,
+        "forced": agreement.dice < ex.dice_floor,
+        "summary": agreement.summary(),
+    }
