@@ -48,18 +48,25 @@ def test_help_and_version_load_no_deep_learning_library(flag: str) -> None:
     assert out.stdout.strip().splitlines()[-1] == "LOADED []"
 
 
+@pytest.mark.parametrize("flag", ["--help", "--version"])
 @pytest.mark.parametrize("command", ["wsiseg-bench", "wsiseg-eval", "wsiseg-export", "wsiseg-render"])
-def test_every_commands_help_loads_no_deep_learning_library(command: str) -> None:
-    """Each console script's entry point (from the package metadata) answers --help without torch or Lightning."""
+def test_every_commands_help_and_version_load_no_deep_learning_library(command: str, flag: str) -> None:
+    """Each console script's entry point (from the package metadata) answers --help and --version without torch or
+    Lightning; --version is one line naming the command and wsiseg's version."""
+    from wsiseg import __version__
+
     code = (
         "import atexit, sys; from importlib.metadata import entry_points; atexit.register(lambda: print('LOADED', "
         "sorted(m for m in ('torch', 'lightning', 'openslide') if m in sys.modules))); "
-        f"sys.argv = ['{command}', '--help']; (script,) = entry_points(group='console_scripts', name='{command}'); "
+        f"sys.argv = ['{command}', '{flag}']; (script,) = entry_points(group='console_scripts', name='{command}'); "
         "script.load()()"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "LOADED []"
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "LOADED []"
+    if flag == "--version":
+        assert lines[0].startswith(f"{command} (wsiseg) {__version__}; torch ") and len(lines) == 2
 
 
 def test_predict_tiles_equals_the_pipelines_maps(tmp_path: Path, engine: object) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "exit_if_overrides_bad",
     "exit_if_run_dir_unusable",
     "exit_if_version_asked",
+    "before_hydra",
     "discard_unused_run_dir",
     "ProgressBarSafeHandler",
 ]
@@ -217,6 +218,14 @@ def exit_if_overrides_bad(command: str, config_name: str) -> None:
     if problem:
         print(f"{command}: error: {problem}", file=sys.stderr)
         sys.exit(2)
+
+
+def before_hydra(command: str, config_name: str) -> None:
+    """What every Hydra command does before Hydra starts, each answered in one line: ``--version`` (exit 0), a run
+    folder that cannot be created or is busy, and options no part of wsiseg reads (exit 2)."""
+    exit_if_version_asked(command)
+    exit_if_run_dir_unusable(command)
+    exit_if_overrides_bad(command, config_name)
 
 
 def exit_if_version_asked(command: str) -> None:

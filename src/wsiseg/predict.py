@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from wsiseg.cli import exit_if_overrides_bad, exit_if_run_dir_unusable, exit_if_version_asked, user_errors
+from wsiseg.cli import before_hydra, user_errors
 from wsiseg.config import config_dir
 
 __all__ = ["main", "run_predict"]
@@ -41,9 +41,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``wsiseg-predict`` (``--help`` lists the required keys and examples)."""
-    exit_if_version_asked("wsiseg-predict")
-    exit_if_run_dir_unusable("wsiseg-predict")
-    exit_if_overrides_bad("wsiseg-predict", "predict")
+    before_hydra("wsiseg-predict", "predict")
     _hydra_main()
 
 

@@ -92,9 +92,11 @@ def render_run(run_dir: str | Path, **overrides: Any) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point ``wsiseg-render``."""
-    from wsiseg.cli import user_errors
+    """Console entry point ``wsiseg-render`` (``--version`` as the other commands answer it)."""
+    from wsiseg.cli import exit_if_version_asked, user_errors
 
+    if argv is None:
+        exit_if_version_asked("wsiseg-render")
     parser = argparse.ArgumentParser(
         prog="wsiseg-render",
         description="Post-process a finished slide run again from its mask.tif files (no network): tumour figures "

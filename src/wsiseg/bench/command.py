@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from wsiseg.cli import exit_if_overrides_bad, exit_if_run_dir_unusable, user_errors
+from wsiseg.cli import before_hydra, user_errors
 from wsiseg.config import config_dir
 from wsiseg.options import check_option_types
 
@@ -30,9 +30,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point ``wsiseg-bench``; a run folder Hydra cannot create is one line, exit 2."""
-    exit_if_run_dir_unusable("wsiseg-bench")
-    exit_if_overrides_bad("wsiseg-bench", "bench")
+    """Console entry point ``wsiseg-bench``
+    (:func:`wsiseg.cli.before_hydra` answers --version, an unusable run folder and unknown options)."""
+    before_hydra("wsiseg-bench", "bench")
     _hydra_main()
 
 

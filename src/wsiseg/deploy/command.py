@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from wsiseg.cli import exit_if_overrides_bad, exit_if_run_dir_unusable, user_errors
+from wsiseg.cli import before_hydra, user_errors
 from wsiseg.config import config_dir
 
 __all__ = ["main"]
@@ -29,9 +29,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point ``wsiseg-export``; a run folder Hydra cannot create is one line, exit 2."""
-    exit_if_run_dir_unusable("wsiseg-export")
-    exit_if_overrides_bad("wsiseg-export", "export")
+    """Console entry point ``wsiseg-export``
+    (:func:`wsiseg.cli.before_hydra` answers --version, an unusable run folder and unknown options)."""
+    before_hydra("wsiseg-export", "export")
     _hydra_main()
 
 

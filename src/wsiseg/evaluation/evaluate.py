@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from wsiseg.annotations.ground_truth import find_annotation, ground_truth_mask
 from wsiseg.annotations.shapes import DEFAULT_EXCLUDE
 from wsiseg.atomic import write_json_atomic
-from wsiseg.cli import exit_if_overrides_bad, exit_if_run_dir_unusable, user_errors
+from wsiseg.cli import before_hydra, user_errors
 from wsiseg.config import build, config_dir
 from wsiseg.errors import UserInputError
 from wsiseg.evaluation.metrics import SlideEval, evaluation_lesions, froc, match_detections, pixel_metrics, slide_auc
@@ -191,9 +191,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point ``wsiseg-eval``; a run folder Hydra cannot create is one line, exit 2."""
-    exit_if_run_dir_unusable("wsiseg-eval")
-    exit_if_overrides_bad("wsiseg-eval", "eval")
+    """Console entry point ``wsiseg-eval``
+    (:func:`wsiseg.cli.before_hydra` answers --version, an unusable run folder and unknown options)."""
+    before_hydra("wsiseg-eval", "eval")
     _hydra_main()
 
 
