@@ -115,15 +115,15 @@ class SegmentationModule(pl.LightningModule):
             at least ``compile_min_tiles`` tiles (compiling costs seconds up front, which short runs do not win back;
             figures in docs/performance.md). Falls back to eager with a warning if compilation fails.
         compile_min_tiles: tiles a CPU run needs for ``compile=auto`` to compile.
-        runtime: what runs a torch network on the CPU: ``torch``, ``openvino`` (exported and compiled by OpenVINO in
-            float32 when the module is prepared; no ``torch.compile`` then), or ``auto`` — the rule of
-            :func:`wsiseg.runtimes.choice.choose_runtime` (OpenVINO on float32 CPUs for runs of ``runtime_min_tiles``
-            tiles or more, torch elsewhere). Networks that hold their own weights (ONNX files) keep their runtime.
+        runtime: what runs a torch network on the CPU (:func:`wsiseg.runtimes.choice.runtime_for` decides, when the
+            module is prepared): ``torch``; ``openvino`` (exported and compiled by OpenVINO in float32; no
+            ``torch.compile`` then); ``openvino_int8`` (INT8 by OpenVINO, quantised by NNCF on the run's own tiles
+            before the first batch by the pipeline, :mod:`wsiseg.pipeline.int8`); or ``auto`` — OpenVINO on float32
+            CPUs for runs of ``runtime_min_tiles`` tiles or more, torch elsewhere. An exported file
+            (``model/net=onnx|openvino``) runs in its own runtime.
         runtime_min_tiles: tiles a float32-CPU run needs for ``runtime=auto`` to pick OpenVINO.
-            ``runtime=openvino_int8``: INT8 by OpenVINO, quantised by NNCF on the run's own tiles before the first
-            batch by the pipeline (:mod:`wsiseg.pipeline.int8`), with ``int8`` (:class:`~wsiseg.runtimes.choice.
-            Int8Options`) as its settings.
-        int8: ``model.int8``: calibration and check settings of ``runtime=openvino_int8``.
+        int8: ``model.int8`` (:class:`~wsiseg.runtimes.choice.Int8Options`): calibration and check settings of
+            ``runtime=openvino_int8``.
         max_chunk: largest number of tiles run through the network at once (None → derived from the 32-bit index
             limit of the largest activation); bigger batches are split.
         output_dtype: dtype of the maps sent back to the host (float16 halves the transfer; float32 is exact).

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsiseg.runtimes.files import is_file_network
+
 __all__ = ["Runtime", "TorchRuntime", "run_on_host"]
 
 
@@ -52,8 +54,6 @@ class TorchRuntime(Runtime):
     """
 
     def __init__(self, net: nn.Module, name: str = "torch") -> None:
-        from wsiseg.runtimes.files import is_file_network
-
         self.net, self.name = net, name
         self.compilable = self.takes_channels_last = not is_file_network(net)
 
