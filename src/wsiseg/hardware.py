@@ -17,7 +17,15 @@ __all__ = [
     "default_workers",
     "spare_cores",
     "usable_cores",
+    "visible_device_type",
 ]
+
+
+def visible_device_type() -> str:
+    """``cuda`` when PyTorch sees a CUDA device, else ``cpu``: the device a run goes to when none is named."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_precision() -> str:
@@ -36,9 +44,7 @@ def cpu_precision() -> str:
 def default_precision() -> str:
     """``trainer.precision`` when not given: ``16-mixed`` where a CUDA device is visible, else :func:`cpu_precision`
     (Lightning would turn 16-mixed into bf16-mixed on CPU with a warning; say what each device really runs)."""
-    import torch
-
-    return "16-mixed" if torch.cuda.is_available() else cpu_precision()
+    return "16-mixed" if visible_device_type() == "cuda" else cpu_precision()
 
 
 def default_workers(device_type: str | None = None, cores: int | None = None) -> int:
@@ -49,10 +55,7 @@ def default_workers(device_type: str | None = None, cores: int | None = None) ->
     holds a GPU run back, so every other core reads). CPU-only runs: a quarter of the cores, at most 8 (the network's
     threads use the cores).
     """
-    if device_type is None:
-        import torch
-
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = device_type or visible_device_type()
     cores = cores or os.cpu_count() or 2
     if device_type != "cpu":
         return max(1, cores - 1)
@@ -85,8 +88,5 @@ def default_batch_size(device_type: str | None = None) -> int:
     """``data.batch_size=null`` (the default) where the network is not known (the data module's own loader):
     :data:`CPU_AUTO_BATCH` on CPUs and :data:`GPU_DEFAULT_BATCH` elsewhere; None: the device this process would run
     on (CUDA when visible). :func:`resolve_batch_size` also caps the GPU default at one network chunk."""
-    if device_type is None:
-        import torch
-
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = device_type or visible_device_type()
     return CPU_AUTO_BATCH if device_type == "cpu" else GPU_DEFAULT_BATCH

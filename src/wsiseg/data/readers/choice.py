@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsiseg.data.datasets import SlideTileDataset, SlideTiles
+from wsiseg.hardware import visible_device_type
 
 __all__ = ["READERS", "TileReader", "OpenSlideReader", "JpegTileReader", "choose_reader", "resolve_reader"]
 
@@ -118,8 +119,7 @@ def resolve_reader(option: str, num_workers: int, device_type: str | None = None
     bound of a GPU run) and on CPU-only runs whose main process reads (``num_workers=0``: libjpeg-turbo between network
     calls beats OpenSlide, docs/performance.md); else OpenSlide (CPU workers decode in parallel with the network)."""
     if option == "auto":
-        if device_type is None:
-            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        device_type = device_type or visible_device_type()
         return "jpeg" if device_type == "cuda" or num_workers == 0 else "openslide"
     return "openslide" if option == "openslide" else "jpeg"
 
