@@ -300,8 +300,8 @@ class SegmentationModule(pl.LightningModule):
                     "export.quantize=int8 export.calibration_slides=[...], then model=openvino model.net.path=...; "
                     "README, Deploy) ran 1.3-1.7x the FP32 pipeline on a 2-core AVX2 CPU"
                 )
-        if not self._runtime.compilable:
-            self.channels_last = self.channels_last and self._runtime.takes_channels_last
+        if not self._runtime.in_torch:  # a host runtime takes a plain NCHW array and is not compiled
+            self.channels_last = False
             return
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)

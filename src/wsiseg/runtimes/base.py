@@ -32,20 +32,19 @@ class Runtime:
     Attributes:
         name: what ``report.json`` and the logs call it (``torch``, ``openvino``, ``openvino_int8``, or a file
             network's providers, e.g. ``CPUExecutionProvider``).
-        takes_channels_last: whether a channels_last input helps it (torch convolutions); host runtimes take NCHW.
-        compilable: whether ``torch.compile`` may trace through it (torch networks only).
+        in_torch: it runs torch kernels on the device (a torch network): ``torch.compile`` may trace through it and a
+            channels_last input helps its convolutions. Host runtimes take a plain NCHW array and are not compiled.
     """
 
     name: str = "runtime"
-    takes_channels_last: bool = False
-    compilable: bool = False
+    in_torch: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class TorchRuntime(Runtime):
-    """An ``nn.Module`` called as it is: a torch network (``compilable``, channels_last helps) or a file network
+    """An ``nn.Module`` called as it is: a torch network (:attr:`in_torch`) or a file network
     (:class:`~wsiseg.runtimes.files.FileNetwork`, whose ``forward`` crosses to its own runtime on the host).
 
     Args:
@@ -55,7 +54,7 @@ class TorchRuntime(Runtime):
 
     def __init__(self, net: nn.Module, name: str = "torch") -> None:
         self.net, self.name = net, name
-        self.compilable = self.takes_channels_last = not is_file_network(net)
+        self.in_torch = not is_file_network(net)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
