@@ -105,7 +105,7 @@ def prepare_int8(module: Any, datamodule: Any, options: Int8Options, run_dir: Pa
     from wsiseg.head import dice
     from wsiseg.model import network_stride
     from wsiseg.runtimes.onnx_graph import export_onnx
-    from wsiseg.runtimes.openvino import TorchOnOpenVino, compile_for_cpu, move_ir, openvino_core, save_ir
+    from wsiseg.runtimes.openvino import TorchOnOpenVino, compile_for_cpu, move_ir, save_ir
 
     started = time.perf_counter()
     if not nncf_available():
@@ -157,8 +157,11 @@ def prepare_int8(module: Any, datamodule: Any, options: Int8Options, run_dir: Pa
             log.info("model.runtime=openvino_int8: the INT8 network in %s (no calibration)", ir)
         x = _network_input(datamodule, module, check_idx)
         head = (module.activation, module.reduction, module.channel_index)
-        a = probabilities(compile_for_cpu(fp32), x, *head)
-        b = probabilities(openvino_core().compile_model(str(ir), "CPU"), x, *head)
+        # compiled as the run will run them (compile_for_cpu), and handed to the runtime: the check measures what
+        # runs, and nothing is exported or compiled twice
+        compiled = {"openvino": compile_for_cpu(fp32), "openvino_int8": compile_for_cpu(ir)}
+        a = probabilities(compiled["openvino"], x, *head)
+        b = probabilities(compiled["openvino_int8"], x, *head)
     agreement = dice(a >= threshold, b >= threshold)
     difference = np.abs(a - b)
     used = "openvino_int8" if agreement >= options.dice_floor else "openvino"
@@ -177,7 +180,9 @@ def prepare_int8(module: Any, datamodule: Any, options: Int8Options, run_dir: Pa
             float(difference.max()),
             len(check_idx),
         )
-    module.use_runtime(TorchOnOpenVino(module.net, ir=ir if used == "openvino_int8" else None, name=used))
+    module.use_runtime(
+        TorchOnOpenVino(module.net, ir=ir if used == "openvino_int8" else None, name=used, compiled=compiled[used])
+    )
     return Int8Outcome(
         runtime=used,
         calibrated=calibrated,

@@ -218,13 +218,21 @@ class TorchOnOpenVino(Runtime):
         threads: OpenVINO inference threads; None: torch's thread count.
         ir: an OpenVINO IR file (``.xml``) of ``net`` to compile instead of exporting it (the INT8 model
             :mod:`wsiseg.pipeline.int8` made of it).
+        name: what :attr:`name` reports (``openvino``, ``openvino_int8``).
+        compiled: the ``CompiledModel`` of ``ir`` (or of ``net`` exported) already made by :func:`compile_for_cpu`
+            with ``threads``, to run instead of compiling it again (a pickled copy compiles its own).
     """
 
     def __init__(
-        self, net: nn.Module, threads: int | None = None, ir: Path | None = None, name: str = "openvino"
+        self,
+        net: nn.Module,
+        threads: int | None = None,
+        ir: Path | None = None,
+        name: str = "openvino",
+        compiled: Any = None,
     ) -> None:
         self.net, self.threads, self.ir, self.name = net, threads, ir, name
-        self._compiled: Any = None
+        self._compiled: Any = compiled
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_compiled": None}
