@@ -16,6 +16,7 @@ from torch import nn
 
 from wsiseg.deploy.calibration import Int8Quantizer
 from wsiseg.deploy.verify import VerifyResult
+from wsiseg.runtimes.onnx_graph import export_onnx
 
 __all__ = ["Exporter"]
 
@@ -42,8 +43,9 @@ class Exporter:
     def write(
         self, net: nn.Module, path: Path, *, opset: int, fp16: bool, example_size: Sequence[int], output_name: str
     ) -> Path:
-        """Write ``net`` to ``path`` (traced on an ``example_size`` (H, W) px example); returns ``path``."""
-        raise NotImplementedError
+        """Write ``net`` to ``path`` (traced on an ``example_size`` (H, W) px example); returns ``path``. Default: the
+        ONNX graph (:func:`wsiseg.runtimes.onnx_graph.export_onnx`) the ONNX-based formats start from."""
+        return export_onnx(net, path, opset=opset, fp16=fp16, example_size=example_size, output_name=output_name)
 
     def deployable(self, graph: Path) -> Path:
         """The float file to publish, made from the written ``graph`` in its folder (default: the graph itself)."""

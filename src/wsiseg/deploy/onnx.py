@@ -19,7 +19,6 @@ from wsiseg.deploy.exporter import Exporter
 from wsiseg.deploy.int8_onnx import OnnxRuntimeQuantizer
 from wsiseg.deploy.verify import VerifyResult, compare_outputs
 from wsiseg.model import network_stride
-from wsiseg.runtimes.onnx_graph import export_onnx
 from wsiseg.runtimes.onnxruntime import OnnxRuntimeNet
 
 __all__ = ["OnnxExporter", "verify_onnx"]
@@ -51,11 +50,6 @@ class OnnxExporter(Exporter):
     format = "onnx"
     graph_name = "fp32.onnx"
     quantizer = OnnxRuntimeQuantizer()
-
-    def write(
-        self, net: nn.Module, path: Path, *, opset: int, fp16: bool, example_size: Sequence[int], output_name: str
-    ) -> Path:
-        return export_onnx(net, path, opset=opset, fp16=fp16, example_size=example_size, output_name=output_name)
 
     def verify(self, path: Path, reference: nn.Module, **checks: Any) -> VerifyResult:
         return verify_onnx(path, reference, **checks)

@@ -5,7 +5,6 @@ the ONNX graph, verified as OpenVINO's CPU plugin runs it; INT8 by NNCF (:mod:`~
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from wsiseg.deploy.int8_openvino import NncfQuantizer
 from wsiseg.deploy.verify import VerifyResult, compare_outputs
 from wsiseg.errors import UserInputError
 from wsiseg.model import network_stride
-from wsiseg.runtimes.onnx_graph import export_onnx
 from wsiseg.runtimes.openvino import ir_weights_path, move_ir
 
 __all__ = ["OpenVinoExporter", "verify_openvino"]
@@ -53,11 +51,6 @@ class OpenVinoExporter(Exporter):
             )
         if fp16:
             raise UserInputError("export.fp16=true is for onnx and torchscript; OpenVINO IR keeps float32 weights")
-
-    def write(
-        self, net: nn.Module, path: Path, *, opset: int, fp16: bool, example_size: Sequence[int], output_name: str
-    ) -> Path:
-        return export_onnx(net, path, opset=opset, fp16=fp16, example_size=example_size, output_name=output_name)
 
     def deployable(self, graph: Path) -> Path:
         """The ONNX ``graph`` as OpenVINO IR (``fp32.xml`` + ``fp32.bin`` next to it)."""
